@@ -1,0 +1,127 @@
+"""Atomic outputs and hashing.
+
+A job writes into a hidden temporary sibling of its target and renames it into place only when
+everything succeeded, so a killed or failed job never leaves an output that looks done, and
+nothing the user made is ever overwritten by a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import LlamaforgeError
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_target(target: Path, overwrite: bool, kind: str) -> None:
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise LlamaforgeError(
+                f"output {kind} already exists", target, "remove it or choose another output path"
+            )
+
+
+def _clear(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; rename it to `target` on success.
+
+    On any exception the temporary folder is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    _check_target(target, overwrite, "folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists() or target.is_symlink():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            _clear(old)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            _clear(old)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, mode: str = "wb", overwrite: bool = True) -> Iterator:
+    """Open a temporary file beside `target` for writing; rename it into place on success."""
+    target = Path(target)
+    _check_target(target, overwrite, "file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmpname = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    tmp = Path(tmpname)
+    try:
+        encoding = None if "b" in mode else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def require_file(path: str | os.PathLike, what: str, fix: str | None = None) -> Path:
+    """Return `path` as a Path if it is a readable file, else raise a clear error."""
+    p = Path(path)
+    if not p.exists():
+        raise LlamaforgeError(f"{what} not found", p, fix or "check the path in config.yaml or on the command line")
+    if not p.is_file():
+        raise LlamaforgeError(f"{what} is not a file", p, fix or "point to the file itself, not a folder")
+    return p
+
+
+def require_dir(path: str | os.PathLike, what: str, fix: str | None = None) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise LlamaforgeError(f"{what} not found", p, fix or "check the path in config.yaml or on the command line")
+    if not p.is_dir():
+        raise LlamaforgeError(f"{what} is not a folder", p, fix or "point to the folder that holds the files")
+    return p
