@@ -1,0 +1,84 @@
+# Input functions, wildcard constraints and resources shared by every stage.
+#
+# Paths in config.yaml are relative to the repository root (where snakemake runs). Inputs are
+# declared file by file, not as folders: Snakemake compares a folder by its own timestamp, so a
+# changed adapter_model.safetensors inside an unchanged folder would otherwise go unnoticed.
+
+import sys
+from pathlib import Path
+
+# The workflow reads the demo's file list from the package in this checkout (scripts do the same
+# through scripts/_pathfix.py), so it works before `pip install -e .` too.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from llamaforge.demo import demo_files  # noqa: E402
+
+
+wildcard_constraints:
+    name=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    model=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+
+
+DEMO_DIR = "resources/demo"
+DEMO_OUTPUTS = [f"{DEMO_DIR}/{f}" for f in demo_files()] if config["demo"]["enabled"] else []
+
+# Files that describe a model, a tokenizer or an adapter folder (weights are globbed separately).
+META_FILES = (
+    "config.json", "generation_config.json", "params.json", "adapter_config.json",
+    "model.safetensors.index.json", "pytorch_model.bin.index.json",
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+)
+WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pth")
+
+
+def folder_files(folder):
+    """The files of an input folder, for use as rule inputs.
+
+    A folder that another rule builds (tokenizers/*, merged/*, the demo) is returned as the
+    rule's outputs; a user's folder is listed from disk; a missing one is returned as-is so
+    Snakemake reports it as a missing input.
+    """
+    folder = str(folder).rstrip("/")
+    produced = [f for f in DEMO_OUTPUTS if f.startswith(f"{folder}/")]
+    if produced:
+        return produced
+    if folder.startswith(("tokenizers/", "merged/", "imported/")):
+        return [folder]
+    p = Path(folder)
+    if not p.is_dir():
+        return [folder]
+    files = sorted(
+        str(f)
+        for f in p.iterdir()
+        if f.is_file() and (f.name in META_FILES or any(f.match(g) for g in WEIGHT_GLOBS))
+    )
+    return files or [folder]
+
+
+def tokenizer_cfg(name):
+    try:
+        return config["tokenizers"][name]
+    except KeyError:
+        raise ValueError(
+            f"config.yaml: no tokenizer named {name!r} under 'tokenizers:'; defined: {sorted(config['tokenizers'])}"
+        )
+
+
+def model_cfg(name):
+    try:
+        return config["models"][name]
+    except KeyError:
+        raise ValueError(
+            f"config.yaml: no model named {name!r} under 'models:'; defined: {sorted(config['models'])}"
+        )
+
+
+def all_targets():
+    targets = [f"tokenizers/{name}" for name in config["tokenizers"]]
+    return targets
+
+
+def shell_quote(text):
+    import shlex
+
+    return shlex.quote(str(text))

@@ -1,0 +1,24 @@
+# The embedded demo: tiny LLaMA base, SentencePiece models and PEFT LoRAs, generated from a seed.
+
+
+rule make_demo:
+    input:
+        script="scripts/make_demo.py",
+        lib="src/llamaforge/demo.py",
+        english="src/llamaforge/data/english.txt",
+        chinese="src/llamaforge/data/chinese.txt",
+    output:
+        DEMO_OUTPUTS,
+    params:
+        outdir=lambda wildcards, output: str(Path(output[0]).parent.parent),
+        seed=config["demo"]["seed"],
+    log:
+        "logs/demo/make_demo.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/llamaforge.yaml"
+    shell:
+        "python {input.script} --output {params.outdir} --seed {params.seed} > {log} 2>&1"

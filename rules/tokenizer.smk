@@ -1,0 +1,26 @@
+# Tokenizer merge (Chinese-LLaMA recipe): base SentencePiece + extra pieces (+ [PAD]).
+
+
+rule merge_tokenizers:
+    input:
+        script="scripts/merge_tokenizers.py",
+        lib="src/llamaforge/tokenizer.py",
+        base=lambda wc: tokenizer_cfg(wc.name)["base"],
+        extra=lambda wc: tokenizer_cfg(wc.name)["extra"],
+    output:
+        directory("tokenizers/{name}"),
+    params:
+        add_tokens=lambda wc: " ".join(
+            f"--add-token {shell_quote(t)}" for t in tokenizer_cfg(wc.name)["add_tokens"]
+        ),
+    log:
+        "logs/tokenizers/{name}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/llamaforge.yaml"
+    shell:
+        "python {input.script} --base {input.base} --extra {input.extra} {params.add_tokens} "
+        "--output {output} > {log} 2>&1"

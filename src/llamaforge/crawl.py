@@ -1,0 +1,796 @@
+"""Alpaca-format instruction data from any OpenAI-compatible chat API.
+
+The recipe is Chinese-LLaMA-Alpaca's `crawl_prompt.py` (a Chinese prompt naming 10 sampled
+topics and 10 sampled task types, with randomized length limits), made reproducible, concurrent
+and resumable:
+
+    prompt(seed, i) -> chat completion (own retry loop) -> tolerant parse -> validate
+                    -> near-duplicate check (character ROUGE-L) -> append to F.jsonl
+
+Files, for `--output F.jsonl`:
+
+    F.raw.jsonl   one line per finished request: its index, the reply text, token usage,
+                  attempts and what became of its items. The record of what was paid for.
+    F.jsonl       accepted items, one {instruction, input, output} a line, in arrival order.
+    F.json        the Alpaca JSON list (rewritten atomically at the end of every run).
+    F.stats.json  totals over all runs (rewritten atomically at the end of every run).
+
+Durability. Replies are handled one at a time on the event loop thread with no await in
+between: the raw record is written and fsynced, then the reply's items are appended and fsynced.
+So a kill can interrupt at most the last reply's items; a restart trims a torn last line,
+re-derives that reply's missing items from its raw record, and sends only the requests whose
+index has no raw record. The prompt of request i depends on (seed, i) alone, so a resumed run
+asks exactly the prompts that were never answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import fcntl
+import functools
+import json
+import logging
+import os
+import random
+import re
+import signal
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from .errors import LlamaforgeError
+from .fsutil import atomic_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gpt-4o-mini"
+
+# Item bounds, in characters. Replies asked for inputs under ~120 and outputs under ~512
+# characters; the upper bounds only catch runaway or concatenated answers.
+MIN_INSTRUCTION_CHARS = 2
+MAX_INSTRUCTION_CHARS = 500
+MAX_INPUT_CHARS = 2000
+MAX_OUTPUT_CHARS = 4000
+
+# Why an item was not kept. Every parsed candidate is either accepted or counted under one.
+REJECT_REASONS = ("malformed", "empty_instruction", "empty_output", "too_short", "too_long", "duplicate")
+
+# Retry timing: exponential backoff from `backoff` seconds, doubled per attempt up to
+# BACKOFF_CAP, times a jitter in [0.5, 1]; a server's Retry-After wins, up to MAX_RETRY_AFTER.
+BACKOFF_CAP = 60.0
+MAX_RETRY_AFTER = 300.0
+
+# Status codes worth another try (the same set the openai client itself retries).
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+# Status codes that would fail every request the same way: stop the run instead.
+_FATAL_STATUS = {
+    401: "set OPENAI_API_KEY to a key this server accepts",
+    403: "use a key that is allowed to call this model",
+    404: "check --model and --base-url (the URL usually ends in /v1)",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt
+
+
+@functools.lru_cache(maxsize=1)
+def _recipe() -> dict[str, Any]:
+    text = resources.files("llamaforge").joinpath("data/crawl_prompt.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def build_prompt(seed: int, index: int, items_per_request: int = 20) -> str:
+    """The prompt of request `index`: a pure function of (seed, index, items_per_request)."""
+    recipe = _recipe()
+    # A string seed is hashed with SHA-512 by `random`, so it is stable across runs and
+    # Python versions (unlike hash()).
+    rng = random.Random(f"llamaforge-crawl:{seed}:{index}")
+    topics = "、".join(rng.sample(recipe["topics"], recipe["num_topics"]))
+    tasks = "、".join(rng.sample(recipe["tasks"], recipe["num_tasks"]))
+    input_limit = rng.randint(*recipe["input_limit"])
+    output_limit = rng.randint(*recipe["output_limit"])
+    return "\n".join(recipe["template"]).format(
+        topics=topics, tasks=tasks, input_limit=input_limit, output_limit=output_limit, n=items_per_request
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Tolerant parsing
+
+Item = dict[str, str]
+
+_FENCED = re.compile(r"```[A-Za-z]*[ \t]*\n(.*?)\n[ \t]*```", re.S)
+_TRAILING_COMMA = re.compile(r",(\s*[\]}])")
+_FIELD_NAMES = {
+    "instruction": "instruction",
+    "指令": "instruction",
+    "input": "input",
+    "输入": "input",
+    "output": "output",
+    "输出": "output",
+    "response": "output",
+    "回答": "output",
+}
+_FAILED = object()
+
+
+def _loads_lenient(text: str) -> Any:
+    """json.loads that allows raw newlines inside strings and trailing commas; _FAILED if not JSON."""
+    for candidate in (text, _TRAILING_COMMA.sub(r"\1", text)):
+        try:
+            return json.loads(candidate, strict=False)
+        except ValueError:
+            continue
+    return _FAILED
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _item_from_dict(obj: dict) -> Item | None:
+    fields: dict[str, str] = {}
+    for key, value in obj.items():
+        name = _FIELD_NAMES.get(str(key).strip().strip("<>").lower())
+        if name and name not in fields:
+            fields[name] = _as_text(value)
+    if "instruction" not in fields and "output" not in fields:
+        return None
+    return {"instruction": fields.get("instruction", ""), "input": fields.get("input", ""),
+            "output": fields.get("output", "")}
+
+
+def _items_from_value(value: Any) -> list[Item | None]:
+    if isinstance(value, list):
+        return [_item_from_dict(v) if isinstance(v, dict) else None for v in value]
+    if isinstance(value, dict):
+        item = _item_from_dict(value)
+        if item is not None:
+            return [item]
+        # A wrapper such as {"data": [...]}: take its first list.
+        for v in value.values():
+            if isinstance(v, list):
+                return _items_from_value(v)
+    return [None]
+
+
+def _object_spans(text: str) -> Iterator[str]:
+    """Each outermost {...} in `text`, braces inside JSON strings ignored.
+
+    Quotes only count inside an object, so prose between objects cannot confuse the scan. An
+    object cut off by the end of the text (a reply stopped at max_tokens) is yielded as is.
+    """
+    depth = 0
+    start = 0
+    in_string = escaped = False
+    for i, ch in enumerate(text):
+        if depth and in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif depth and ch == '"':
+            in_string = True
+        elif ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                yield text[start : i + 1]
+    if depth:
+        yield text[start:]
+
+
+def parse_reply(text: str) -> list[Item | None]:
+    """The candidate items in a reply; None stands for a fragment that could not be read.
+
+    Accepts a JSON list or object, JSON inside ``` fences with prose around it, trailing
+    commas, raw newlines in strings, one object per line, and objects embedded in prose. A
+    reply with nothing readable yields [None], so it counts as one malformed item.
+    """
+    value = _loads_lenient(text.strip())
+    if value is not _FAILED:
+        return _items_from_value(value)
+    blocks = [_loads_lenient(b) for b in _FENCED.findall(text)]
+    if blocks and all(b is not _FAILED for b in blocks):
+        return [item for b in blocks for item in _items_from_value(b)]
+    found: list[Item | None] = []
+    for span in _object_spans(text):
+        value = _loads_lenient(span)
+        found.extend([None] if value is _FAILED else _items_from_value(value))
+    return found or [None]
+
+
+def check_item(item: Item | None) -> str | None:
+    """The reason to reject `item` (one of REJECT_REASONS, duplicates aside), or None."""
+    if item is None:
+        return "malformed"
+    if not item["instruction"]:
+        return "empty_instruction"
+    if not item["output"]:
+        return "empty_output"
+    if len(item["instruction"]) < MIN_INSTRUCTION_CHARS:
+        return "too_short"
+    if (
+        len(item["instruction"]) > MAX_INSTRUCTION_CHARS
+        or len(item["input"]) > MAX_INPUT_CHARS
+        or len(item["output"]) > MAX_OUTPUT_CHARS
+    ):
+        return "too_long"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Character-level ROUGE-L
+
+
+def normalize_for_rouge(text: str) -> str:
+    """Lower-cased letters and digits only (CJK characters are letters): the units ROUGE-L
+    compares. Word-based ROUGE would see a whole Chinese sentence as one token."""
+    return "".join(ch for ch in unicodedata.normalize("NFKC", text).lower() if ch.isalnum())
+
+
+def _char_masks(a: str) -> dict[str, int]:
+    masks: dict[str, int] = {}
+    for i, ch in enumerate(a):
+        masks[ch] = masks.get(ch, 0) | (1 << i)
+    return masks
+
+
+def _lcs_from_masks(masks: dict[str, int], m: int, b: str) -> int:
+    # Bit-parallel LCS (Allison & Dix 1986; Hyyrö 2004): bit j of v is cleared once a[:j+1]
+    # gains a match; one pass over b, a few big-int operations per character.
+    full = (1 << m) - 1
+    v = full
+    for ch in b:
+        u = v & masks.get(ch, 0)
+        v = ((v + u) | (v - u)) & full
+    return m - v.bit_count()
+
+
+def lcs_length(a: str, b: str) -> int:
+    """Length of the longest common subsequence of two strings."""
+    if not a or not b:
+        return 0
+    return _lcs_from_masks(_char_masks(a), len(a), b)
+
+
+def rouge_l(a: str, b: str) -> float:
+    """Character-level ROUGE-L F-measure, 2·LCS / (len(a) + len(b)), on normalized text."""
+    a, b = normalize_for_rouge(a), normalize_for_rouge(b)
+    if not a or not b:
+        return 0.0
+    return 2 * lcs_length(a, b) / (len(a) + len(b))
+
+
+class DedupIndex:
+    """The instructions collected so far, for near-duplicate checks (ROUGE-L > threshold).
+
+    Exact LCS against thousands of instructions per new item is too slow in Python, so each
+    instruction also keeps a histogram of its characters hashed into _BUCKETS bins. Summing
+    min(count_a, count_b) over bins bounds the LCS from above (hash collisions only raise it),
+    and one numpy pass discards every instruction whose bound cannot pass the threshold; the
+    exact LCS runs only for the few that remain.
+    """
+
+    _BUCKETS = 256
+
+    def __init__(self, threshold: float = 0.7):
+        self.threshold = threshold
+        self._texts: list[str] = []
+        self._lengths = np.zeros(1024, dtype=np.int64)
+        # Column j is the histogram of instruction j; stored bin-major so that gathering the
+        # few bins of a new instruction reads contiguous rows.
+        self._hist = np.zeros((self._BUCKETS, 1024), dtype=np.uint16)
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def _histogram(self, text: str) -> np.ndarray:
+        codes = np.fromiter((ord(ch) % self._BUCKETS for ch in text), dtype=np.int64, count=len(text))
+        return np.bincount(codes, minlength=self._BUCKETS)
+
+    def is_duplicate(self, instruction: str) -> bool:
+        text = normalize_for_rouge(instruction)
+        n = len(self._texts)
+        if not text or not n:
+            return False
+        hist = self._histogram(text)
+        bins = np.flatnonzero(hist)
+        bound = np.minimum(self._hist[bins, :n], hist[bins, None]).sum(axis=0)
+        # rouge <= 2·bound / (m + n_j); keep the ties, the exact test below decides them.
+        candidates = np.flatnonzero(2 * bound >= self.threshold * (len(text) + self._lengths[:n]))
+        if not len(candidates):
+            return False
+        masks = _char_masks(text)
+        for j in candidates:
+            other = self._texts[j]
+            if 2 * _lcs_from_masks(masks, len(text), other) / (len(text) + len(other)) > self.threshold:
+                return True
+        return False
+
+    def add(self, instruction: str) -> None:
+        text = normalize_for_rouge(instruction)
+        n = len(self._texts)
+        if n == self._lengths.shape[0]:
+            self._lengths = np.concatenate([self._lengths, np.zeros_like(self._lengths)])
+            self._hist = np.concatenate([self._hist, np.zeros_like(self._hist)], axis=1)
+        self._texts.append(text)
+        self._lengths[n] = len(text)
+        self._hist[:, n] = np.minimum(self._histogram(text), np.iinfo(np.uint16).max)
+
+
+# --------------------------------------------------------------------------------------------
+# Files: raw replies and accepted items
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file we append to; a torn last line (a kill mid-write) is cut off."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("%s: dropping an incomplete last line left by an interrupted run", path)
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    records = []
+    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise LlamaforgeError(
+                f"line {number} is not valid JSON", path,
+                "delete that line (the crawl appends to this file and resumes from it)",
+            ) from None
+    return records
+
+
+def _fsync_write(f, text: str) -> None:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+@dataclass
+class _Totals:
+    """Counters summed over every raw record (all runs) plus this run's failures."""
+
+    ok: int = 0
+    retried: int = 0
+    failed: int = 0
+    parsed: int = 0
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add_record(self, record: dict) -> None:
+        self.ok += 1
+        self.retried += record["attempts"] - 1
+        counts = record["counts"]
+        self.parsed += counts["parsed"]
+        self.accepted += counts["accepted"]
+        for reason in REJECT_REASONS:
+            self.rejected[reason] += counts.get(reason, 0)
+        usage = record.get("usage") or {}
+        self.prompt_tokens += usage.get("prompt_tokens") or 0
+        self.completion_tokens += usage.get("completion_tokens") or 0
+
+
+class _Store:
+    """The crawl's two append-only files, opened for resuming, and the dedup index over them."""
+
+    def __init__(self, items_path: Path, raw_path: Path, seed: int, items_per_request: int, threshold: float):
+        self.items_path = items_path
+        self.raw_path = raw_path
+        self.seed = seed
+        self.items_per_request = items_per_request
+        self.dedup = DedupIndex(threshold)
+        self.totals = _Totals()
+        self.done: set[int] = set()
+
+        items_path.parent.mkdir(parents=True, exist_ok=True)
+        self._raw = open(raw_path, "a+", encoding="utf-8")
+        try:
+            # One writer per output: a second crawl on the same files would interleave them.
+            fcntl.flock(self._raw, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._raw.close()
+            raise LlamaforgeError(
+                "another crawl is writing to this output", raw_path, "wait for it to finish or choose another --output"
+            ) from None
+        try:
+            self._resume()
+            self._items = open(items_path, "a", encoding="utf-8")
+        except BaseException:
+            self._raw.close()
+            raise
+
+    def _resume(self) -> None:
+        records = _read_jsonl(self.raw_path)
+        for record in records:
+            if (record.get("seed"), record.get("items_per_request")) != (self.seed, self.items_per_request):
+                raise LlamaforgeError(
+                    f"this crawl was started with --seed {record.get('seed')} and --items-per-request "
+                    f"{record.get('items_per_request')}, which decide every prompt", self.raw_path,
+                    "resume with the same values, or choose another --output for a new crawl",
+                )
+            if record["index"] not in self.done:
+                self.done.add(record["index"])
+                self.totals.add_record(record)
+        items = _read_jsonl(self.items_path)
+        for item in items:
+            self.dedup.add(item.get("instruction", ""))
+        if records:
+            self._recover(records[-1], {item.get("instruction") for item in items})
+
+    def _recover(self, last: dict, present: set[str | None]) -> None:
+        # Only the newest raw record can have lost items to a kill (see the module docstring).
+        # Re-running its reply through the same checks, with the items already in the file
+        # skipped, appends exactly the ones that were accepted but not written.
+        missing = [
+            item for item in parse_reply(last["content"])
+            if check_item(item) is None and item["instruction"] not in present and self._accept(item)
+        ]
+        if missing:
+            with open(self.items_path, "a", encoding="utf-8") as f:
+                _fsync_write(f, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in missing))
+            log.info("recovered %d items of request %d that an interrupted run had not written",
+                     len(missing), last["index"])
+
+    def _accept(self, item: Item) -> bool:
+        if self.dedup.is_duplicate(item["instruction"]):
+            return False
+        self.dedup.add(item["instruction"])
+        return True
+
+    def add_reply(self, index: int, content: str, usage: dict | None, attempts: int, finish_reason: str | None) -> int:
+        """Keep one finished reply: raw record first, then its accepted items. Returns how many."""
+        counts = dict.fromkeys(REJECT_REASONS, 0)
+        accepted = []
+        candidates = parse_reply(content)
+        for item in candidates:
+            reason = check_item(item)
+            if reason is None and not self._accept(item):
+                reason = "duplicate"
+            if reason is None:
+                accepted.append(item)
+            else:
+                counts[reason] += 1
+        record = {
+            "index": index, "seed": self.seed, "items_per_request": self.items_per_request,
+            "attempts": attempts, "finish_reason": finish_reason, "usage": usage,
+            "counts": {"parsed": len(candidates), "accepted": len(accepted), **counts},
+            "content": content,
+        }
+        _fsync_write(self._raw, json.dumps(record, ensure_ascii=False) + "\n")
+        if accepted:
+            _fsync_write(self._items, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in accepted))
+        self.done.add(index)
+        self.totals.add_record(record)
+        return len(accepted)
+
+    def close(self) -> None:
+        self._items.close()
+        self._raw.close()  # releases the lock
+
+
+# --------------------------------------------------------------------------------------------
+# Requests
+
+
+class _Abort(Exception):
+    """A reply that would fail every request the same way (bad key, unknown model)."""
+
+
+def _redact(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def _display_url(url: str | None) -> str:
+    if not url:
+        return "https://api.openai.com/v1 (default)"
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds a server asked us to wait (Retry-After-Ms, or Retry-After in seconds or a date)."""
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(value) / 1000)
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    return None
+
+
+@dataclass
+class _Settings:
+    model: str
+    seed: int
+    items_per_request: int
+    max_retries: int
+    backoff: float
+    api_key: str
+
+
+async def _complete(client, s: _Settings, index: int, totals: _Totals):
+    """One chat completion with retries; returns (completion, attempts), or None if it failed."""
+    import openai
+
+    prompt = build_prompt(s.seed, index, s.items_per_request)
+    attempt = 0
+    while True:
+        attempt += 1
+        hint = None
+        try:
+            completion = await client.chat.completions.create(
+                model=s.model, messages=[{"role": "user", "content": prompt}]
+            )
+            return completion, attempt
+        except openai.APIStatusError as e:
+            problem = f"HTTP {e.status_code}: {_redact(str(e), s.api_key)[:300]}"
+            if e.status_code in _FATAL_STATUS:
+                raise _Abort(f"the server answered {problem}; {_FATAL_STATUS[e.status_code]}") from None
+            retryable = e.status_code in _RETRYABLE_STATUS or e.status_code >= 500
+            hint = _retry_after(e.response.headers)
+        except (openai.APITimeoutError, openai.APIConnectionError) as e:
+            problem = "timed out" if isinstance(e, openai.APITimeoutError) else "connection error"
+            retryable = True
+        except openai.APIError as e:  # e.g. a 200 whose body is not a chat completion
+            problem = f"{type(e).__name__}: {_redact(str(e), s.api_key)[:300]}"
+            retryable = False
+        if not retryable or attempt > s.max_retries:
+            log.warning("request %d failed after %d attempt(s): %s", index, attempt, problem)
+            return None
+        delay = hint if hint is not None else min(BACKOFF_CAP, s.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1)
+        delay = min(delay, MAX_RETRY_AFTER)
+        totals.retried += 1
+        log.info("request %d: %s; retry %d/%d in %.1f s", index, problem, attempt, s.max_retries, delay)
+        await asyncio.sleep(delay)
+
+
+def _reply_fields(completion) -> tuple[str, dict | None, str | None]:
+    """Content, usage and finish reason of a completion; servers may omit any of them."""
+    choices = getattr(completion, "choices", None) or []
+    choice = choices[0] if choices else None
+    message = getattr(choice, "message", None)
+    content = getattr(message, "content", None) or ""
+    usage = getattr(completion, "usage", None)
+    usage_dict = None
+    if usage is not None:
+        usage_dict = {
+            "prompt_tokens": getattr(usage, "prompt_tokens", None) or 0,
+            "completion_tokens": getattr(usage, "completion_tokens", None) or 0,
+        }
+    return content, usage_dict, getattr(choice, "finish_reason", None)
+
+
+async def _run(store: _Store, todo: list[int], s: _Settings, client_args: dict, concurrency: int, progress) -> None:
+    import openai
+
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    # SIGTERM (Snakemake or SLURM stopping the job) ends the run like Ctrl-C does: in-flight
+    # requests are cancelled at an await, never half-way through writing a reply.
+    try:
+        loop.add_signal_handler(signal.SIGTERM, main.cancel)
+        handles_sigterm = True
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals
+        handles_sigterm = False
+
+    pending = iter(todo)  # shared by the workers: each index is taken by exactly one
+
+    async def worker(client) -> None:
+        for index in pending:
+            result = await _complete(client, s, index, store.totals)
+            if result is None:
+                store.totals.failed += 1
+            else:
+                completion, attempts = result
+                content, usage, finish_reason = _reply_fields(completion)
+                store.add_reply(index, content, usage, attempts, finish_reason)
+            progress.update(1)
+            progress.set_postfix(items=store.totals.accepted, failed=store.totals.failed, refresh=False)
+
+    try:
+        async with openai.AsyncOpenAI(max_retries=0, **client_args) as client:
+            workers = [asyncio.ensure_future(worker(client)) for _ in range(min(concurrency, len(todo)))]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+    finally:
+        if handles_sigterm:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def output_paths(output: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
+    """(items .jsonl, raw .raw.jsonl, Alpaca .json, stats .stats.json) for an output F.jsonl."""
+    items = Path(output)
+    if items.suffix != ".jsonl":
+        raise LlamaforgeError("the output must be a .jsonl file", items, "name it like data/instructions/NAME.jsonl")
+    base = items.with_suffix("")
+    return items, Path(f"{base}.raw.jsonl"), Path(f"{base}.json"), Path(f"{base}.stats.json")
+
+
+def _check_settings(num_requests, concurrency, items_per_request, max_retries, timeout, backoff, dedup_threshold,
+                    price_in, price_out) -> None:
+    problems = [
+        (num_requests < 0, "--num-requests must be 0 or more"),
+        (concurrency < 1, "--concurrency must be at least 1"),
+        (items_per_request < 1, "--items-per-request must be at least 1"),
+        (max_retries < 0, "--max-retries must be 0 or more"),
+        (timeout <= 0, "--timeout must be positive"),
+        (backoff < 0, "--backoff must be 0 or more"),
+        (not 0 < dedup_threshold <= 1, "--dedup-threshold must be in (0, 1]"),
+        (price_in < 0 or price_out < 0, "prices must be 0 or more"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise LlamaforgeError(message, fix="change the option or the crawl entry in config.yaml")
+
+
+def crawl(
+    output: str | os.PathLike,
+    num_requests: int,
+    *,
+    concurrency: int = 8,
+    model: str = DEFAULT_MODEL,
+    base_url: str | None = None,
+    items_per_request: int = 20,
+    seed: int = 0,
+    max_retries: int = 5,
+    timeout: float = 60.0,
+    backoff: float = 1.0,
+    dedup_threshold: float = 0.7,
+    alpaca_json: str | os.PathLike | None = None,
+    price_in: float = 0.0,
+    price_out: float = 0.0,
+    api_key: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Crawl until requests 0..num_requests-1 all have a reply in the raw file; return the stats.
+
+    The key is `api_key` or $OPENAI_API_KEY; the server is `base_url` or $OPENAI_BASE_URL or
+    OpenAI's. Prices are USD per million prompt/completion tokens. The Alpaca JSON and stats
+    are written at the end of every run, finished or not; a run with failed requests raises
+    LlamaforgeError afterwards, and running it again retries them.
+    """
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    _check_settings(num_requests, concurrency, items_per_request, max_retries, timeout, backoff, dedup_threshold,
+                    price_in, price_out)
+    api_key = api_key or os.environ.get("OPENAI_API_KEY")
+    if not api_key:
+        raise LlamaforgeError(
+            "OPENAI_API_KEY is not set",
+            fix="export OPENAI_API_KEY=<your key> (any non-empty value for a local server that checks none)",
+        )
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+    items_path, raw_path, default_json, stats_path = output_paths(output)
+    alpaca_path = Path(alpaca_json) if alpaca_json else default_json
+
+    store = _Store(items_path, raw_path, seed, items_per_request, dedup_threshold)
+    settings = _Settings(model, seed, items_per_request, max_retries, backoff, api_key)
+    todo = [i for i in range(num_requests) if i not in store.done]
+    log.info("%s: %d of %d requests done, %d to go; model %s at %s, concurrency %d",
+             items_path, num_requests - len(todo), num_requests, len(todo), model, _display_url(base_url),
+             concurrency)
+    started = time.monotonic()
+    outcome = "interrupted"
+    try:
+        bar = tqdm(total=num_requests, initial=num_requests - len(todo), unit="req", desc="crawl",
+                   file=sys.stderr, disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 10)
+        with bar, logging_redirect_tqdm():
+            if todo:
+                client_args = {"api_key": api_key, "base_url": base_url, "timeout": timeout}
+                asyncio.run(_run(store, todo, settings, client_args, concurrency, bar))
+        outcome = "finished"
+    except _Abort as e:
+        outcome = "aborted"
+        raise LlamaforgeError(str(e), fix=None) from None
+    except asyncio.CancelledError:  # SIGTERM, see _run
+        raise KeyboardInterrupt from None
+    finally:
+        store.close()
+        stats = _write_outputs(store, items_path, alpaca_path, stats_path, num_requests, model, price_in, price_out,
+                               time.monotonic() - started)
+        _log_summary(stats, outcome)
+    missing = stats["requests"]["remaining"]
+    if missing:
+        raise LlamaforgeError(
+            f"{missing} of {num_requests} requests have no reply ({stats['requests']['failed']} failed in this run; "
+            "the log says why)", raw_path, "run the same command again: finished requests are kept and not repeated",
+        )
+    return stats
+
+
+def _write_outputs(store: _Store, items_path: Path, alpaca_path: Path, stats_path: Path, num_requests: int,
+                   model: str, price_in: float, price_out: float, seconds: float) -> dict[str, Any]:
+    items = [
+        {"instruction": r.get("instruction", ""), "input": r.get("input", ""), "output": r.get("output", "")}
+        for r in _read_jsonl(items_path)
+    ]
+    with atomic_file(alpaca_path, "w") as f:
+        json.dump(items, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+    t = store.totals
+    finished = len(store.done & set(range(num_requests)))
+    stats = {
+        "model": model,
+        "requests": {
+            "total": num_requests,
+            "ok": t.ok,
+            "failed": t.failed,
+            "retried": t.retried,
+            "remaining": num_requests - finished,
+        },
+        "items": {
+            "parsed": t.parsed,
+            "accepted": t.accepted,
+            "rejected": sum(t.rejected.values()),
+            "duplicate": t.rejected["duplicate"],
+            "rejected_by_reason": t.rejected,
+            "in_jsonl": len(items),
+        },
+        "tokens": {
+            "prompt": t.prompt_tokens,
+            "completion": t.completion_tokens,
+            "total": t.prompt_tokens + t.completion_tokens,
+        },
+        "cost_usd": round((t.prompt_tokens * price_in + t.completion_tokens * price_out) / 1e6, 6),
+        "price_per_million_tokens": {"input": price_in, "output": price_out},
+        "last_run_seconds": round(seconds, 3),
+    }
+    with atomic_file(stats_path, "w") as f:
+        json.dump(stats, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+    return stats
+
+
+def _log_summary(stats: dict[str, Any], outcome: str) -> None:
+    r, i, t = stats["requests"], stats["items"], stats["tokens"]
+    reasons = ", ".join(f"{k} {v}" for k, v in i["rejected_by_reason"].items() if v) or "none"
+    log.info(
+        "crawl %s: requests %d/%d ok, %d failed, %d retries; items %d accepted, %d rejected (%s); "
+        "tokens %d in + %d out, cost $%.4f",
+        outcome, r["total"] - r["remaining"], r["total"], r["failed"], r["retried"], i["accepted"], i["rejected"],
+        reasons, t["prompt"], t["completion"], stats["cost_usd"],
+    )

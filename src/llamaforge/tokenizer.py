@@ -1,0 +1,377 @@
+"""SentencePiece vocabulary merge and Hugging Face tokenizer files.
+
+The merge is the one of Chinese-LLaMA-Alpaca's `merge_tokenizers.py`: parse both `ModelProto`s,
+append every piece of the extra model that the base lacks, in order, with score 0, then append
+each `--add-token` (e.g. `[PAD]`) the same way, and serialize. For the real LLaMA and Chinese
+models this reproduces the published `tokenizer.model` files byte for byte.
+
+Beside `tokenizer.model` we write the Hugging Face files ourselves (`tokenizer.json`,
+`tokenizer_config.json`, `special_tokens_map.json`) instead of relying on a conversion at load
+time: transformers 5 has no slow LLaMA tokenizer any more, and its automatic conversion orders
+BPE merges by piece id, which puts the appended pieces (score 0, the *highest* SentencePiece
+priority) last. Our `tokenizer.json` orders merges by SentencePiece score, and uses SentencePiece's
+own normalisation (always prepend "▁", spaces to "▁"), so the fast tokenizer segments text as
+SentencePiece does. One difference is inherent to rank-based BPE: when two overlapping candidate
+merges have the *same* score, SentencePiece takes the leftmost and a fast tokenizer the lower rank.
+The merge reports how often that happens on a sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import LlamaforgeError
+from .fsutil import atomic_dir, require_file
+
+log = logging.getLogger(__name__)
+
+# The test sentence of the original merge script.
+TEST_SENTENCE = (
+    "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。\n"
+    "The primary use of LLaMA is research on large language models, including"
+)
+
+# sentencepiece_model.proto piece types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE, UNUSED = 1, 2, 3, 4, 5, 6
+
+HF_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _pb2():
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb2
+    except ImportError:  # very old sentencepiece wheels
+        from transformers.utils import sentencepiece_model_pb2_new as pb2  # type: ignore
+    return pb2
+
+
+def load_proto(path: str | os.PathLike, what: str = "SentencePiece model"):
+    """Parse a SentencePiece `ModelProto`, with a clear error when it is not one."""
+    path = require_file(path, what)
+    data = path.read_bytes()
+    proto = _pb2().ModelProto()
+    fix = "point to a SentencePiece model file (tokenizer.model), not a tokenizer.json, vocab or weights file"
+    try:
+        proto.ParseFromString(data)
+    except Exception as e:  # google.protobuf.message.DecodeError and friends
+        raise LlamaforgeError(f"not a SentencePiece model ({type(e).__name__})", path, fix) from None
+    if len(proto.pieces) == 0 or not proto.HasField("trainer_spec"):
+        raise LlamaforgeError("not a SentencePiece model (no pieces)", path, fix)
+    return proto
+
+
+def piece_type_name(t: int) -> str:
+    return {NORMAL: "normal", UNKNOWN: "unknown", CONTROL: "control", USER_DEFINED: "user_defined",
+            BYTE: "byte", UNUSED: "unused"}.get(t, str(t))
+
+
+@dataclass
+class MergeResult:
+    base_pieces: int
+    extra_pieces: int
+    added: list[str] = field(default_factory=list)
+    added_tokens: list[str] = field(default_factory=list)
+    merged_pieces: int = 0
+
+
+def merge_protos(base, extra, add_tokens=(), base_path="base", extra_path="extra"):
+    """Return (merged proto, MergeResult). `base` is not modified."""
+    pb2 = _pb2()
+    merged = pb2.ModelProto()
+    merged.CopyFrom(base)
+    present = {p.piece for p in merged.pieces}
+    result = MergeResult(base_pieces=len(base.pieces), extra_pieces=len(extra.pieces))
+    for p in extra.pieces:
+        if p.piece not in present:
+            new = pb2.ModelProto.SentencePiece()
+            new.piece = p.piece
+            new.score = 0
+            merged.pieces.append(new)
+            present.add(p.piece)
+            result.added.append(p.piece)
+    for tok in add_tokens:
+        if not tok:
+            raise LlamaforgeError("--add-token is empty", extra_path, "give the token text, e.g. --add-token '[PAD]'")
+        if tok in present:
+            raise LlamaforgeError(
+                f"--add-token {tok!r} is already a piece of the merged vocabulary",
+                base_path if tok in {p.piece for p in base.pieces} else extra_path,
+                f"drop --add-token {tok!r} (or add_tokens in config.yaml); it would be a duplicate",
+            )
+        new = pb2.ModelProto.SentencePiece()
+        new.piece = tok
+        new.score = 0
+        merged.pieces.append(new)
+        present.add(tok)
+        result.added_tokens.append(tok)
+    result.merged_pieces = len(merged.pieces)
+    return merged, result
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face files
+
+
+def _special_ids(proto) -> dict[str, int]:
+    ts = proto.trainer_spec
+    out = {}
+    for name, idx in (("unk", ts.unk_id), ("bos", ts.bos_id), ("eos", ts.eos_id), ("pad", ts.pad_id)):
+        if 0 <= idx < len(proto.pieces):
+            out[name] = idx
+    return out
+
+
+def pad_token_of(add_tokens) -> str | None:
+    """The added token that serves as padding: the first whose name says 'pad'."""
+    for t in add_tokens:
+        if "pad" in t.lower():
+            return t
+    return None
+
+
+def build_tokenizer_json(proto, extra_special: list[str] = ()) -> dict:
+    """A `tokenizers` BPE definition that segments text as SentencePiece does (see module doc)."""
+    if proto.trainer_spec.model_type != 2:  # BPE
+        raise LlamaforgeError(
+            "only BPE SentencePiece models (as LLaMA's) can be written as a fast tokenizer; this one is "
+            f"model_type={proto.trainer_spec.model_type}",
+            None,
+            "use a LLaMA-style BPE base model",
+        )
+    pieces = proto.pieces
+    vocab = {}
+    for i, p in enumerate(pieces):
+        vocab.setdefault(p.piece, i)
+    normal = {p.piece for p in pieces if p.type == NORMAL}
+    ranked = []
+    for i, p in enumerate(pieces):
+        if p.type != NORMAL or p.piece in extra_special:
+            continue
+        s = p.piece
+        for k in range(1, len(s)):
+            left, right = s[:k], s[k:]
+            if left in normal and right in normal:
+                ranked.append((-p.score, i, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    merges = [[left, right] for *_, left, right in ranked]
+
+    specials = _special_ids(proto)
+    added = []
+    for i, p in enumerate(pieces):
+        special = p.type in (CONTROL, UNKNOWN) or p.piece in extra_special
+        if special or p.type == USER_DEFINED:
+            added.append({"id": i, "content": p.piece, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": special})
+    bos = pieces[specials["bos"]].piece if "bos" in specials else None
+    if bos is not None:
+        post = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [specials["bos"]], "tokens": [bos]}},
+        }
+    else:
+        post = None
+    ns = proto.normalizer_spec
+    normalizers = []
+    if ns.add_dummy_prefix:
+        normalizers.append({"type": "Prepend", "prepend": "▁"})
+    normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
+    decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if ns.add_dummy_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    unk = pieces[specials["unk"]].piece if "unk" in specials else None
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": None,
+        "post_processor": post,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True,
+            "byte_fallback": bool(proto.trainer_spec.byte_fallback),
+            "ignore_merges": False, "vocab": vocab, "merges": merges,
+        },
+    }
+
+
+def write_hf_tokenizer(proto, out_dir: str | os.PathLike, add_tokens=(), model_bytes: bytes | None = None,
+                       model_max_length: int | None = None) -> None:
+    """Write tokenizer.model and the Hugging Face files for `proto` into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model_bytes if model_bytes is not None else proto.SerializeToString())
+    pad = pad_token_of(add_tokens)
+    extra_special = list(add_tokens)
+    tj = build_tokenizer_json(proto, extra_special)
+    with open(out / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(tj, f, ensure_ascii=False, indent=None, separators=(",", ":"))
+    specials = _special_ids(proto)
+    names = {k: proto.pieces[v].piece for k, v in specials.items()}
+    if pad is not None:
+        names["pad"] = pad
+    stm = {f"{k}_token": names[k] for k in ("bos", "eos", "unk", "pad") if k in names}
+    others = [t for t in add_tokens if t != pad]
+    if others:
+        stm["additional_special_tokens"] = others
+    cfg = {
+        # PreTrainedTokenizerFast loads tokenizer.json as written (LlamaTokenizer would rebuild the
+        # pre-tokenizer itself); every transformers release from 4.x to 5.x knows the name.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": "bos" in names,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "legacy": True,
+        "padding_side": "left",
+        "sp_model_kwargs": {},
+        **stm,
+    }
+    if model_max_length:
+        cfg["model_max_length"] = int(model_max_length)
+    with open(out / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump(cfg, f, ensure_ascii=False, indent=2, sort_keys=True)
+        f.write("\n")
+    with open(out / "special_tokens_map.json", "w", encoding="utf-8") as f:
+        json.dump(stm, f, ensure_ascii=False, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def tokenizer_folder_model(folder: str | os.PathLike) -> Path:
+    """The `tokenizer.model` inside a tokenizer folder, with a clear error when it is missing."""
+    p = Path(folder)
+    if p.is_file():
+        return p
+    m = p / "tokenizer.model"
+    if not m.is_file():
+        raise LlamaforgeError(
+            "no tokenizer.model in this folder", p,
+            "point to a folder holding the SentencePiece tokenizer.model (transformers 5's save_pretrained no "
+            "longer writes it; copy it from the original release)",
+        )
+    return m
+
+
+def load_hf_tokenizer(folder: str | os.PathLike):
+    """AutoTokenizer for a folder, never trusting remote code."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.fspath(folder), trust_remote_code=False)
+
+
+def check_hf_tokenizer(folder: str | os.PathLike, samples=(TEST_SENTENCE,)) -> dict:
+    """Load `folder` with AutoTokenizer and compare it with SentencePiece; raise when it is broken.
+
+    Guards against the silent failures of transformers 5 (a 3-token tokenizer, a missing BOS).
+    Returns the share of sample lines segmented identically.
+    """
+    import sentencepiece as spm
+
+    folder = Path(folder)
+    sp = spm.SentencePieceProcessor(model_file=os.fspath(folder / "tokenizer.model"))
+    tok = load_hf_tokenizer(folder)
+    n = sp.get_piece_size()
+    fix = "rebuild it with scripts/merge_tokenizers.py, which writes tokenizer.json beside tokenizer.model"
+    if len(tok) != n:
+        raise LlamaforgeError(f"Hugging Face tokenizer has {len(tok)} tokens but tokenizer.model has {n}", folder, fix)
+    bos = sp.bos_id()
+    same = total = 0
+    for line in samples:
+        for text in (s for s in line.splitlines() if s.strip()):
+            total += 1
+            ids = tok(text).input_ids
+            if bos >= 0:
+                if not ids or ids[0] != bos:
+                    raise LlamaforgeError(f"Hugging Face tokenizer does not put BOS id {bos} first", folder, fix)
+                ids = ids[1:]
+            same += ids == sp.encode(text)
+    if bos >= 0 and tok.bos_token_id != bos:
+        raise LlamaforgeError(f"bos_token_id is {tok.bos_token_id}, SentencePiece says {bos}", folder, fix)
+    if sp.eos_id() >= 0 and tok.eos_token_id != sp.eos_id():
+        raise LlamaforgeError(f"eos_token_id is {tok.eos_token_id}, SentencePiece says {sp.eos_id()}", folder, fix)
+    if sp.unk_id() >= 0 and tok.unk_token_id != sp.unk_id():
+        raise LlamaforgeError(f"unk_token_id is {tok.unk_token_id}, SentencePiece says {sp.unk_id()}", folder, fix)
+    return {"lines": total, "identical": same, "agreement": same / total if total else 1.0}
+
+
+def bundled_text(name: str) -> str:
+    return resources.files("llamaforge").joinpath("data", name).read_text(encoding="utf-8")
+
+
+def tokens_per_char(sp, text: str) -> float:
+    chars = sum(len(line) for line in text.splitlines())
+    toks = sum(len(sp.encode(line)) for line in text.splitlines())
+    return toks / chars if chars else 0.0
+
+
+def merge_tokenizers(base: str | os.PathLike, extra: str | os.PathLike, output: str | os.PathLike,
+                     add_tokens=(), echo=print) -> dict:
+    """Merge `extra` into `base`, write `output/` atomically, print the original script's report.
+
+    Returns a summary dict (also written as `output/merge_report.json`).
+    """
+    import sentencepiece as spm
+
+    base_path, extra_path = Path(base), Path(extra)
+    base_proto = load_proto(base_path, "base SentencePiece model")
+    extra_proto = load_proto(extra_path, "extra SentencePiece model")
+    merged, res = merge_protos(base_proto, extra_proto, add_tokens, base_path, extra_path)
+    base_sp = spm.SentencePieceProcessor(model_proto=base_path.read_bytes())
+
+    echo(f"base: {base_path} ({res.base_pieces} pieces), extra: {extra_path} ({res.extra_pieces} pieces)")
+    echo(f"Before: {res.base_pieces}")
+    if not res.added:
+        log.warning("%s adds no piece that %s lacks; the output equals the base", extra_path, base_path)
+        echo(f"WARNING: {extra_path} adds no new piece; the merged vocabulary equals the base")
+    else:
+        shown = " ".join(res.added[:20]) + (" ..." if len(res.added) > 20 else "")
+        echo(f"Added {len(res.added)} pieces from the extra model: {shown}")
+    for t in res.added_tokens:
+        echo(f"Added token {t!r} with id {res.merged_pieces - len(res.added_tokens) + res.added_tokens.index(t)}")
+    echo(f"New model pieces: {res.merged_pieces}")
+
+    unchanged = not res.added and not res.added_tokens
+    model_bytes = base_path.read_bytes() if unchanged else merged.SerializeToString()
+    merged_sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    chinese = bundled_text("chinese.txt")
+    summary = {
+        "base": os.fspath(base_path),
+        "extra": os.fspath(extra_path),
+        "base_pieces": res.base_pieces,
+        "extra_pieces": res.extra_pieces,
+        "added_pieces": len(res.added),
+        "added_tokens": res.added_tokens,
+        "merged_pieces": res.merged_pieces,
+        "test_sentence_tokens": {"base": len(base_sp.encode(TEST_SENTENCE)),
+                                 "merged": len(merged_sp.encode(TEST_SENTENCE))},
+        "chinese_tokens_per_char": {"base": round(tokens_per_char(base_sp, chinese), 4),
+                                    "merged": round(tokens_per_char(merged_sp, chinese), 4)},
+    }
+    echo(f"Test text:\n{TEST_SENTENCE}")
+    echo(f"Tokenized by the base tokenizer ({summary['test_sentence_tokens']['base']} pieces): "
+         f"{base_sp.encode(TEST_SENTENCE, out_type=str)}")
+    echo(f"Tokenized by the merged tokenizer ({summary['test_sentence_tokens']['merged']} pieces): "
+         f"{merged_sp.encode(TEST_SENTENCE, out_type=str)}")
+    cpt = summary["chinese_tokens_per_char"]
+    echo(f"Tokens per character on the bundled Chinese sample: before {cpt['base']:.3f}, after {cpt['merged']:.3f}")
+
+    with atomic_dir(output) as tmp:
+        write_hf_tokenizer(merged, tmp, res.added_tokens, model_bytes=model_bytes)
+        check = check_hf_tokenizer(tmp, samples=(TEST_SENTENCE, chinese, bundled_text("english.txt")))
+        summary["hf_agreement"] = check
+        echo(f"Hugging Face tokenizer: {res.merged_pieces} tokens, BOS first, identical to SentencePiece on "
+             f"{check['identical']}/{check['lines']} sample lines")
+        with open(tmp / "merge_report.json", "w", encoding="utf-8") as f:
+            json.dump(summary, f, ensure_ascii=False, indent=2)
+            f.write("\n")
+    return summary
