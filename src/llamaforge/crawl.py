@@ -46,6 +46,9 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 import numpy as np
+import openai
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import LlamaforgeError
 from .fsutil import atomic_file
@@ -500,10 +503,6 @@ class _Store:
 # Requests
 
 
-class _Abort(Exception):
-    """A reply that would fail every request the same way (bad key, unknown model)."""
-
-
 def _redact(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
 
@@ -543,10 +542,8 @@ class _Settings:
     api_key: str
 
 
-async def _complete(client, s: _Settings, index: int, totals: _Totals):
-    """One chat completion with retries; returns (completion, attempts), or None if it failed."""
-    import openai
-
+async def _complete(client, s: _Settings, index: int):
+    """One chat completion with retries: (completion, attempts), the completion None if it failed."""
     prompt = build_prompt(s.seed, index, s.items_per_request)
     attempt = 0
     while True:
@@ -559,8 +556,8 @@ async def _complete(client, s: _Settings, index: int, totals: _Totals):
             return completion, attempt
         except openai.APIStatusError as e:
             problem = f"HTTP {e.status_code}: {_redact(str(e), s.api_key)[:300]}"
-            if e.status_code in _FATAL_STATUS:
-                raise _Abort(f"the server answered {problem}; {_FATAL_STATUS[e.status_code]}") from None
+            if e.status_code in _FATAL_STATUS:  # would fail every request: stop the run
+                raise LlamaforgeError(f"the server answered {problem}", fix=_FATAL_STATUS[e.status_code]) from None
             retryable = e.status_code in _RETRYABLE_STATUS or e.status_code >= 500
             hint = _retry_after(e.response.headers)
         except (openai.APITimeoutError, openai.APIConnectionError) as e:
@@ -571,10 +568,9 @@ async def _complete(client, s: _Settings, index: int, totals: _Totals):
             retryable = False
         if not retryable or attempt > s.max_retries:
             log.warning("request %d failed after %d attempt(s): %s", index, attempt, problem)
-            return None
+            return None, attempt
         delay = hint if hint is not None else min(BACKOFF_CAP, s.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1)
         delay = min(delay, MAX_RETRY_AFTER)
-        totals.retried += 1
         log.info("request %d: %s; retry %d/%d in %.1f s", index, problem, attempt, s.max_retries, delay)
         await asyncio.sleep(delay)
 
@@ -596,8 +592,6 @@ def _reply_fields(completion) -> tuple[str, dict | None, str | None]:
 
 
 async def _run(store: _Store, todo: list[int], s: _Settings, client_args: dict, concurrency: int, progress) -> None:
-    import openai
-
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     # SIGTERM (Snakemake or SLURM stopping the job) ends the run like Ctrl-C does: in-flight
@@ -612,11 +606,11 @@ async def _run(store: _Store, todo: list[int], s: _Settings, client_args: dict, 
 
     async def worker(client) -> None:
         for index in pending:
-            result = await _complete(client, s, index, store.totals)
-            if result is None:
+            completion, attempts = await _complete(client, s, index)
+            if completion is None:
                 store.totals.failed += 1
+                store.totals.retried += attempts - 1
             else:
-                completion, attempts = result
                 content, usage, finish_reason = _reply_fields(completion)
                 store.add_reply(index, content, usage, attempts, finish_reason)
             progress.update(1)
@@ -692,9 +686,6 @@ def crawl(
     are written at the end of every run, finished or not; a run with failed requests raises
     LlamaforgeError afterwards, and running it again retries them.
     """
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     _check_settings(num_requests, concurrency, items_per_request, max_retries, timeout, backoff, dedup_threshold,
                     price_in, price_out)
     api_key = api_key or os.environ.get("OPENAI_API_KEY")
@@ -723,9 +714,9 @@ def crawl(
                 client_args = {"api_key": api_key, "base_url": base_url, "timeout": timeout}
                 asyncio.run(_run(store, todo, settings, client_args, concurrency, bar))
         outcome = "finished"
-    except _Abort as e:
+    except LlamaforgeError:
         outcome = "aborted"
-        raise LlamaforgeError(str(e), fix=None) from None
+        raise
     except asyncio.CancelledError:  # SIGTERM, see _run
         raise KeyboardInterrupt from None
     finally:
@@ -794,3 +785,5 @@ def _log_summary(stats: dict[str, Any], outcome: str) -> None:
         outcome, r["total"] - r["remaining"], r["total"], r["failed"], r["retried"], i["accepted"], i["rejected"],
         reasons, t["prompt"], t["completion"], stats["cost_usd"],
     )
+    if r["remaining"]:
+        log.info("%d requests have no reply yet: run the same command again to resume", r["remaining"])

@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Merge LoRA adapters, in order, into base weights, streaming tensor by tensor."""
+
+import _pathfix  # noqa: F401  (this checkout's src/ first)
+import click
+
+from llamaforge.cli import setup_logging, user_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--base", required=True, type=click.Path(file_okay=False), help="Base model folder (Hugging Face).")
+@click.option("--lora", "loras", multiple=True, type=click.Path(file_okay=False),
+              help="PEFT adapter folder; repeat in merge order (e.g. LLaMA-Plus, then Alpaca-Plus).")
+@click.option("--tokenizer", type=click.Path(file_okay=False), default=None,
+              help="Tokenizer folder for the result (default: the last adapter's folder, else the base).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Output folder (written atomically).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard, e.g. 5GB, 500MB.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the LoRA arithmetic runs.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def main(base, loras, tokenizer, output, dtype, max_shard_size, device, no_progress):
+    setup_logging()
+    with user_errors():
+        from llamaforge.merge import merge_lora
+
+        merge_lora(base, list(loras), output, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size,
+                   device=device, echo=click.echo, progress=not no_progress)
+
+
+if __name__ == "__main__":
+    main()

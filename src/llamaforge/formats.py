@@ -1,0 +1,388 @@
+"""Tensor sources and sinks: the stream of named tensors that every merge and export is made of.
+
+Sources read one tensor at a time:
+  * safetensors files are parsed here (an 8-byte header length, a JSON header, raw bytes) and each
+    tensor is read with `readinto` into a buffer of its own. Reading through a memory map would
+    count every touched page of the file in the process's RSS (GUIDE §6); this does not.
+  * `.bin` / `.pth` pickles are opened with `torch.load(mmap=True, weights_only=True)`, so no code in
+    them runs and tensors stay on disk until one is copied out.
+
+The sink writes safetensors shards whose headers are computed up front from the planned names,
+dtypes and shapes; each tensor's bytes are then written in order and released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import LlamaforgeError
+
+# safetensors dtype codes <-> torch dtypes
+ST_TO_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units as Hugging Face uses; KiB/MiB/GiB binary)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise LlamaforgeError(f"cannot read the size {text!r}", None, "write it like 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise LlamaforgeError(f"unknown dtype {name!r}", None, f"use one of {', '.join(DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+class SafetensorsFile:
+    """Lazy reader of one .safetensors file; validates the header against the file size."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        fix = "the file is damaged or incomplete: download or build it again"
+        try:
+            self._f = open(self.path, "rb")
+        except FileNotFoundError:
+            raise LlamaforgeError("weights file not found", self.path, "check the folder and its index file") from None
+        size = os.fstat(self._f.fileno()).st_size
+        head = self._f.read(8)
+        if len(head) < 8:
+            raise LlamaforgeError("not a safetensors file (shorter than its 8-byte header length)", self.path, fix)
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise LlamaforgeError("not a safetensors file (header length beyond the end of the file)", self.path, fix)
+        try:
+            header = json.loads(self._f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise LlamaforgeError("corrupt safetensors header (not JSON)", self.path, fix) from None
+        if not isinstance(header, dict):
+            raise LlamaforgeError("corrupt safetensors header", self.path, fix)
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._base = 8 + n
+        self._entries: dict[str, tuple[TensorInfo, int, int]] = {}
+        data_len = size - self._base
+        for name, e in header.items():
+            try:
+                dtype = ST_TO_TORCH[e["dtype"]]
+                shape = tuple(int(s) for s in e["shape"])
+                start, end = (int(x) for x in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise LlamaforgeError(f"corrupt safetensors header entry {name!r}", self.path, fix) from None
+            info = TensorInfo(name, dtype, shape)
+            if end - start != info.nbytes or start < 0 or end > data_len:
+                raise LlamaforgeError(
+                    f"tensor {name} claims bytes {start}..{end} but the file has {data_len} data bytes", self.path, fix
+                )
+            self._entries[name] = (info, start, end)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._entries[name][0]
+
+    def get(self, name: str) -> torch.Tensor:
+        info, start, end = self._entries[name]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        if end > start:
+            self._f.seek(self._base + start)
+            n = self._f.readinto(memoryview(buf.numpy()))
+            if n != end - start:
+                raise LlamaforgeError(f"tensor {name} is truncated", self.path, "the file is incomplete: build it again")
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def torch_load(path: str | os.PathLike, what: str = "checkpoint"):
+    """`torch.load` with weights_only=True (no pickle code runs) and mmap where the format allows."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlamaforgeError(f"{what} not found", path, "check the folder and its index file")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # legacy (pre-zipfile) torch.save format: cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for disallowed globals, zip errors for damage
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LlamaforgeError(
+            f"cannot read {what} with torch.load(weights_only=True): {msg}", path,
+            "the file is damaged, or it pickles objects other than tensors (convert it to safetensors)",
+        ) from None
+
+
+class TorchFile:
+    """Lazy reader of one torch pickle (`pytorch_model*.bin`, `consolidated.NN.pth`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        sd = torch_load(self.path, "checkpoint")
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise LlamaforgeError("not a state dict of tensors", self.path, "point to a weights checkpoint")
+        self._sd = sd
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._sd[name]
+        return TensorInfo(name, t.dtype, tuple(t.shape))
+
+    def get(self, name: str) -> torch.Tensor:
+        # A copy in memory of its own: the mmap'd pages are dropped with the source.
+        return self._sd[name].contiguous().clone()
+
+    def close(self) -> None:
+        self._sd = {}
+
+
+def open_weights_file(path: str | os.PathLike):
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return SafetensorsFile(p)
+    return TorchFile(p)
+
+
+class ModelSource:
+    """All tensors of a Hugging Face model folder, single-file or sharded, safetensors or .bin.
+
+    Files are opened lazily, the first time one of their tensors is asked for.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise LlamaforgeError("model folder not found", self.folder, "check the path in config.yaml or on the command line")
+        self.files, self._where = self._layout()
+        self._open: dict[str, object] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for f in self.files:
+            src = self._file(f)
+            for k in src.keys():
+                if k in self._infos:
+                    raise LlamaforgeError(f"tensor {k} appears in two weight files", self.folder / f,
+                                          "remove the stray file from the folder")
+                if self._where.get(k, f) != f:
+                    raise LlamaforgeError(f"the index says {k} is in {self._where[k]}, but it is in {f}",
+                                          self.folder, "rebuild the index file")
+                self._infos[k] = src.info(k)
+                self._where[k] = f
+        missing = sorted(k for k in self._where if k not in self._infos)
+        if missing:
+            raise LlamaforgeError(f"the index lists tensors that no file holds: {', '.join(missing[:5])}",
+                                  self.folder, "the download is incomplete: fetch the missing shards")
+
+    def _layout(self) -> tuple[list[str], dict[str, str]]:
+        d = self.folder
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = d / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise LlamaforgeError("corrupt index file (no weight_map)", index, "download it again") from None
+                files = sorted(set(weight_map.values()))
+                for f in files:
+                    if not (d / f).is_file():
+                        raise LlamaforgeError(f"shard {f} listed in {index_name} is missing", d / f,
+                                              "the download is incomplete: fetch the missing shard")
+                return files, dict(weight_map)
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if (d / single).is_file():
+                return [single], {}
+        st = sorted(p.name for p in d.glob("*.safetensors"))
+        if st:
+            return st, {}
+        bins = sorted(p.name for p in d.glob("pytorch_model*.bin"))
+        if bins:
+            return bins, {}
+        if list(d.glob("consolidated.*.pth")):
+            raise LlamaforgeError(
+                "this is a Meta checkpoint (consolidated.*.pth), not a Hugging Face folder", d,
+                "give it as the model's base in config.yaml (the pipeline converts it), or run scripts/import_pth.py",
+            )
+        raise LlamaforgeError(
+            "no weights found (model.safetensors, model-*.safetensors with an index, or pytorch_model*.bin)", d,
+            "point to a Hugging Face model folder",
+        )
+
+    def _file(self, name: str):
+        src = self._open.get(name)
+        if src is None:
+            src = open_weights_file(self.folder / name)
+            self._open[name] = src
+        return src
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._file(self._where[name]).get(name)
+
+    def weight_files(self) -> list[Path]:
+        index = [self.folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                 if (self.folder / n).is_file()]
+        return index + [self.folder / f for f in self.files]
+
+    def close(self) -> None:
+        for src in self._open.values():
+            src.close()
+        self._open.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# sink
+
+
+def plan_shards(infos: Iterable[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
+    """Group tensors, in the given order, into shards of at most max_shard_bytes (one tensor may exceed)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards if shards[0] else []
+
+
+def _header(tensors: list[TensorInfo], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedSafetensorsWriter:
+    """Write planned tensors, in plan order, into `model(-0000i-of-0000n).safetensors` + index.
+
+    Each file's header is written first; `write()` then appends one tensor's bytes and forgets
+    the tensor. The sha256 of every file is computed on the way.
+    """
+
+    def __init__(self, folder: str | os.PathLike, shards: list[list[TensorInfo]], prefix: str = "model",
+                 metadata: dict[str, str] | None = None):
+        self.folder = Path(folder)
+        self.shards = shards
+        n = len(shards)
+        self.names = [f"{prefix}.safetensors"] if n == 1 else [
+            f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._order: Iterator[tuple[int, TensorInfo]] = iter(
+            [(i, t) for i, shard in enumerate(shards) for t in shard])
+        self._current = -1
+        self._f = None
+        self._hash = None
+        self.sha256: dict[str, str] = {}
+
+    def _open_shard(self, i: int) -> None:
+        self._close_shard()
+        self._current = i
+        self._f = open(self.folder / self.names[i], "wb")
+        self._hash = hashlib.sha256()
+        self._put(_header(self.shards[i], self.metadata))
+
+    def _put(self, data) -> None:
+        self._f.write(data)
+        self._hash.update(data)
+
+    def _close_shard(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self.sha256[self.names[self._current]] = self._hash.hexdigest()
+            self._f = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        try:
+            i, info = next(self._order)
+        except StopIteration:
+            raise RuntimeError(f"unplanned tensor {name}") from None
+        if info.name != name or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise RuntimeError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match the plan {info}")
+        if i != self._current:
+            self._open_shard(i)
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            self._put(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+    def close(self) -> dict[str, str]:
+        """Finish the last shard, write the index (for several shards); return sha256 by file name."""
+        if next(self._order, None) is not None:
+            raise RuntimeError("not every planned tensor was written")
+        self._close_shard()
+        if len(self.names) > 1:
+            weight_map = {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard}
+            total = sum(t.nbytes for shard in self.shards for t in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            data = (json.dumps(index, indent=2) + "\n").encode()
+            name = "model.safetensors.index.json"
+            (self.folder / name).write_bytes(data)
+            self.sha256[name] = hashlib.sha256(data).hexdigest()
+        return self.sha256
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None

@@ -1,0 +1,425 @@
+"""Streaming merge of ordered LoRA adapters into base weights.
+
+For each tensor of the base, in order: start from the base tensor, or from the full tensor of the
+last adapter that stores one (modules_to_save, Chinese embed_tokens/lm_head), apply the low-rank
+updates of the adapters that follow it, in float32, cast to the output dtype and write it. Only the
+tensor being merged (and the next one, read ahead), its adapter factors and a float32 block of
+rows are in memory at any time; reading, arithmetic and writing overlap in three threads.
+
+Everything that can be checked without touching the weights (keys, shapes, vocabulary sizes along
+the adapter list, the tokenizer) is checked before the first byte is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import LlamaforgeError
+from .formats import ModelSource, ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards, torch_dtype
+from .fsutil import atomic_dir, require_dir, sha256_file
+from .lora import Adapter, LoraUpdate, apply_update, open_adapter
+
+log = logging.getLogger(__name__)
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+VOCAB_EXPLAINED = (
+    "LLaMA's vocabulary has 32000 tokens, Chinese-LLaMA's 49953 and Chinese-Alpaca's 49954 (+[PAD]); "
+    "the rows for the added tokens come only from an adapter that stores full embed_tokens and lm_head "
+    "(Chinese-LLaMA-Plus-LoRA, then Chinese-Alpaca-Plus-LoRA)"
+)
+_BLOCK_BYTES = 16 << 20  # float32 rows processed at once
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def tensor_order(name: str):
+    """HF's own order: embeddings, layers by number, final norm, head."""
+    group = 0 if "embed_tokens" in name else 3 if name.startswith("lm_head") else 1 if ".layers." in name else 2
+    return (group, _natural(name))
+
+
+def tokenizer_length(folder: Path) -> int:
+    """Tokens of a tokenizer folder without importing transformers: SentencePiece pieces, or more
+    when tokenizer.json / added_tokens.json define ids beyond them."""
+    from .tokenizer import load_proto
+
+    n = len(load_proto(folder / "tokenizer.model", "tokenizer.model").pieces)
+    tj = folder / "tokenizer.json"
+    if tj.is_file():
+        data = json.loads(tj.read_text(encoding="utf-8"))
+        ids = [t["id"] for t in data.get("added_tokens", [])]
+        ids += list((data.get("model") or {}).get("vocab", {}).values()) if isinstance(
+            (data.get("model") or {}).get("vocab"), dict) else []
+        if ids:
+            n = max(n, max(ids) + 1)
+    at = folder / "added_tokens.json"
+    if at.is_file():
+        ids = list(json.loads(at.read_text(encoding="utf-8")).values())
+        if ids:
+            n = max(n, max(ids) + 1)
+    return n
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    out: TensorInfo
+    start: tuple[int, str] | None  # (adapter index, adapter tensor) of the last full replacement, or None
+    updates: list[tuple[int, LoraUpdate]] = field(default_factory=list)
+    from_name: str = ""  # base tensor to start from when start is None (lm_head of a tied model: embed)
+
+    @property
+    def changed(self) -> bool:
+        return self.start is not None or bool(self.updates)
+
+
+def _delta_shape(ad: Adapter, up: LoraUpdate) -> tuple[int, int]:
+    a, b = ad.info(up.A).shape, ad.info(up.B).shape
+    if up.embedding:
+        return (a[1], b[0])
+    return (a[1], b[0]) if up.fan_in_fan_out else (b[0], a[1])
+
+
+def _resolve_tokenizer(tokenizer, adapters: list[Adapter], base: Path) -> Path:
+    if tokenizer is not None:
+        folder = require_dir(tokenizer, "tokenizer folder")
+    else:
+        folder = next((ad.folder for ad in reversed(adapters) if (ad.folder / "tokenizer.model").is_file()), base)
+    if not (folder / "tokenizer.model").is_file():
+        raise LlamaforgeError(
+            "no tokenizer.model in the tokenizer folder", folder,
+            "pass --tokenizer (tokenizer: in config.yaml) pointing to a folder with tokenizer.model, e.g. tokenizers/NAME",
+        )
+    return folder
+
+
+def plan_merge(base: ModelSource, adapters: list[Adapter], dtype: torch.dtype, tied: bool) -> list[TensorPlan]:
+    """Decide, for every output tensor, where it starts and which updates apply; check shapes and vocab."""
+    names = [n for n in base.keys() if not n.endswith("rotary_emb.inv_freq")]
+    if tied and LM_HEAD not in base and any(LM_HEAD in ad.full or LM_HEAD in ad.updates for ad in adapters):
+        names.append(LM_HEAD)  # an adapter unties the head
+    plans = []
+    for name in sorted(names, key=tensor_order):
+        from_name = EMBED if (name == LM_HEAD and name not in base) else name
+        base_info = base.info(from_name)
+        shape = base_info.shape
+        start = None
+        updates: list[tuple[int, LoraUpdate]] = []
+        for i, ad in enumerate(adapters):
+            full = ad.full.get(name)
+            if full is not None:
+                fshape = ad.info(full).shape
+                if len(fshape) != len(shape) or fshape[1:] != shape[1:]:
+                    raise LlamaforgeError(
+                        f"{full} has shape {list(fshape)} but the model's {name} is {list(shape)}", ad.weights_file,
+                        "the adapter was trained for another model size: use the matching base",
+                    )
+                if name in (EMBED, LM_HEAD):
+                    if fshape[0] < shape[0]:
+                        raise LlamaforgeError(
+                            f"the vocabulary would shrink from {shape[0]} to {fshape[0]} rows of {name} at this adapter",
+                            ad.folder,
+                            "order the adapters so the vocabulary only grows (e.g. LLaMA-Plus before Alpaca-Plus); "
+                            + VOCAB_EXPLAINED,
+                        )
+                elif fshape != shape:
+                    raise LlamaforgeError(f"{full} has shape {list(fshape)} but the model's {name} is {list(shape)}",
+                                          ad.weights_file, "use the adapter trained for this base")
+                shape = tuple(fshape)
+                start = (i, full)
+                updates = []  # a full tensor replaces everything before it
+            up = ad.updates.get(name)
+            if up is not None:
+                ds = _delta_shape(ad, up)
+                if ds != tuple(shape):
+                    hint = (" (the vocabulary at this point has a different size: check the adapter order)"
+                            if name in (EMBED, LM_HEAD) else "")
+                    raise LlamaforgeError(
+                        f"the LoRA update of {name} has shape {list(ds)} but the tensor is {list(shape)}{hint}",
+                        ad.weights_file, "use the adapter trained for this base, in the right order",
+                    )
+                updates.append((i, up))
+        src_dtype = ad.info(start[1]).dtype if start else base_info.dtype
+        out_dtype = dtype if src_dtype.is_floating_point else src_dtype
+        plans.append(TensorPlan(name, TensorInfo(name, out_dtype, tuple(shape)), start, updates, from_name))
+    return plans
+
+
+class _Merger:
+    """The per-tensor arithmetic; `run()` drives reading, merging and writing in three threads."""
+
+    def __init__(self, base: ModelSource, adapters: list[Adapter], device: str):
+        self.base, self.adapters, self.device = base, adapters, device
+
+    def read(self, p: TensorPlan) -> torch.Tensor:
+        if p.start is not None:
+            i, tname = p.start
+            return self.adapters[i].get(tname)
+        return self.base.get(p.from_name)
+
+    def merge(self, p: TensorPlan, src: torch.Tensor) -> torch.Tensor:
+        dtype = p.out.dtype
+        if not p.updates:
+            out = src if src.dtype == dtype else src.to(dtype)
+            if p.changed and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                self._nonfinite(p)
+            return out
+        if any(up.magnitude is not None and up.fan_in_fan_out for _, up in p.updates):
+            w = src.to(self.device, torch.float32)
+            for i, up in p.updates:
+                apply_update(self.adapters[i], up, w)
+            out = w.to(dtype).cpu()
+            if not bool(torch.isfinite(out).all()):
+                self._nonfinite(p)
+            return out
+        # Row blocks: float32 copy of a few rows, += L @ R per adapter (DoRA row-wise), cast back.
+        factors = []
+        for i, up in p.updates:
+            ad = self.adapters[i]
+            A = ad.get(up.A).to(self.device, torch.float32)
+            B = ad.get(up.B).to(self.device, torch.float32)
+            L, R = (A.T, B.T) if (up.embedding or up.fan_in_fan_out) else (B, A)
+            mag = None if up.magnitude is None else ad.get(up.magnitude).to(self.device, torch.float32).reshape(-1)
+            factors.append((L, R, up.scale, mag))
+        rows = src.shape[0]
+        cols = src[0].numel() if rows else 0
+        step = max(1, _BLOCK_BYTES // max(1, cols * 4))
+        out = torch.empty(src.shape, dtype=dtype)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            blk = src[r0:r1].to(self.device, torch.float32)
+            for L, R, scale, mag in factors:
+                blk.addmm_(L[r0:r1], R, alpha=scale)
+                if mag is not None:
+                    blk.mul_((mag[r0:r1] / torch.linalg.norm(blk, dim=1)).view(-1, 1))
+            res = blk.to(dtype)
+            if not bool(torch.isfinite(res).all()):
+                self._nonfinite(p)
+            out[r0:r1] = res.cpu()
+        return out
+
+    def _nonfinite(self, p: TensorPlan) -> None:
+        where = self.adapters[p.updates[-1][0]].weights_file if p.updates else (
+            self.adapters[p.start[0]].weights_file if p.start else self.base.folder)
+        raise LlamaforgeError(
+            f"merging produced NaN or Inf in {p.name} ({p.out.dtype})", where,
+            "the adapter holds NaN/Inf or values too large for the dtype: check the adapter, or merge with --dtype float32/bfloat16",
+        )
+
+    def run(self, plans: list[TensorPlan], writer: ShardedSafetensorsWriter, progress=None) -> None:
+        q: queue.Queue = queue.Queue(maxsize=2)
+        failure: list[BaseException] = []
+
+        def write_loop():
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if failure:
+                    continue
+                try:
+                    writer.write(*item)
+                    if progress is not None:
+                        progress.update(item[1].numel() * item[1].element_size())
+                except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                    failure.append(e)
+
+        wt = threading.Thread(target=write_loop, name="llamaforge-writer", daemon=True)
+        wt.start()
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamaforge-reader") as pool:
+                pending = pool.submit(self.read, plans[0]) if plans else None
+                for k, p in enumerate(plans):
+                    src = pending.result()
+                    pending = pool.submit(self.read, plans[k + 1]) if k + 1 < len(plans) else None
+                    out = self.merge(p, src)
+                    del src
+                    if progress is not None:
+                        progress.set_postfix_str(p.name, refresh=False)
+                    q.put((p.name, out))
+                    del out
+                    if failure:
+                        break
+        finally:
+            q.put(None)
+            wt.join()
+        if failure:
+            raise failure[0]
+
+
+def _copy_tokenizer(folder: Path, out: Path) -> None:
+    from .tokenizer import load_proto, write_hf_tokenizer
+
+    shutil.copyfile(folder / "tokenizer.model", out / "tokenizer.model")
+    if (folder / "tokenizer.json").is_file():
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+            if (folder / f).is_file():
+                shutil.copyfile(folder / f, out / f)
+        return
+    # A transformers-4-era folder (tokenizer.model + LlamaTokenizer config): write the fast files
+    # ourselves, so transformers 5 segments as SentencePiece does (see llamaforge.tokenizer).
+    proto = load_proto(folder / "tokenizer.model")
+    pieces = {p.piece for p in proto.pieces}
+    specials = []
+    stm = folder / "special_tokens_map.json"
+    if stm.is_file():
+        pad = json.loads(stm.read_text(encoding="utf-8")).get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if pad and pad in pieces and pad not in (p.piece for p in proto.pieces[:3]):
+            specials.append(pad)
+    write_hf_tokenizer(proto, out, specials)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _versions() -> dict:
+    import numpy
+    import safetensors
+
+    return {"llamaforge": __version__, "torch": torch.__version__.split("+")[0],
+            "safetensors": safetensors.__version__, "numpy": numpy.__version__}
+
+
+def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "merged", tokenizer=None,
+               dtype: str = "float16", max_shard_size: str | int = "5GB", device: str = "cpu",
+               echo=print, progress: bool = True) -> dict:
+    """Merge `loras` (in order) into `base`; write a Hugging Face folder at `output` atomically.
+
+    Returns the manifest written as `output/llamaforge.json`.
+    """
+    base = require_dir(base, "base model folder")
+    out_dtype = torch_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LlamaforgeError("--device cuda but no CUDA device is available", None, "use --device cpu")
+    if not (base / "config.json").is_file():
+        meta = list(base.glob("consolidated.*.pth"))
+        raise LlamaforgeError(
+            "the base folder has no config.json" + (" (it is a Meta checkpoint)" if meta else ""), base,
+            "convert Meta weights with scripts/import_pth.py (the pipeline does it for a Meta base)" if meta
+            else "point to a Hugging Face model folder (config.json + weights)",
+        )
+    config = json.loads((base / "config.json").read_text())
+    src = ModelSource(base)
+    adapters: list[Adapter] = []
+    try:
+        names = set(src.keys())
+        tied = bool(config.get("tie_word_embeddings", False))
+        if tied:
+            names.add(LM_HEAD)
+        if EMBED not in src:
+            raise LlamaforgeError(f"the base has no {EMBED}", base, "point to a LLaMA-family Hugging Face model")
+        adapters = [open_adapter(p, names) for p in loras]
+        plans = plan_merge(src, adapters, out_dtype, tied)
+        by_name = {p.name: p for p in plans}
+        rows = by_name[EMBED].out.shape[0]
+        head = by_name.get(LM_HEAD)
+        if head is not None and head.out.shape[0] != rows:
+            raise LlamaforgeError(
+                f"after the adapters embed_tokens has {rows} rows but lm_head has {head.out.shape[0]}",
+                adapters[-1].folder if adapters else base,
+                "use adapters that store both embed_tokens and lm_head in full (modules_to_save)",
+            )
+        tok_folder = _resolve_tokenizer(tokenizer, adapters, base)
+        tok_len = tokenizer_length(tok_folder)
+        base_rows = src.info(EMBED).shape[0]
+        if tok_len != rows:
+            full_embeds = any(EMBED in ad.full for ad in adapters)
+            if not full_embeds and tok_len > base_rows:
+                raise LlamaforgeError(
+                    f"the tokenizer has {tok_len} tokens but the base has {base_rows} embedding rows and no adapter "
+                    f"stores full embed_tokens/lm_head. {VOCAB_EXPLAINED}", tok_folder,
+                    "add the adapter that extends the vocabulary (first in the list), or use the base's own tokenizer",
+                )
+            raise LlamaforgeError(
+                f"the tokenizer has {tok_len} tokens but the merged embeddings have {rows} rows. {VOCAB_EXPLAINED}",
+                tok_folder,
+                "use the tokenizer shipped with the last adapter (tokenizer: in config.yaml, or --tokenizer), "
+                "and check the adapter order",
+            )
+        untie = tied and LM_HEAD in by_name
+        total = sum(p.out.nbytes for p in plans)
+        echo(f"merging {len(adapters)} adapter(s) into {base}: {len(plans)} tensors, {total / 1e9:.2f} GB {dtype}, "
+             f"vocabulary {base_rows} -> {rows}, tokenizer {tok_folder} ({tok_len})")
+        for i, ad in enumerate(adapters):
+            echo(f"  adapter {i + 1}: {ad.folder} (r={ad.config['r']}, alpha={ad.config['lora_alpha']}, "
+                 f"{len(ad.updates)} LoRA updates, {len(ad.full)} full tensors)")
+
+        with atomic_dir(output) as tmp:
+            writer = ShardedSafetensorsWriter(tmp, plan_shards([p.out for p in plans], shard_bytes))
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
+                           mininterval=1.0, dynamic_ncols=True)
+            # Input hashes are computed beside the merge (the page cache serves both).
+            inputs = [p for p in src.weight_files()] + [base / "config.json"]
+            for ad in adapters:
+                inputs += [ad.folder / "adapter_config.json", ad.weights_file]
+            inputs += [tok_folder / "tokenizer.model"]
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamaforge-hash") as hasher:
+                input_hashes = hasher.submit(lambda: {os.fspath(p): sha256_file(p) for p in inputs})
+                try:
+                    _Merger(src, adapters, device).run(plans, writer, bar)
+                except BaseException:
+                    writer.abort()
+                    raise
+                finally:
+                    if bar is not None:
+                        bar.close()
+                outputs = writer.close()
+                input_hashes = input_hashes.result()
+
+            cfg = dict(config)
+            cfg.pop("_name_or_path", None)
+            cfg["vocab_size"] = rows
+            cfg["tie_word_embeddings"] = bool(tied and not untie)
+            cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = dtype
+            _write_json(tmp / "config.json", cfg)
+            if (base / "generation_config.json").is_file():
+                shutil.copyfile(base / "generation_config.json", tmp / "generation_config.json")
+            else:
+                _write_json(tmp / "generation_config.json", {
+                    k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None})
+            _copy_tokenizer(tok_folder, tmp)
+            for f in sorted(tmp.iterdir()):
+                if f.name not in outputs and f.is_file():
+                    outputs[f.name] = sha256_file(f)
+            manifest = {
+                "llamaforge": "merge",
+                "base": {"path": os.fspath(base), "vocab_size": base_rows},
+                "adapters": [{"order": i + 1, "path": os.fspath(ad.folder), "config": ad.config,
+                              "lora_updates": len(ad.updates), "full_tensors": sorted(ad.full)}
+                             for i, ad in enumerate(adapters)],
+                "tokenizer": {"path": os.fspath(tok_folder), "length": tok_len},
+                "options": {"dtype": dtype, "max_shard_size": str(max_shard_size)},
+                "inputs_sha256": input_hashes,
+                "outputs_sha256": dict(sorted(outputs.items())),
+                "versions": _versions(),
+                "vocab_size": rows,
+            }
+            _write_json(tmp / "llamaforge.json", manifest)
+        echo(f"wrote {output}: {len(writer.names)} shard(s), vocab_size {rows}")
+        return manifest
+    finally:
+        for ad in adapters:
+            ad.close()
+        src.close()
