@@ -18,6 +18,8 @@ validate(config, "schemas/config.schema.yaml")
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/tokenizer.smk"
+include: "rules/merge.smk"
+include: "rules/crawl.smk"
 
 
 rule all:

@@ -73,8 +73,21 @@ def model_cfg(name):
         )
 
 
+def is_meta_folder(folder):
+    """A Meta checkpoint folder (consolidated.NN.pth + params.json) rather than a Hugging Face one."""
+    p = Path(folder)
+    return (p / "params.json").is_file() or any(p.glob("consolidated.*.pth"))
+
+
+def model_base_dir(name):
+    """The Hugging Face folder a model merges from: its base, or the conversion of a Meta base."""
+    base = model_cfg(name)["base"]
+    return f"imported/{name}" if is_meta_folder(base) else base
+
+
 def all_targets():
     targets = [f"tokenizers/{name}" for name in config["tokenizers"]]
+    targets += [f"merged/{name}" for name in config["models"]]
     return targets
 
 
@@ -82,3 +95,12 @@ def shell_quote(text):
     import shlex
 
     return shlex.quote(str(text))
+
+
+def merge_mem_mb(wildcards, input):
+    # Bounded by the largest tensor, not the model: the tensor being merged, the one read ahead,
+    # the one being written and its float32 row blocks, plus the interpreter and torch (~0.5 GB).
+    from llamaforge.formats import largest_tensor_bytes
+
+    largest = largest_tensor_bytes(list(input.base) + list(input.loras))
+    return 768 + 5 * largest // 2**20

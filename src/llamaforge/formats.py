@@ -124,15 +124,31 @@ class SafetensorsFile:
     def info(self, name: str) -> TensorInfo:
         return self._entries[name][0]
 
+    def _pread(self, buf: torch.Tensor, offset: int, name: str) -> None:
+        """Fill the uint8 tensor `buf` from `offset` of the data section (positional: thread-safe)."""
+        want = buf.numel()
+        mv = memoryview(buf.numpy())
+        done = 0
+        while done < want:
+            n = os.preadv(self._f.fileno(), [mv[done:]], self._base + offset + done)
+            if n <= 0:
+                raise LlamaforgeError(f"tensor {name} is truncated", self.path, "the file is incomplete: build it again")
+            done += n
+
     def get(self, name: str) -> torch.Tensor:
         info, start, end = self._entries[name]
         buf = torch.empty(end - start, dtype=torch.uint8)
         if end > start:
-            self._f.seek(self._base + start)
-            n = self._f.readinto(memoryview(buf.numpy()))
-            if n != end - start:
-                raise LlamaforgeError(f"tensor {name} is truncated", self.path, "the file is incomplete: build it again")
+            self._pread(buf, start, name)
         return buf.view(info.dtype).reshape(info.shape)
+
+    def read_flat(self, name: str, first: int, count: int, buf: torch.Tensor) -> torch.Tensor:
+        """Elements [first, first+count) of `name`, flattened, read into the uint8 buffer `buf`."""
+        info, start, _ = self._entries[name]
+        item = info.nbytes // max(1, info.numel)
+        view = buf[: count * item]
+        self._pread(view, start + first * item, name)
+        return view.view(info.dtype)
 
     def close(self) -> None:
         self._f.close()
@@ -181,6 +197,14 @@ class TorchFile:
     def get(self, name: str) -> torch.Tensor:
         # A copy in memory of its own: the mmap'd pages are dropped with the source.
         return self._sd[name].contiguous().clone()
+
+    def read_flat(self, name: str, first: int, count: int, buf: torch.Tensor) -> torch.Tensor:
+        t = self._sd[name]
+        flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+        item = t.element_size()
+        view = buf[: count * item].view(t.dtype)
+        view.copy_(flat[first: first + count])
+        return view
 
     def close(self) -> None:
         self._sd = {}
@@ -275,6 +299,17 @@ class ModelSource:
     def get(self, name: str) -> torch.Tensor:
         return self._file(self._where[name]).get(name)
 
+    def read_flat(self, name: str, first: int, count: int, buf: torch.Tensor) -> torch.Tensor:
+        return self._file(self._where[name]).read_flat(name, first, count, buf)
+
+    def release(self, names: Iterable[str]) -> None:
+        """Close the files whose tensors are all among `names` (read already): a memory-mapped
+        pickle then gives its pages back."""
+        done = set(names)
+        for f in list(self._open):
+            if all(k in done for k, where in self._where.items() if where == f):
+                self._open.pop(f).close()
+
     def weight_files(self) -> list[Path]:
         index = [self.folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
                  if (self.folder / n).is_file()]
@@ -332,7 +367,10 @@ class ShardedSafetensorsWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self._order: Iterator[tuple[int, TensorInfo]] = iter(
             [(i, t) for i, shard in enumerate(shards) for t in shard])
+        self._shapes = {t.name: t.shape for shard in shards for t in shard}
         self._current = -1
+        self._tensor: TensorInfo | None = None
+        self._written = 0
         self._f = None
         self._hash = None
         self.sha256: dict[str, str] = {}
@@ -354,21 +392,39 @@ class ShardedSafetensorsWriter:
             self.sha256[self.names[self._current]] = self._hash.hexdigest()
             self._f = None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        try:
-            i, info = next(self._order)
-        except StopIteration:
-            raise RuntimeError(f"unplanned tensor {name}") from None
-        if info.name != name or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
-            raise RuntimeError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match the plan {info}")
-        if i != self._current:
-            self._open_shard(i)
-        t = tensor.detach().to("cpu").contiguous()
+    def _finish_tensor(self) -> None:
+        if self._tensor is not None and self._written != self._tensor.nbytes:
+            raise RuntimeError(f"{self._tensor.name}: wrote {self._written} bytes of {self._tensor.nbytes}")
+
+    def write_block(self, name: str, block: torch.Tensor) -> None:
+        """Append the next bytes of tensor `name` (a tensor's blocks, in order, then the next tensor)."""
+        if self._tensor is None or self._tensor.name != name:
+            self._finish_tensor()
+            try:
+                i, info = next(self._order)
+            except StopIteration:
+                raise RuntimeError(f"unplanned tensor {name}") from None
+            if info.name != name:
+                raise RuntimeError(f"tensor {name} written where the plan has {info.name}")
+            self._tensor, self._written = info, 0
+            if i != self._current:
+                self._open_shard(i)
+        if block.dtype != self._tensor.dtype:
+            raise RuntimeError(f"tensor {name} is {block.dtype}, the plan says {self._tensor.dtype}")
+        t = block.detach().to("cpu").contiguous()
         if t.numel():
             self._put(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._written += t.numel() * t.element_size()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor."""
+        if tuple(tensor.shape) != self._shapes.get(name):
+            raise RuntimeError(f"tensor {name} has shape {tuple(tensor.shape)}, the plan says {self._shapes.get(name)}")
+        self.write_block(name, tensor)
 
     def close(self) -> dict[str, str]:
         """Finish the last shard, write the index (for several shards); return sha256 by file name."""
+        self._finish_tensor()
         if next(self._order, None) is not None:
             raise RuntimeError("not every planned tensor was written")
         self._close_shard()
@@ -386,3 +442,22 @@ class ShardedSafetensorsWriter:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+def largest_tensor_bytes(paths: Iterable[str | os.PathLike]) -> int:
+    """Bytes of the largest tensor among weight files, from safetensors headers alone (for resource
+    requests). A pickle cannot be inspected without reading it, so its file size stands in."""
+    largest = 0
+    for p in map(Path, paths):
+        if not p.is_file():
+            continue
+        if p.suffix == ".safetensors":
+            try:
+                f = SafetensorsFile(p)
+            except LlamaforgeError:
+                continue
+            largest = max([largest] + [f.info(k).nbytes for k in f.keys()])
+            f.close()
+        elif p.suffix in (".bin", ".pth", ".pt"):
+            largest = max(largest, p.stat().st_size)
+    return largest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from typing import Iterator
 from .errors import LlamaforgeError
 
 _CHUNK = 1 << 20
+_CACHE_MIN = 64 << 20  # only files this big are worth remembering
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -31,6 +33,49 @@ def sha256_file(path: str | os.PathLike) -> str:
                 break
             h.update(view[:n])
     return h.hexdigest()
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "llamaforge" / "sha256.json"
+
+
+def sha256_cached(path: str | os.PathLike) -> str:
+    """sha256 of a file, remembered by (real path, size, mtime, inode) in ~/.cache/llamaforge.
+
+    A 13 GB base is then hashed once, not at every merge that reads it. Set LLAMAFORGE_NO_HASH_CACHE=1
+    to always hash. A file changed in place without a new mtime would be missed: tools that write
+    weights always set one.
+    """
+    p = Path(path)
+    st = p.stat()
+    key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    use = not os.environ.get("LLAMAFORGE_NO_HASH_CACHE")
+    cache_path = _cache_file()
+    cache = {}
+    if use:
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if key in cache:
+            return cache[key]
+    digest = sha256_file(p)
+    if use and st.st_size >= _CACHE_MIN:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            try:  # merge with what other processes wrote meanwhile
+                cache.update(json.loads(cache_path.read_text()))
+            except (OSError, ValueError):
+                pass
+            cache[key] = digest
+            fd, tmp = tempfile.mkstemp(dir=cache_path.parent, prefix=".sha256-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(cache, f)
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass  # a read-only home: no cache, same result
+    return digest
 
 
 def _umask() -> int:

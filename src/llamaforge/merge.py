@@ -28,7 +28,7 @@ import torch
 from . import __version__
 from .errors import LlamaforgeError
 from .formats import ModelSource, ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards, torch_dtype
-from .fsutil import atomic_dir, require_dir, sha256_file
+from .fsutil import atomic_dir, require_dir, sha256_cached, sha256_file
 from .lora import Adapter, LoraUpdate, apply_update, open_adapter
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ VOCAB_EXPLAINED = (
     "the rows for the added tokens come only from an adapter that stores full embed_tokens and lm_head "
     "(Chinese-LLaMA-Plus-LoRA, then Chinese-Alpaca-Plus-LoRA)"
 )
-_BLOCK_BYTES = 16 << 20  # float32 rows processed at once
+_BLOCK_ELEMS = 2 << 20  # elements per block of rows (8 MB in float32)
 
 
 def _natural(name: str):
@@ -160,104 +160,204 @@ def plan_merge(base: ModelSource, adapters: list[Adapter], dtype: torch.dtype, t
     return plans
 
 
+class _Stop(Exception):
+    pass
+
+
+_FP16_MAX = 65504.0
+
+
 class _Merger:
-    """The per-tensor arithmetic; `run()` drives reading, merging and writing in three threads."""
+    """Block-streaming merge: a reader thread, the arithmetic in the calling thread, a writer thread.
 
-    def __init__(self, base: ModelSource, adapters: list[Adapter], device: str):
+    Tensors flow through in blocks of rows (at most _BLOCK_ELEMS elements) held in a few reusable
+    buffers, so memory stays flat whatever the model or tensor size, and no fresh pages are
+    faulted in per tensor. Torch runs single-threaded here: the three stages are the parallelism.
+    """
+
+    def __init__(self, base: ModelSource, adapters: list[Adapter], device: str, block_elems: int = _BLOCK_ELEMS):
         self.base, self.adapters, self.device = base, adapters, device
+        self.block_elems = block_elems
 
-    def read(self, p: TensorPlan) -> torch.Tensor:
+    # -- reading ---------------------------------------------------------------------------
+    def _source(self, p: TensorPlan):
         if p.start is not None:
             i, tname = p.start
-            return self.adapters[i].get(tname)
-        return self.base.get(p.from_name)
+            return self.adapters[i].source, tname
+        return self.base, p.from_name
 
-    def merge(self, p: TensorPlan, src: torch.Tensor) -> torch.Tensor:
-        dtype = p.out.dtype
-        if not p.updates:
-            out = src if src.dtype == dtype else src.to(dtype)
-            if p.changed and out.is_floating_point() and not bool(torch.isfinite(out).all()):
-                self._nonfinite(p)
-            return out
-        if any(up.magnitude is not None and up.fan_in_fan_out for _, up in p.updates):
-            w = src.to(self.device, torch.float32)
-            for i, up in p.updates:
-                apply_update(self.adapters[i], up, w)
-            out = w.to(dtype).cpu()
-            if not bool(torch.isfinite(out).all()):
-                self._nonfinite(p)
-            return out
-        # Row blocks: float32 copy of a few rows, += L @ R per adapter (DoRA row-wise), cast back.
+    @staticmethod
+    def _rows(p: TensorPlan) -> tuple[int, int]:
+        shape = p.out.shape
+        if len(shape) >= 2:
+            return shape[0], p.out.numel // max(1, shape[0])
+        return p.out.numel, 1
+
+    def _blocks(self, p: TensorPlan):
+        rows, width = self._rows(p)
+        step = max(1, self.block_elems // max(1, width))
+        for r0 in range(0, rows, step):
+            yield r0, min(rows, r0 + step)
+
+    def _read_loop(self, plans, free: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            done: list[str] = []
+            for k, p in enumerate(plans):
+                src, tname = self._source(p)
+                _, width = self._rows(p)
+                for r0, r1 in self._blocks(p):
+                    buf = free.get()
+                    if stop.is_set():
+                        return
+                    count = (r1 - r0) * width
+                    item = src.info(tname).dtype.itemsize
+                    if buf.numel() < count * item:  # a single row wider than a block
+                        buf = torch.empty(count * item, dtype=torch.uint8)
+                    view = src.read_flat(tname, r0 * width, count, buf)
+                    out.put((k, r0, r1, buf, view))
+                if p.start is None:
+                    done.append(p.from_name)
+                    self.base.release(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            out.put(e)
+
+    # -- arithmetic ------------------------------------------------------------------------
+    def _factors(self, p: TensorPlan):
         factors = []
         for i, up in p.updates:
             ad = self.adapters[i]
             A = ad.get(up.A).to(self.device, torch.float32)
             B = ad.get(up.B).to(self.device, torch.float32)
-            L, R = (A.T, B.T) if (up.embedding or up.fan_in_fan_out) else (B, A)
+            L, R = (A.T.contiguous(), B.T.contiguous()) if (up.embedding or up.fan_in_fan_out) else (B, A)
             mag = None if up.magnitude is None else ad.get(up.magnitude).to(self.device, torch.float32).reshape(-1)
             factors.append((L, R, up.scale, mag))
-        rows = src.shape[0]
-        cols = src[0].numel() if rows else 0
-        step = max(1, _BLOCK_BYTES // max(1, cols * 4))
-        out = torch.empty(src.shape, dtype=dtype)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            blk = src[r0:r1].to(self.device, torch.float32)
-            for L, R, scale, mag in factors:
-                blk.addmm_(L[r0:r1], R, alpha=scale)
-                if mag is not None:
-                    blk.mul_((mag[r0:r1] / torch.linalg.norm(blk, dim=1)).view(-1, 1))
-            res = blk.to(dtype)
-            if not bool(torch.isfinite(res).all()):
-                self._nonfinite(p)
-            out[r0:r1] = res.cpu()
-        return out
+        return factors
+
+    def _check(self, p: TensorPlan, x: torch.Tensor) -> None:
+        """NaN/Inf in a float32 block, or values the output dtype cannot hold."""
+        if x.numel() == 0:
+            return
+        lo, hi = torch.aminmax(x)
+        lo, hi = float(lo), float(hi)
+        limit = _FP16_MAX if p.out.dtype == torch.float16 else float("inf")
+        if not (-limit <= lo and hi <= limit):  # also false for NaN
+            self._nonfinite(p)
 
     def _nonfinite(self, p: TensorPlan) -> None:
         where = self.adapters[p.updates[-1][0]].weights_file if p.updates else (
             self.adapters[p.start[0]].weights_file if p.start else self.base.folder)
         raise LlamaforgeError(
             f"merging produced NaN or Inf in {p.name} ({p.out.dtype})", where,
-            "the adapter holds NaN/Inf or values too large for the dtype: check the adapter, or merge with --dtype float32/bfloat16",
+            "the adapter holds NaN/Inf or values too large for the dtype: check the adapter, or merge with "
+            "--dtype float32/bfloat16",
         )
 
+    def _whole_tensor(self, p: TensorPlan) -> torch.Tensor:
+        """DoRA on a fan_in_fan_out layer normalises columns: no row blocks (rare; never LLaMA)."""
+        src, tname = self._source(p)
+        w = src.get(tname).to(self.device, torch.float32)
+        for i, up in p.updates:
+            apply_update(self.adapters[i], up, w)
+        self._check(p, w)
+        return w.to(p.out.dtype).cpu()
+
     def run(self, plans: list[TensorPlan], writer: ShardedSafetensorsWriter, progress=None) -> None:
-        q: queue.Queue = queue.Queue(maxsize=2)
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        nbuf = 3
+        in_free: queue.Queue = queue.Queue()
+        out_free: queue.Queue = queue.Queue()
+        for _ in range(nbuf):
+            in_free.put(torch.empty(self.block_elems * 4, dtype=torch.uint8))
+            out_free.put(torch.empty(self.block_elems * 4, dtype=torch.uint8))
+        scratch = torch.empty(self.block_elems, dtype=torch.float32, device=self.device)
+        blocks: queue.Queue = queue.Queue(maxsize=nbuf)
+        writes: queue.Queue = queue.Queue(maxsize=nbuf)
+        stop = threading.Event()
         failure: list[BaseException] = []
 
         def write_loop():
             while True:
-                item = q.get()
+                item = writes.get()
                 if item is None:
                     return
-                if failure:
-                    continue
+                name, data, pool, buf = item
                 try:
-                    writer.write(*item)
-                    if progress is not None:
-                        progress.update(item[1].numel() * item[1].element_size())
+                    if not failure:
+                        writer.write_block(name, data)
+                        if progress is not None:
+                            progress.update(data.numel() * data.element_size())
                 except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                     failure.append(e)
+                finally:
+                    if pool is not None:
+                        pool.put(buf)
 
-        wt = threading.Thread(target=write_loop, name="llamaforge-writer", daemon=True)
-        wt.start()
+        reader = threading.Thread(target=self._read_loop, args=(plans, in_free, blocks, stop),
+                                  name="llamaforge-reader", daemon=True)
+        wthread = threading.Thread(target=write_loop, name="llamaforge-writer", daemon=True)
+        reader.start()
+        wthread.start()
         try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamaforge-reader") as pool:
-                pending = pool.submit(self.read, plans[0]) if plans else None
-                for k, p in enumerate(plans):
-                    src = pending.result()
-                    pending = pool.submit(self.read, plans[k + 1]) if k + 1 < len(plans) else None
-                    out = self.merge(p, src)
-                    del src
-                    if progress is not None:
-                        progress.set_postfix_str(p.name, refresh=False)
-                    q.put((p.name, out))
-                    del out
+            for k, p in enumerate(plans):
+                if any(up.magnitude is not None and up.fan_in_fan_out for _, up in p.updates):
+                    for _ in self._blocks(p):  # the reader sends the blocks anyway: give them back
+                        item = blocks.get()
+                        if isinstance(item, BaseException):
+                            raise item
+                        in_free.put(item[3])
+                    writes.put((p.name, self._whole_tensor(p), None, None))
+                    continue
+                factors = self._factors(p)
+                _, width = self._rows(p)
+                if progress is not None:
+                    progress.set_postfix_str(p.name, refresh=False)
+                for _ in self._blocks(p):
+                    item = blocks.get()
+                    if isinstance(item, BaseException):
+                        raise item
                     if failure:
-                        break
+                        raise _Stop()
+                    kk, r0, r1, ibuf, view = item
+                    n = view.numel()
+                    same = view.dtype == p.out.dtype
+                    if not factors and same and not p.changed:
+                        writes.put((p.name, view, in_free, ibuf))  # untouched: bytes pass straight through
+                        continue
+                    blk = scratch[:n] if n <= scratch.numel() else torch.empty(n, dtype=torch.float32, device=self.device)
+                    blk.copy_(view)
+                    in_free.put(ibuf)
+                    if factors:
+                        b2 = blk.view(r1 - r0, width)
+                        for L, R, scale, mag in factors:
+                            b2.addmm_(L[r0:r1], R, alpha=scale)
+                            if mag is not None:
+                                b2.mul_((mag[r0:r1] / torch.linalg.norm(b2, dim=1)).view(-1, 1))
+                    if p.changed or not same:
+                        self._check(p, blk)
+                    obuf = out_free.get()
+                    size = n * p.out.dtype.itemsize
+                    if obuf.numel() < size:
+                        obuf = torch.empty(size, dtype=torch.uint8)
+                    out = obuf[:size].view(p.out.dtype)
+                    out.copy_(blk)
+                    writes.put((p.name, out, out_free, obuf))
+                    del view, blk, out
+            if failure:
+                raise _Stop()
+        except _Stop:
+            pass
         finally:
-            q.put(None)
-            wt.join()
+            stop.set()
+            while reader.is_alive():  # unblock the reader wherever it waits, until it sees `stop`
+                in_free.put(torch.empty(0, dtype=torch.uint8))
+                try:
+                    blocks.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            writes.put(None)
+            wthread.join()
+            torch.set_num_threads(prev_threads)
         if failure:
             raise failure[0]
 
@@ -376,7 +476,7 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
                 inputs += [ad.folder / "adapter_config.json", ad.weights_file]
             inputs += [tok_folder / "tokenizer.model"]
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamaforge-hash") as hasher:
-                input_hashes = hasher.submit(lambda: {os.fspath(p): sha256_file(p) for p in inputs})
+                input_hashes = hasher.submit(lambda: {os.fspath(p): sha256_cached(p) for p in inputs})
                 try:
                     _Merger(src, adapters, device).run(plans, writer, bar)
                 except BaseException:
