@@ -6,7 +6,7 @@ concurrency, each run in a fresh folder, through the real openai client. Latency
 real crawl, so the ratio shows how much of the ideal 8x the client-side work (parsing, dedup,
 fsynced appends) leaves. Exits 1 if concurrency 8 is under 6x the throughput of concurrency 1.
 
-    PYTHONPATH=src python benchmarks/crawl.py [--requests 32] [--latency 0.2] [--repeats 1]
+    python benchmarks/crawl.py [--requests 32] [--latency 0.2] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from llamaforge.crawl import crawl
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from llamaforge.crawl import crawl  # noqa: E402
 KEY = "sk-benchmark"
 TARGET = 6.0
 

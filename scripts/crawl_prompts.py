@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Generate Alpaca-format instruction data from an OpenAI-compatible chat API.
 
 The key is read from OPENAI_API_KEY (never from the command line, so it stays out of shell
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
 from llamaforge.cli import setup_logging, user_errors
@@ -27,7 +29,7 @@ from llamaforge.crawl import DEFAULT_MODEL, crawl
 @click.option("--seed", default=0, show_default=True, type=int, help="Decides every prompt; keep it when resuming.")
 @click.option("--max-retries", default=5, show_default=True, type=int,
               help="Retries per request on 429, 5xx, timeouts and connection errors.")
-@click.option("--timeout", default=60.0, show_default=True, type=float, help="Seconds per request attempt.")
+@click.option("--timeout", default=300.0, show_default=True, type=float, help="Seconds per request attempt (a 20-item reply can take minutes).")
 @click.option("--backoff", default=1.0, show_default=True, type=float,
               help="First retry delay in seconds, doubled per retry (a server's Retry-After wins).")
 @click.option("--dedup-threshold", default=0.7, show_default=True, type=float,

@@ -83,7 +83,8 @@ class FakeChatServer:
 
     def start(self) -> FakeChatServer:
         self._httpd = _Server(("127.0.0.1", 0), self._handler_class())
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        # a short poll interval makes stop() quick
+        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def stop(self) -> None:

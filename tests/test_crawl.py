@@ -46,11 +46,9 @@ def run(server: FakeChatServer, output: Path, num_requests: int, **options):
     return crawl(output, num_requests, **settings)
 
 
-def cli_env(key: str | None = KEY) -> dict[str, str]:
+def cli_env(key: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
-    if key is not None:
-        env["OPENAI_API_KEY"] = key
+    env["OPENAI_API_KEY"] = key
     return env
 
 
@@ -138,7 +136,8 @@ def test_parse_reply_keeps_what_it_can_and_marks_the_rest_malformed():
 
 
 def test_parse_reply_handles_strings_with_newlines_braces_and_non_text_values():
-    text = '{"instruction": "解释字典", "input": "", "output": "用{}表示\n空字典，\\"}\\"是右括号"}\n{"instruction": "算", "output": 42}'
+    text = ('{"instruction": "解释字典", "input": "", "output": "用{}表示\n空字典，\\"}\\"是右括号"}\n'
+            '{"instruction": "算", "output": 42}')
     assert parse_reply(text) == [
         {"instruction": "解释字典", "input": "", "output": '用{}表示\n空字典，"}"是右括号'},
         {"instruction": "算", "input": "", "output": "42"},
@@ -213,8 +212,9 @@ def random_instructions(count: int, seed: int) -> list[str]:
             texts.append("".join(chars))
         else:
             length = rng.randrange(8, 30)
-            texts.append("".join(rng.choice(common) if rng.random() < 0.3 else chr(0x4E00 + rng.randrange(3000))
-                                 for _ in range(length)))
+            chars = (rng.choice(common) if rng.random() < 0.3 else chr(0x4E00 + rng.randrange(3000))
+                     for _ in range(length))
+            texts.append("".join(chars))
     return texts
 
 
@@ -240,7 +240,7 @@ def test_dedup_index_is_fast_for_thousands_of_items():
     for text in texts:
         if not index.is_duplicate(text):
             index.add(text)
-    assert time.perf_counter() - started < 10
+    assert time.perf_counter() - started < 5  # about 0.3 s here; brute-force LCS takes minutes
     assert 3500 < len(index) < 4500
 
 
@@ -374,7 +374,7 @@ def test_sigkill_then_restart_loses_nothing_and_asks_only_the_rest(tmp_path):
     with FakeChatServer(api_key=KEY, latency=0.25, script=["429", "500"]) as server:
         args = cli_args(server, out, n, "--concurrency", "2", "--items-per-request", str(k), "--seed", "5")
         with open(logs / "first.log", "w") as log:
-            proc = subprocess.Popen(args, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(args, env=cli_env(KEY), stdout=log, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and (not raw.exists() or raw.read_bytes().count(b"\n") < 4):
                 time.sleep(0.02)
@@ -387,7 +387,7 @@ def test_sigkill_then_restart_loses_nothing_and_asks_only_the_rest(tmp_path):
 
         server.reset_counts()
         with open(logs / "second.log", "w") as log:
-            proc = subprocess.run(args, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, timeout=60)
+            proc = subprocess.run(args, env=cli_env(KEY), stdout=log, stderr=subprocess.STDOUT, timeout=60)
         assert proc.returncode == 0, (logs / "second.log").read_text()
         assert server.requests == n - len(done)
         assert sorted(server.prompts) == sorted(build_prompt(5, i, k) for i in range(n) if i not in done)
@@ -402,3 +402,22 @@ def test_sigkill_then_restart_loses_nothing_and_asks_only_the_rest(tmp_path):
     assert stats["requests"]["ok"] == n and stats["requests"]["remaining"] == 0
     assert stats["items"]["accepted"] == n * k and stats["tokens"]["prompt"] == 100 * n
     assert_key_nowhere(KEY, tmp_path)
+
+
+def test_sigterm_stops_between_replies_and_writes_outputs(tmp_path):
+    out = tmp_path / "term.jsonl"
+    raw = tmp_path / "term.raw.jsonl"
+    with FakeChatServer(api_key=KEY, latency=0.25) as server:
+        args = cli_args(server, out, 20, "--concurrency", "2", "--items-per-request", "2")
+        proc = subprocess.Popen(args, env=cli_env(KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not raw.exists() or raw.read_bytes().count(b"\n") < 2):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and stderr.rstrip().endswith("llamaforge: interrupted")
+    done = len(read_jsonl(raw))
+    stats = json.loads((tmp_path / "term.stats.json").read_text())
+    assert 2 <= done < 20
+    assert stats["requests"]["ok"] == done and stats["requests"]["remaining"] == 20 - done
+    assert len(read_jsonl(out)) == 2 * done == len(json.loads((tmp_path / "term.json").read_text("utf-8")))

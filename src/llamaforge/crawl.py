@@ -19,8 +19,8 @@ Durability. Replies are handled one at a time on the event loop thread with no a
 between: the raw record is written and fsynced, then the reply's items are appended and fsynced.
 So a kill can interrupt at most the last reply's items; a restart trims a torn last line,
 re-derives that reply's missing items from its raw record, and sends only the requests whose
-index has no raw record. The prompt of request i depends on (seed, i) alone, so a resumed run
-asks exactly the prompts that were never answered.
+index has no raw record. The prompt of request i depends only on the seed, i and the items per
+request, so a resumed run asks exactly the prompts that were never answered.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ REJECT_REASONS = ("malformed", "empty_instruction", "empty_output", "too_short",
 BACKOFF_CAP = 60.0
 MAX_RETRY_AFTER = 300.0
 
-# Status codes worth another try (the same set the openai client itself retries).
+# Status codes worth another try, besides every 5xx (what the openai client itself retries).
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 # Status codes that would fail every request the same way: stop the run instead.
 _FATAL_STATUS = {
@@ -401,6 +401,9 @@ class _Totals:
         self.completion_tokens += usage.get("completion_tokens") or 0
 
 
+_RAW_FIELDS = frozenset({"index", "seed", "items_per_request", "attempts", "usage", "counts", "content"})
+
+
 class _Store:
     """The crawl's two append-only files, opened for resuming, and the dedup index over them."""
 
@@ -432,7 +435,12 @@ class _Store:
 
     def _resume(self) -> None:
         records = _read_jsonl(self.raw_path)
-        for record in records:
+        for number, record in enumerate(records, 1):
+            if not isinstance(record, dict) or not _RAW_FIELDS <= record.keys():
+                raise LlamaforgeError(
+                    f"line {number} is not a reply record of llamaforge's crawl", self.raw_path,
+                    "move this file away, or choose another --output",
+                )
             if (record.get("seed"), record.get("items_per_request")) != (self.seed, self.items_per_request):
                 raise LlamaforgeError(
                     f"this crawl was started with --seed {record.get('seed')} and --items-per-request "
@@ -468,8 +476,8 @@ class _Store:
         self.dedup.add(item["instruction"])
         return True
 
-    def add_reply(self, index: int, content: str, usage: dict | None, attempts: int, finish_reason: str | None) -> int:
-        """Keep one finished reply: raw record first, then its accepted items. Returns how many."""
+    def add_reply(self, index: int, content: str, usage: dict | None, attempts: int, finish_reason: str | None) -> None:
+        """Keep one finished reply: its raw record first, then its accepted items."""
         counts = dict.fromkeys(REJECT_REASONS, 0)
         accepted = []
         candidates = parse_reply(content)
@@ -492,7 +500,6 @@ class _Store:
             _fsync_write(self._items, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in accepted))
         self.done.add(index)
         self.totals.add_record(record)
-        return len(accepted)
 
     def close(self) -> None:
         self._items.close()

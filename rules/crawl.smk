@@ -1,0 +1,64 @@
+# Instruction data from an OpenAI-compatible chat API (Chinese-LLaMA-Alpaca's crawl_prompt.py
+# recipe): data/instructions/{name}.json for each entry of config["crawl"].
+#
+# Not in the default target: it needs OPENAI_API_KEY and it costs money. The key is read from
+# the environment only, never from the config, so it stays out of logs and Snakemake's records;
+# the server is the entry's base_url, else $OPENAI_BASE_URL, else OpenAI's. Build one data set:
+#     snakemake --cores 1 data/instructions/<name>.json
+#
+# Only the Alpaca JSON list and the stats are declared as outputs. The crawl's working files,
+# <name>.jsonl (accepted items) and <name>.raw.jsonl (every paid-for reply), are side files that
+# the script appends to and resumes from: Snakemake deletes the outputs of a failed or killed
+# job, so declaring them (even protected()) would throw away answers already paid for or block
+# the resume. After a failure, asking for the same target again sends only the requests that
+# have no reply yet; raising num_requests (a param, so the job reruns) sends only the extra ones.
+#
+# The job needs outbound network access: on a cluster whose compute nodes have none, declare
+# `localrules: crawl_prompts` in the Snakefile so that it runs on the submit host.
+
+
+rule crawl_prompts:
+    input:
+        script="scripts/crawl_prompts.py",
+        lib=["src/llamaforge/crawl.py", "src/llamaforge/data/crawl_prompt.json"],
+    output:
+        json="data/instructions/{name}.json",
+        stats="data/instructions/{name}.stats.json",
+    params:
+        jsonl="data/instructions/{name}.jsonl",
+        model=lambda wc: config["crawl"][wc.name]["model"],
+        num_requests=lambda wc: config["crawl"][wc.name]["num_requests"],
+        concurrency=lambda wc: config["crawl"][wc.name]["concurrency"],
+        base_url=lambda wc: (
+            f"--base-url {shell_quote(config['crawl'][wc.name]['base_url'])}"
+            if config["crawl"][wc.name]["base_url"]
+            else ""
+        ),
+        items_per_request=lambda wc: config["crawl"][wc.name]["items_per_request"],
+        seed=lambda wc: config["crawl"][wc.name]["seed"],
+        max_retries=lambda wc: config["crawl"][wc.name]["max_retries"],
+        timeout=lambda wc: config["crawl"][wc.name]["timeout"],
+        dedup_threshold=lambda wc: config["crawl"][wc.name]["dedup_threshold"],
+        price_in=lambda wc: config["crawl"][wc.name]["price_in"],
+        price_out=lambda wc: config["crawl"][wc.name]["price_out"],
+    wildcard_constraints:
+        # Only configured names ("(?!)" matches nothing), so other data/instructions/ files are
+        # never taken for crawls.
+        name="|".join(re.escape(name) for name in config["crawl"]) or "(?!)",
+    log:
+        "logs/crawl/{name}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        # Minutes: a reply of 20 items takes about a minute; allow two per request and slot.
+        runtime=lambda wc: 30
+        + 2 * -(-config["crawl"][wc.name]["num_requests"] // config["crawl"][wc.name]["concurrency"]),
+    conda:
+        "../envs/crawl.yaml"
+    shell:
+        "python {input.script} --output {params.jsonl:q} --alpaca-json {output.json:q}"
+        " --num-requests {params.num_requests} --concurrency {params.concurrency}"
+        " --model {params.model:q} {params.base_url} --items-per-request {params.items_per_request}"
+        " --seed {params.seed} --max-retries {params.max_retries} --timeout {params.timeout}"
+        " --dedup-threshold {params.dedup_threshold} --price-in {params.price_in} --price-out {params.price_out}"
+        " > {log} 2>&1"
