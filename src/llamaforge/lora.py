@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import LlamaforgeError
-from .formats import SafetensorsFile, TensorInfo, torch_load
+from .formats import SafetensorsFile, TensorInfo, TorchFile
 
 _KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 _PREFIXES = ("base_model.model.", "base_model.")
@@ -53,7 +53,7 @@ class Adapter:
     folder: Path
     config: dict
     weights_file: Path
-    source: object  # SafetensorsFile | _TorchDict
+    source: SafetensorsFile | TorchFile
     full: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter tensor name
     updates: dict[str, LoraUpdate] = field(default_factory=dict)  # base tensor name -> update
     ignored: list[str] = field(default_factory=list)
@@ -70,30 +70,6 @@ class Adapter:
 
     def close(self) -> None:
         self.source.close()
-
-
-class _TorchDict:
-    """adapter_model.bin through torch.load(weights_only=True), with the SafetensorsFile interface."""
-
-    def __init__(self, path: Path):
-        sd = torch_load(path, "adapter weights")
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise LlamaforgeError("adapter weights are not a state dict of tensors", path,
-                                  "save the adapter with PEFT's save_pretrained")
-        self._sd = sd
-
-    def keys(self):
-        return list(self._sd)
-
-    def info(self, name):
-        t = self._sd[name]
-        return TensorInfo(name, t.dtype, tuple(t.shape))
-
-    def get(self, name):
-        return self._sd[name].contiguous().clone()
-
-    def close(self):
-        self._sd = {}
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -166,7 +142,7 @@ def open_adapter(folder: str | os.PathLike, base_names) -> Adapter:
     if st.is_file():
         wfile, source = st, SafetensorsFile(st)
     elif bin_.is_file():
-        wfile, source = bin_, _TorchDict(bin_)
+        wfile, source = bin_, TorchFile(bin_)
     else:
         raise LlamaforgeError("no adapter_model.safetensors or adapter_model.bin in the adapter folder", folder,
                               "copy the adapter weights into the folder")

@@ -1,0 +1,55 @@
+"""Shared fixtures: the demo inputs (generated once per session), the real-world fixtures, and a
+copy of the workflow for pipeline tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# ../shared/fixtures beside the checkout (CI lays a copy of shared/ there; a user's clone may not)
+FIXTURES = REPO.parent / "shared" / "fixtures"
+WORKFLOW_PARTS = ["Snakefile", "config.yaml", "schemas", "rules", "scripts", "envs", "profiles", "src", "report"]
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    if not (FIXTURES / "tokenizers" / "llama" / "tokenizer.model").is_file():
+        pytest.skip(f"real-world fixtures not found at {FIXTURES} (they sit in ../shared beside the checkout)")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    """The demo inputs (tiny base, SentencePiece models, two PEFT adapters), made once."""
+    from llamaforge.demo import make_demo
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    make_demo(out, seed=42, echo=lambda *a: None)
+    return out
+
+
+def copy_workflow(dst: Path) -> Path:
+    """A copy of the workflow (no build outputs) in `dst`, as a user's fresh clone would have."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for part in WORKFLOW_PARTS:
+        src = REPO / part
+        if src.is_dir():
+            shutil.copytree(src, dst / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.is_file():
+            shutil.copy2(src, dst / part)
+    return dst
+
+
+def run_script(name: str, *args, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """Run scripts/<name> as a user would, capturing its output."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
