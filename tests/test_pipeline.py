@@ -1,0 +1,90 @@
+"""The whole pipeline through the snakemake CLI, in a fresh copy of the workflow, on the demo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import copy_workflow
+
+
+def snakemake(cwd, *args, check=True, timeout=900):
+    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A fresh clone's `snakemake --cores 2` (the README's quickstart)."""
+    wf = copy_workflow(tmp_path_factory.mktemp("wf") / "llamaforge")
+    snakemake(wf, "--cores", "2")
+    return wf
+
+
+def test_second_run_has_nothing_to_do(built):
+    proc = snakemake(built, "--cores", "2", "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_lint_is_clean(built):
+    proc = snakemake(built, "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_tokenizers_hold_the_merged_vocabularies(built):
+    import sentencepiece as spm
+
+    from llamaforge.tokenizer import load_hf_tokenizer
+
+    base = spm.SentencePieceProcessor(model_file=str(built / "resources/demo/sp/base.model"))
+    extra = spm.SentencePieceProcessor(model_file=str(built / "resources/demo/sp/chinese.model"))
+    base_pieces = {base.id_to_piece(i) for i in range(base.get_piece_size())}
+    new = [extra.id_to_piece(i) for i in range(extra.get_piece_size()) if extra.id_to_piece(i) not in base_pieces]
+    sizes = {}
+    for name, extra_tokens in (("demo-llama", []), ("demo-alpaca", ["[PAD]"])):
+        folder = built / "tokenizers" / name
+        sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        assert pieces == [base.id_to_piece(i) for i in range(base.get_piece_size())] + new + extra_tokens
+        tok = load_hf_tokenizer(folder)
+        assert len(tok) == len(pieces)
+        assert tok("白日依山尽").input_ids[0] == 1
+        sizes[name] = len(pieces)
+        report = json.loads((folder / "merge_report.json").read_text())
+        assert report["merged_pieces"] == len(pieces)
+    assert sizes["demo-alpaca"] == sizes["demo-llama"] + 1
+    assert json.loads((built / "tokenizers/demo-alpaca/special_tokens_map.json").read_text())["pad_token"] == "[PAD]"
+
+
+def test_merged_models_are_complete_and_fit_their_tokenizers(built):
+    from safetensors import safe_open
+
+    for model, tokenizer, n_adapters in (("demo-llama", "demo-llama", 1), ("demo", "demo-alpaca", 2)):
+        folder = built / "merged" / model
+        cfg = json.loads((folder / "config.json").read_text())
+        manifest = json.loads((folder / "llamaforge.json").read_text())
+        assert len(manifest["adapters"]) == n_adapters
+        assert (folder / "tokenizer.model").read_bytes() == (built / "tokenizers" / tokenizer / "tokenizer.model").read_bytes()
+        for name, digest in manifest["outputs_sha256"].items():
+            assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+        shards = sorted(folder.glob("*.safetensors"))
+        with safe_open(str(shards[0]), "pt") as f:
+            if "model.embed_tokens.weight" in f.keys():
+                assert f.get_slice("model.embed_tokens.weight").get_shape()[0] == cfg["vocab_size"]
+        assert cfg["vocab_size"] == manifest["tokenizer"]["length"]
+    # demo-llama is configured with a small max_shard_size: a sharded output with an index
+    assert (built / "merged/demo-llama/model.safetensors.index.json").is_file()
+    assert len(list((built / "merged/demo-llama").glob("model-*-of-*.safetensors"))) >= 2
+
+
+def test_every_rule_logged(built):
+    logs = {p.relative_to(built / "logs").as_posix() for p in (built / "logs").rglob("*.log")}
+    assert {"demo/make_demo.log", "tokenizers/demo-llama.log", "tokenizers/demo-alpaca.log",
+            "merge/demo.log", "merge/demo-llama.log"} <= logs
+    assert "New model pieces" in (built / "logs/tokenizers/demo-alpaca.log").read_text()
