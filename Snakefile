@@ -12,6 +12,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 validate(config, "schemas/config.schema.yaml")
 
 
@@ -19,6 +22,7 @@ include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/tokenizer.smk"
 include: "rules/merge.smk"
+include: "rules/evaluate.smk"
 include: "rules/crawl.smk"
 
 

@@ -88,7 +88,20 @@ def model_base_dir(name):
 def all_targets():
     targets = [f"tokenizers/{name}" for name in config["tokenizers"]]
     targets += [f"merged/{name}" for name in config["models"]]
+    targets += eval_targets()
     return targets
+
+
+def input_mb(input):
+    """Megabytes of a job's input files (folders summed), for runtime estimates."""
+    total = 0
+    for f in input:
+        p = Path(f)
+        if p.is_dir():
+            total += sum(x.stat().st_size for x in p.rglob("*") if x.is_file())
+        elif p.is_file():
+            total += p.stat().st_size
+    return total // 2**20
 
 
 def shell_quote(text):

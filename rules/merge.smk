@@ -26,7 +26,7 @@ rule merge_lora:
     threads: 2
     resources:
         mem_mb=merge_mem_mb,
-        runtime=lambda wc, input: 10 + input.size_mb // 200,
+        runtime=lambda wc, input: 10 + input_mb(input) // 200,
         gpu=lambda wc: 1 if model_cfg(wc.model)["device"] == "cuda" else 0,
     conda:
         "../envs/llamaforge.yaml"

@@ -1,0 +1,275 @@
+# Evaluation of each merged model: predictions, perplexity, merge equivalence, tokenizer statistics,
+# a per-model summary and plots over all models, all marked for `snakemake --report report.html`.
+#
+# Settings: the `eval:` section of config.yaml (defaults in schemas/config.schema.yaml). A model is
+# evaluated when `evaluate: true` (the default). Uses model_cfg, model_base_dir, folder_files and
+# shell_quote from rules/common.smk. The helpers are lambdas: `snakemake --lint` wants no `def`
+# beside rules.
+
+from llamaforge.evaluate import disk_mb as eval_disk_mb  # noqa: E402
+
+EVAL_DATA = "src/llamaforge/data"
+EVAL_FILES = ["predictions.json", "perplexity.json", "equivalence.json", "tokenizer_stats.json", "summary.json"]
+EVAL_PLOTS = ["eval/plots/tokens_per_char.png", "eval/plots/perplexity.png", "eval/plots/equivalence.png"]
+EVAL_GEN = config["eval"]["generation"]
+# inference.py options of the predictions (every value from config.yaml, so a change reruns them)
+EVAL_GEN_FLAGS = " ".join(
+    [
+        f"--template {EVAL_GEN['template']}",
+        "--with-prompt" if EVAL_GEN["with_prompt"] else "--no-prompt",
+        f"--batch-size {EVAL_GEN['batch_size']}",
+        f"--max-new-tokens {EVAL_GEN['max_new_tokens']}",
+        f"--temperature {EVAL_GEN['temperature']}",
+        f"--top-p {EVAL_GEN['top_p']}",
+        f"--top-k {EVAL_GEN['top_k']}",
+        f"--repetition-penalty {EVAL_GEN['repetition_penalty']}",
+        f"--dtype {config['eval']['dtype']}",
+    ]
+    + (["--greedy"] if EVAL_GEN["greedy"] else [])
+    + ([f"--seed {EVAL_GEN['seed']}"] if EVAL_GEN["seed"] is not None else [])
+)
+
+# Models with `evaluate: true`.
+eval_models = lambda: [name for name, m in config["models"].items() if m["evaluate"]]
+# One model's outputs; no equivalence check without adapters (nothing was merged).
+eval_files = lambda name: [
+    f"eval/{name}/{f}" for f in EVAL_FILES if f != "equivalence.json" or model_cfg(name)["loras"]
+]
+# The default target's evaluation outputs: every evaluated model's files, then the plots.
+eval_targets = lambda: [f for name in eval_models() for f in eval_files(name)] + (EVAL_PLOTS if eval_models() else [])
+# The model's tokenizer folder: `tokenizer`, else the last adapter's folder, else the base.
+eval_tokenizer = lambda name: model_cfg(name)["tokenizer"] or (model_cfg(name)["loras"] or [model_cfg(name)["base"]])[-1]
+# A file from config.yaml, or the bundled one under src/llamaforge/data/ when it is null.
+eval_path = lambda value, bundled: value or f"{EVAL_DATA}/{bundled}"
+eval_device = lambda wc: "cuda" if model_cfg(wc.model)["gpu"] else "cpu"
+eval_gpu = lambda wc: model_cfg(wc.model)["gpu"]
+# Memory: a float16 model on disk is 2x in float32, plus activations, logits and the Python stack.
+eval_mem_mb = lambda wc, input: int(2000 + 3 * eval_disk_mb(input.model))
+# Runtime: generous for CPU runs of a 7B model (minutes per GB of weights).
+eval_runtime = lambda per_gb: lambda wc, input: int(10 + per_gb * eval_disk_mb(input.model) / 1024)
+
+
+rule eval_predictions:
+    input:
+        script="scripts/inference.py",
+        lib="src/llamaforge/generate.py",
+        model=lambda wc: folder_files(f"merged/{wc.model}"),
+        prompts=eval_path(config["eval"]["prompts"], "eval_prompts.txt"),
+    output:
+        predictions=report(
+            "eval/{model}/predictions.json",
+            caption="../report/predictions.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "output": "predictions"},
+        ),
+        config="eval/{model}/generation_config.json",
+    params:
+        model="merged/{model}",
+        flags=EVAL_GEN_FLAGS,
+        device=eval_device,
+    log:
+        "logs/eval/{model}/predictions.log",
+    benchmark:
+        "logs/benchmarks/eval/{model}/predictions.tsv"
+    threads: 4
+    resources:
+        mem_mb=eval_mem_mb,
+        runtime=eval_runtime(60),
+        gpu=eval_gpu,
+    conda:
+        "../envs/llamaforge.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python {input.script} --model {params.model:q} --data-file {input.prompts:q} "
+        "--predictions-file {output.predictions:q} {params.flags} --device {params.device} > {log} 2>&1"
+
+
+rule eval_perplexity:
+    input:
+        script="scripts/evaluate.py",
+        lib="src/llamaforge/evaluate.py",
+        model=lambda wc: folder_files(f"merged/{wc.model}"),
+        text=eval_path(config["eval"]["text"], "eval_text.txt"),
+    output:
+        report(
+            "eval/{model}/perplexity.json",
+            caption="../report/perplexity.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "output": "perplexity"},
+        ),
+    params:
+        model="merged/{model}",
+        max_length=(
+            f"--max-length {config['eval']['perplexity']['max_length']}"
+            if config["eval"]["perplexity"]["max_length"]
+            else ""
+        ),
+        stride=config["eval"]["perplexity"]["stride"],
+        dtype=config["eval"]["dtype"],
+        device=eval_device,
+    log:
+        "logs/eval/{model}/perplexity.log",
+    benchmark:
+        "logs/benchmarks/eval/{model}/perplexity.tsv"
+    threads: 4
+    resources:
+        mem_mb=eval_mem_mb,
+        runtime=eval_runtime(20),
+        gpu=eval_gpu,
+    conda:
+        "../envs/llamaforge.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python {input.script} perplexity --model {params.model:q} --text {input.text:q} "
+        "{params.max_length} --stride {params.stride} --dtype {params.dtype} --device {params.device} "
+        "--output {output:q} > {log} 2>&1"
+
+
+rule eval_equivalence:
+    input:
+        script="scripts/evaluate.py",
+        lib="src/llamaforge/evaluate.py",
+        generate="src/llamaforge/generate.py",
+        model=lambda wc: folder_files(f"merged/{wc.model}"),
+        base=lambda wc: folder_files(model_base_dir(wc.model)),
+        loras=lambda wc: [f for lora in model_cfg(wc.model)["loras"] for f in folder_files(lora)],
+        prompts=eval_path(config["eval"]["equivalence"]["prompts"], "eval_prompts.txt"),
+    output:
+        report(
+            "eval/{model}/equivalence.json",
+            caption="../report/equivalence.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "output": "equivalence"},
+        ),
+    params:
+        merged="merged/{model}",
+        base=lambda wc: shell_quote(model_base_dir(wc.model)),
+        loras=lambda wc: " ".join(f"--lora {shell_quote(p)}" for p in model_cfg(wc.model)["loras"]),
+        tolerance=config["eval"]["equivalence"]["tolerance"],
+        device=eval_device,
+    log:
+        "logs/eval/{model}/equivalence.log",
+    benchmark:
+        "logs/benchmarks/eval/{model}/equivalence.tsv"
+    threads: 4
+    resources:
+        # base + adapters in float32, then the merged model in float32, one at a time
+        mem_mb=eval_mem_mb,
+        runtime=eval_runtime(20),
+        gpu=eval_gpu,
+    conda:
+        "../envs/llamaforge.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python {input.script} equivalence --merged {params.merged:q} --base {params.base} "
+        "{params.loras} --prompts {input.prompts:q} --tolerance {params.tolerance} --device {params.device} "
+        "--output {output:q} > {log} 2>&1"
+
+
+rule eval_tokenizer_stats:
+    input:
+        script="scripts/evaluate.py",
+        lib="src/llamaforge/evaluate.py",
+        tokenizer=lambda wc: folder_files(eval_tokenizer(wc.model)),
+        base=lambda wc: folder_files(model_cfg(wc.model)["base"]),
+        text=eval_path(config["eval"]["text"], "eval_text.txt"),
+    output:
+        report(
+            "eval/{model}/tokenizer_stats.json",
+            caption="../report/tokenizer_stats.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "output": "tokenizer statistics"},
+        ),
+    params:
+        tokenizer=lambda wc: shell_quote(eval_tokenizer(wc.model)),
+        # the base folder as configured: a Meta folder's tokenizer.model is read with SentencePiece
+        base=lambda wc: shell_quote(model_cfg(wc.model)["base"]),
+    log:
+        "logs/eval/{model}/tokenizer_stats.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/llamaforge.yaml"
+    shell:
+        "python {input.script} tokenizer-stats --tokenizer {params.tokenizer} --base-tokenizer {params.base} "
+        "--text {input.text:q} --output {output:q} > {log} 2>&1"
+
+
+rule eval_summary:
+    input:
+        unpack(
+            lambda wc: {
+                "script": "scripts/evaluate.py",
+                "lib": "src/llamaforge/evaluate.py",
+                **{Path(f).stem: f for f in eval_files(wc.model) if Path(f).name != "summary.json"},
+            }
+        ),
+    output:
+        report(
+            "eval/{model}/summary.json",
+            caption="../report/summary.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "output": "summary"},
+        ),
+    params:
+        flags=lambda wc, input: " ".join(
+            f"--{key.replace('_', '-')} {shell_quote(input[key])}"
+            for key in ("predictions", "perplexity", "equivalence", "tokenizer_stats")
+            if key in input.keys()
+        ),
+    log:
+        "logs/eval/{model}/summary.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/llamaforge.yaml"
+    shell:
+        "python {input.script} summary --model {wildcards.model} {params.flags} --output {output:q} > {log} 2>&1"
+
+
+rule eval_plots:
+    input:
+        script="scripts/evaluate.py",
+        lib="src/llamaforge/evaluate.py",
+        summaries=lambda wc: [f"eval/{name}/summary.json" for name in eval_models()],
+    output:
+        tokens_per_char=report(
+            EVAL_PLOTS[0],
+            caption="../report/plot_tokens_per_char.rst",
+            category="Evaluation",
+            subcategory="All models",
+            labels={"plot": "tokens per character"},
+        ),
+        perplexity=report(
+            EVAL_PLOTS[1],
+            caption="../report/plot_perplexity.rst",
+            category="Evaluation",
+            subcategory="All models",
+            labels={"plot": "perplexity"},
+        ),
+        equivalence=report(
+            EVAL_PLOTS[2],
+            caption="../report/plot_equivalence.rst",
+            category="Evaluation",
+            subcategory="All models",
+            labels={"plot": "merge equivalence"},
+        ),
+    params:
+        summaries=lambda wc, input: " ".join(f"--summary {shell_quote(f)}" for f in input.summaries),
+    log:
+        "logs/eval/plots.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/llamaforge.yaml"
+    shell:
+        "python {input.script} plot {params.summaries} --tokens-per-char {output.tokens_per_char:q} "
+        "--perplexity {output.perplexity:q} --equivalence {output.equivalence:q} > {log} 2>&1"

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Evaluation outputs: perplexity, merge equivalence, tokenizer statistics, per-model summary, plots.
+
+  python scripts/evaluate.py perplexity --model merged/demo --text eval.txt --output eval/demo/perplexity.json
+  python scripts/evaluate.py equivalence --merged merged/demo --base BASE --lora A --lora B --output eq.json
+  python scripts/evaluate.py tokenizer-stats --tokenizer tokenizers/demo-alpaca --base-tokenizer BASE --text T --output F
+  python scripts/evaluate.py summary --model demo --predictions P --perplexity P --equivalence E --tokenizer-stats T --output F
+  python scripts/evaluate.py plot --summary eval/a/summary.json --summary eval/b/summary.json --tokens-per-char F.png ...
+"""
+
+import _pathfix  # noqa: F401  (this checkout's src/ first)
+import click
+
+from llamaforge.cli import setup_logging, user_errors
+
+DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+TEXT_HELP = "UTF-8 text. Default: the bundled Chinese + English sample (llamaforge/data/eval_text.txt)."
+
+
+def _bundled(path, name):
+    if path:
+        return path
+    from llamaforge.evaluate import bundled_path
+
+    return str(bundled_path(name))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    setup_logging()
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(file_okay=False), help="Hugging Face model folder.")
+@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer folder. Default: the model folder.")
+@click.option("--text", type=click.Path(dir_okay=False), help=TEXT_HELP)
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSON result.")
+@click.option("--max-length", type=click.IntRange(min=2), help="Window length in tokens. Default: the model's context.")
+@click.option("--stride", default=512, show_default=True, type=click.IntRange(min=1), help="Window step in tokens.")
+@DEVICE
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
+              help="Compute dtype; auto = float32 on the CPU, float16 on CUDA.")
+def perplexity(model, tokenizer, text, output, max_length, stride, device, dtype):
+    """Sliding-window perplexity (and bits per character) of a model on a text."""
+    with user_errors():
+        from llamaforge.evaluate import perplexity as run
+
+        run(model, _bundled(text, "eval_text.txt"), output, tokenizer=tokenizer, max_length=max_length, stride=stride,
+            device=device, dtype=dtype, echo=click.echo)
+
+
+@main.command()
+@click.option("--merged", required=True, type=click.Path(file_okay=False), help="The merged model folder.")
+@click.option("--base", required=True, type=click.Path(file_okay=False), help="The base model folder it was merged from.")
+@click.option("--lora", "loras", required=True, multiple=True, type=click.Path(file_okay=False),
+              help="The adapters, in merge order (repeat).")
+@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer folder. Default: the merged folder.")
+@click.option("--prompts", type=click.Path(dir_okay=False),
+              help="Instruction file (text/JSON/JSONL). Default: the bundled llamaforge/data/eval_prompts.txt.")
+@click.option("--tolerance", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Allowed max |delta logit| for a float32 merge; float16/bfloat16 merges get 2x the measured rounding floor on top.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSON result (written also when the check fails).")
+@DEVICE
+def equivalence(merged, base, loras, tokenizer, prompts, tolerance, output, device):
+    """Prove a merge: merged model vs base + adapters unmerged (exit 1 when it fails)."""
+    with user_errors():
+        from llamaforge.evaluate import equivalence as run
+
+        run(merged, base, list(loras), output, tokenizer=tokenizer, prompts_file=prompts, tolerance=tolerance,
+            device=device, echo=click.echo)
+
+
+@main.command("tokenizer-stats")
+@click.option("--tokenizer", required=True, type=click.Path(), help="Merged tokenizer folder (or tokenizer.model).")
+@click.option("--base-tokenizer", required=True, type=click.Path(), help="Base tokenizer folder (or tokenizer.model).")
+@click.option("--text", type=click.Path(dir_okay=False), help=TEXT_HELP)
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSON result.")
+def tokenizer_stats(tokenizer, base_tokenizer, text, output):
+    """Characters per token before and after the vocabulary merge."""
+    with user_errors():
+        from llamaforge.evaluate import tokenizer_stats as run
+
+        run(tokenizer, base_tokenizer, _bundled(text, "eval_text.txt"), output, echo=click.echo)
+
+
+@main.command()
+@click.option("--model", "name", required=True, help="Model name (config.yaml).")
+@click.option("--predictions", type=click.Path(dir_okay=False))
+@click.option("--perplexity", "perplexity_json", type=click.Path(dir_okay=False))
+@click.option("--equivalence", "equivalence_json", type=click.Path(dir_okay=False))
+@click.option("--tokenizer-stats", "tokenizer_stats_json", type=click.Path(dir_okay=False))
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSON summary.")
+def summary(name, predictions, perplexity_json, equivalence_json, tokenizer_stats_json, output):
+    """The headline numbers of one model's evaluation outputs."""
+    with user_errors():
+        from llamaforge.evaluate import summarize
+
+        summarize(name, output, predictions, perplexity_json, equivalence_json, tokenizer_stats_json, echo=click.echo)
+
+
+@main.command()
+@click.option("--summary", "summaries", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="A model's summary.json (repeat).")
+@click.option("--tokens-per-char", type=click.Path(dir_okay=False), help="PNG: tokens per character, base vs merged.")
+@click.option("--perplexity", "perplexity_png", type=click.Path(dir_okay=False), help="PNG: perplexity and bits per character.")
+@click.option("--equivalence", "equivalence_png", type=click.Path(dir_okay=False), help="PNG: max |delta logit| per model.")
+def plot(summaries, tokens_per_char, perplexity_png, equivalence_png):
+    """Plots over all models' summaries."""
+    with user_errors():
+        from llamaforge.evaluate import plot as run
+
+        for path in run(list(summaries), tokens_per_char, perplexity_png, equivalence_png):
+            click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,533 @@
+"""Evaluation outputs: perplexity, merge equivalence, tokenizer statistics, per-model summary, plots.
+
+perplexity
+    Sliding-window perplexity (the Hugging Face recipe: windows of `max_length` tokens moved by
+    `stride`, each token scored once, with as much left context as its window gives), computed
+    exactly: every token after the first is predicted once, from the tokens before it in the
+    first window that reaches it (the recipe's `num_valid_tokens - 1` count is off by one for
+    overlapping windows; we count the tokens scored). Also bits per character, which compares
+    models with different tokenizers (perplexity per token does not).
+
+equivalence
+    The merge's proof: the merged model against base + adapters *unmerged* (PEFT; every adapter
+    but the last merged in float32, the last live), both computed in float32 on fixed prompts.
+    Reports max and mean |delta logit| and top-1 agreement. A float32 merge must agree within
+    `tolerance` (default 1e-3). A float16/bfloat16 merge cannot: its weights are rounded. We
+    measure that rounding instead of guessing it: the unmerged model is merged in float32 and
+    every tensor rounded to the dtype the merged files store it in (the *rounding floor* is how far
+    that moves the logits). A correct merge is that rounded model up to an occasional last-bit
+    difference, so it passes when max |delta| <= tolerance + 2 x floor. A missed or mis-scaled
+    delta, a wrong row order or a corrupted tensor moves logits far more than rounding does.
+
+tokenizer-stats
+    Characters per token (and tokens per character) of the base and the merged tokenizer on a
+    text, overall and split into Chinese and other lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import unicodedata
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+from .errors import LlamaforgeError
+from .fsutil import atomic_file, require_dir, require_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = 1e-3
+
+
+def bundled_path(name: str) -> Path:
+    """A file under llamaforge/data/ (the package is installed editable or from a wheel, unzipped)."""
+    return Path(os.fspath(resources.files("llamaforge").joinpath("data", name)))
+
+
+def disk_mb(paths) -> float:
+    """Megabytes on disk of files and folders (recursively); what does not exist yet counts 0.
+
+    Used by rules/evaluate.smk to size a job's memory from its model's size.
+    """
+    total = 0
+    for p in map(Path, paths):
+        if p.is_dir():
+            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        elif p.is_file():
+            total += p.stat().st_size
+    return total / 2**20
+
+
+def _write_json(path: str | os.PathLike, obj) -> None:
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict | list:
+    p = require_file(path, what)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlamaforgeError(f"{what} is not valid JSON ({e})", p, "rebuild it (delete it and rerun)") from None
+
+
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    p = require_file(path, what)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LlamaforgeError(f"not UTF-8 text ({e.reason} at byte {e.start})", p, "save the file as UTF-8") from None
+    if not text.strip():
+        raise LlamaforgeError(f"the {what} is empty", p, "give a file with some text")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def sliding_window_nll(model, ids: Sequence[int], max_length: int, stride: int, device: str = "cpu") -> dict:
+    """Summed negative log-likelihood (nats) of ids[1:], windows of `max_length` moved by `stride`.
+
+    Window k covers ids[k*stride : k*stride + max_length] and scores the tokens no earlier window
+    reached, each from the tokens before it inside the window. Without overlap (stride =
+    max_length) the first token of each later window has no context and is not scored.
+    """
+    import torch
+
+    if max_length < 2:
+        raise LlamaforgeError(f"max_length is {max_length}", None, "give a window of at least 2 tokens")
+    if not 1 <= stride <= max_length:
+        raise LlamaforgeError(f"stride is {stride} with max_length {max_length}", None,
+                              "give 1 <= stride <= max_length (stride = max_length: no overlap)")
+    n = len(ids)
+    if n < 2:
+        raise LlamaforgeError("the text is one token long; nothing to score", None, "give a longer text")
+    all_ids = torch.tensor(ids, dtype=torch.long)
+    nll, count, windows, prev_end = 0.0, 0, 0, 1  # token 0 (BOS) is never predicted
+    with torch.inference_mode():
+        for begin in range(0, n, stride):
+            end = min(begin + max_length, n)
+            if end > prev_end:
+                window = all_ids[begin:end].unsqueeze(0).to(device)
+                logits = model(input_ids=window).logits[0].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                # absolute positions scored here; a window's first token has no context in it (stride =
+                # max_length), so it goes unscored, as in the Hugging Face recipe
+                targets = torch.arange(max(prev_end, begin + 1), end)
+                rel = (targets - begin).to(device)
+                picked = logp[rel - 1, all_ids[targets].to(device)]
+                nll -= float(picked.double().sum())
+                count += len(targets)
+                windows += 1
+                prev_end = end
+            if end == n:
+                break
+    return {"nll_sum": nll, "scored_tokens": count, "windows": windows}
+
+
+def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, output: str | os.PathLike | None = None,
+               tokenizer: str | os.PathLike | None = None, max_length: int | None = None, stride: int = 512,
+               device: str = "auto", dtype: str | None = "auto", echo=print) -> dict:
+    """Perplexity of `model` on a UTF-8 text (the whole file as one sequence, BOS first)."""
+    from .generate import load_causal_lm, load_tokenizer, plan_vocab, resolve_device, resolve_dtype, base_vocab_size
+
+    text = read_text(text_file, "perplexity text")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tok_dir = Path(tokenizer) if tokenizer else Path(model)
+    tok = load_tokenizer(tok_dir)
+    plan_vocab(base_vocab_size(model), [], len(tok), tok_dir, model)
+    ids = tok(text.rstrip("\n")).input_ids
+    m = load_causal_lm(model, dt, dev)
+    context = int(getattr(m.config, "max_position_embeddings", 0) or 2048)
+    window = int(max_length or context)
+    if window > context:
+        log.warning("max_length %d exceeds the model's context %d", window, context)
+    stride = min(int(stride), window)
+    echo(f"{model}: {len(ids)} tokens, window {window}, stride {stride}, {dt} on {dev}")
+    r = sliding_window_nll(m, ids, window, stride, dev)
+    chars = len(text.rstrip("\n"))
+    mean = r["nll_sum"] / r["scored_tokens"]
+    result = {
+        "model": os.fspath(model),
+        "tokenizer": os.fspath(tok_dir),
+        "text": os.fspath(text_file),
+        "characters": chars,
+        "tokens": len(ids),
+        "scored_tokens": r["scored_tokens"],
+        "max_length": window,
+        "stride": stride,
+        "windows": r["windows"],
+        "dtype": str(dt).replace("torch.", ""),
+        "nll_sum": r["nll_sum"],
+        "mean_nll": mean,
+        "perplexity": math.exp(mean),
+        "bits_per_character": r["nll_sum"] / math.log(2) / chars,
+    }
+    echo(f"perplexity {result['perplexity']:.4f} ({result['bits_per_character']:.4f} bits per character) over "
+         f"{r['scored_tokens']} tokens in {r['windows']} window(s)")
+    if output:
+        _write_json(output, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge equivalence
+
+
+def stored_dtypes(folder: str | os.PathLike) -> dict:
+    """{tensor name: torch dtype} as the model folder's weight files store them (headers only)."""
+    import torch
+
+    d = require_dir(folder, "model folder")
+    files = sorted(d.glob("*.safetensors"))
+    out = {}
+    if files:
+        from safetensors import safe_open
+
+        for f in files:
+            with safe_open(os.fspath(f), "pt") as h:
+                for k in h.keys():
+                    out[k] = getattr(torch, {"F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                                             "F64": "float64"}.get(h.get_slice(k).get_dtype(), "float32"))
+        return out
+    for f in sorted(d.glob("*.bin")):
+        sd = torch.load(os.fspath(f), map_location="cpu", mmap=True, weights_only=True)
+        out.update({k: v.dtype for k, v in sd.items()})
+    if not out:
+        raise LlamaforgeError("no *.safetensors or *.bin weights", d, "point at a Hugging Face model folder")
+    return out
+
+
+def equivalence_prompts(path: str | os.PathLike | None = None) -> list[str]:
+    """The fixed prompts: each line of the file, in the inference template."""
+    from .generate import TEMPLATES, read_examples
+
+    examples = read_examples(path or bundled_path("eval_prompts.txt"))
+    return [TEMPLATES["alpaca"].prompt(ex.instruction, ex.input) for ex in examples]
+
+
+def _logits(model, batch: Sequence[list[int]], device: str) -> list:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for ids in batch:
+            x = torch.tensor([ids], dtype=torch.long, device=device)
+            out.append(model(input_ids=x).logits[0].float().cpu())
+    return out
+
+
+def _compare(a: Sequence, b: Sequence) -> dict:
+    import torch
+
+    max_abs, total, n, agree, positions = 0.0, 0.0, 0, 0, 0
+    for x, y in zip(a, b):
+        d = (x - y).abs()
+        max_abs = max(max_abs, float(d.max()))
+        total += float(d.double().sum())
+        n += d.numel()
+        agree += int((x.argmax(-1) == y.argmax(-1)).sum())
+        positions += x.shape[0]
+    return {"max_abs_diff": max_abs, "mean_abs_diff": total / n, "top1_agreement": agree / positions,
+            "positions": positions}
+
+
+def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Sequence[str | os.PathLike],
+                output: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+                prompts_file: str | os.PathLike | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                device: str = "auto", echo=print) -> dict:
+    """Compare the merged model with base + adapters unmerged; raise LlamaforgeError when it fails.
+
+    The result is written to `output` (when given) before the error is raised, for inspection.
+    """
+    import torch
+
+    from .generate import (apply_adapters, base_vocab_size, inspect_adapter, load_causal_lm, load_tokenizer,
+                           plan_vocab, resolve_device)
+
+    if not loras:
+        raise LlamaforgeError("no adapter given: there is no merge to check", merged,
+                              "give the adapters the model was merged from (--lora, in order)")
+    if tolerance <= 0:
+        raise LlamaforgeError(f"tolerance is {tolerance}", None, "give a positive tolerance, e.g. 1e-3")
+    dev = resolve_device(device)
+    tok_dir = Path(tokenizer) if tokenizer else Path(merged)
+    tok = load_tokenizer(tok_dir)
+    merged_vocab = base_vocab_size(merged)
+    infos = [inspect_adapter(p) for p in loras]
+    # structural checks only: whether the chain is the right recipe is the merge's business
+    sizes = plan_vocab(base_vocab_size(base), infos, None, allow_vocab_jump=True)
+    if sizes[-1] != merged_vocab:
+        raise LlamaforgeError(
+            f"the merged model has {merged_vocab} embedding rows but base + adapters give {sizes[-1]} "
+            f"({' -> '.join(map(str, sizes))})", Path(merged) / "config.json",
+            "compare the merged model with the base and the adapters (in order) it was built from")
+    plan_vocab(merged_vocab, [], len(tok), tok_dir, merged)
+    dtypes = stored_dtypes(merged)
+    reduced = sorted({str(t).replace("torch.", "") for t in dtypes.values()
+                      if t in (torch.float16, torch.bfloat16)})
+    prompts = equivalence_prompts(prompts_file)
+    batch = [tok(p).input_ids for p in prompts]
+    echo(f"equivalence: {merged} vs {base} + {len(infos)} adapter(s), {len(batch)} prompts "
+         f"({sum(map(len, batch))} positions), float32 on {dev}; merged weights stored as "
+         f"{', '.join(sorted({str(t).replace('torch.', '') for t in dtypes.values()}))}")
+
+    ref = apply_adapters(load_causal_lm(base, torch.float32, "cpu"), infos, sizes).to(dev).float()
+    unmerged = _logits(ref, batch, dev)
+    with ref.disable_adapter():
+        without_last = _logits(ref, batch, dev)
+    effect = _compare(unmerged, without_last)["max_abs_diff"]
+    floor = 0.0
+    vs_rounded = None
+    if reduced:
+        ref = ref.merge_and_unload()
+        with torch.no_grad():
+            for name, t in list(ref.state_dict().items()):
+                dt = dtypes.get(name)
+                if dt is not None and dt != torch.float32 and t.is_floating_point():
+                    t.copy_(t.to(dt).to(t.dtype))
+        rounded = _logits(ref, batch, dev)
+        floor = _compare(rounded, unmerged)["max_abs_diff"]
+    del ref
+    model = load_causal_lm(merged, torch.float32, dev)
+    got = _logits(model, batch, dev)
+    del model
+    if reduced:
+        vs_rounded = _compare(got, rounded)["max_abs_diff"]
+    cmp = _compare(got, unmerged)
+    allowed = tolerance + 2 * floor
+    passed = cmp["max_abs_diff"] <= allowed
+    result = {
+        "merged": os.fspath(merged), "base": os.fspath(base), "loras": [os.fspath(p) for p in loras],
+        "tokenizer": os.fspath(tok_dir), "prompts": len(batch), "positions": cmp["positions"],
+        "vocab": merged_vocab, "merged_dtypes": reduced or ["float32"], "compute_dtype": "float32",
+        "max_abs_diff": cmp["max_abs_diff"], "mean_abs_diff": cmp["mean_abs_diff"],
+        "top1_agreement": cmp["top1_agreement"],
+        "rounding_floor": floor, "max_abs_diff_vs_rounded": vs_rounded,
+        "last_adapter_effect": effect,
+        "tolerance": tolerance, "allowed": allowed, "passed": passed,
+        "rule": "max_abs_diff <= tolerance + 2 * rounding_floor",
+    }
+    echo(f"max |delta logit| {cmp['max_abs_diff']:.3e} (allowed {allowed:.3e}: tolerance {tolerance:g} + 2 x rounding "
+         f"floor {floor:.3e}), mean {cmp['mean_abs_diff']:.3e}, top-1 agreement {cmp['top1_agreement']:.4f}; "
+         f"the last adapter alone moves logits by {effect:.3e}")
+    if effect <= allowed:
+        log.warning("the last adapter changes logits by %.3e only, within the tolerance: this check cannot tell a "
+                    "merge that forgot it", effect)
+    if output:
+        _write_json(output, result)
+    if not passed:
+        raise LlamaforgeError(
+            f"merge check FAILED: max |delta logit| {cmp['max_abs_diff']:.4g} > allowed {allowed:.4g} between the merged "
+            f"model and base + adapters (top-1 agreement {cmp['top1_agreement']:.4f})", merged,
+            "rebuild the merged model (delete it and rerun the merge); if it persists, check the adapters' order and "
+            "that the base is the one they were trained on")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer statistics
+
+
+def _is_cjk(ch: str) -> bool:
+    return unicodedata.east_asian_width(ch) in ("W", "F") and unicodedata.category(ch).startswith("L")
+
+
+def _encoder(path: str | os.PathLike):
+    """(encode function, vocabulary size) for a tokenizer folder or a SentencePiece model file."""
+    p = Path(path)
+    if p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from .generate import load_tokenizer
+
+        tok = load_tokenizer(p)
+        return (lambda s: tok(s, add_special_tokens=False).input_ids), len(tok)
+    from .tokenizer import tokenizer_folder_model
+
+    model = tokenizer_folder_model(require_file(p, "tokenizer") if p.is_file() else require_dir(p, "tokenizer folder"))
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=os.fspath(model))
+    return sp.encode, sp.get_piece_size()
+
+
+def _counts(encode, lines: Sequence[str]) -> dict:
+    chars = sum(len(s) for s in lines)
+    tokens = sum(len(encode(s)) for s in lines)
+    return {"tokens": tokens, "chars_per_token": chars / tokens if tokens else 0.0,
+            "tokens_per_char": tokens / chars if chars else 0.0}
+
+
+def tokenizer_stats(tokenizer: str | os.PathLike, base_tokenizer: str | os.PathLike, text_file: str | os.PathLike,
+                    output: str | os.PathLike | None = None, echo=print) -> dict:
+    """Characters per token before (base) and after (merged) the vocabulary merge, line by line."""
+    text = read_text(text_file, "tokenizer-stats text")
+    lines = [s for s in text.splitlines() if s.strip()]
+    enc_m, vocab_m = _encoder(tokenizer)
+    enc_b, vocab_b = _encoder(base_tokenizer)
+    groups = {"chinese": [], "other": []}
+    for s in lines:
+        letters = [c for c in s if not c.isspace()]
+        cjk = sum(_is_cjk(c) for c in letters)
+        groups["chinese" if letters and cjk / len(letters) >= 0.3 else "other"].append(s)
+
+    def block(ls):
+        return {"lines": len(ls), "characters": sum(len(s) for s in ls),
+                "base": _counts(enc_b, ls), "merged": _counts(enc_m, ls)}
+
+    overall = block(lines)
+    result = {
+        "tokenizer": os.fspath(tokenizer), "base_tokenizer": os.fspath(base_tokenizer), "text": os.fspath(text_file),
+        "vocab": {"base": vocab_b, "merged": vocab_m},
+        **overall,
+        "token_reduction": 1 - overall["merged"]["tokens"] / overall["base"]["tokens"] if overall["base"]["tokens"] else 0.0,
+        "by_script": {k: block(v) for k, v in groups.items() if v},
+    }
+    echo(f"characters per token: base {overall['base']['chars_per_token']:.3f} ({vocab_b} tokens), merged "
+         f"{overall['merged']['chars_per_token']:.3f} ({vocab_m} tokens); {result['token_reduction']:.1%} fewer tokens")
+    for k, b in result["by_script"].items():
+        echo(f"  {k} ({b['lines']} lines): base {b['base']['chars_per_token']:.3f}, merged {b['merged']['chars_per_token']:.3f}")
+    if output:
+        _write_json(output, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and plots
+
+
+def summarize(model: str, output: str | os.PathLike | None = None, predictions: str | os.PathLike | None = None,
+              perplexity_json: str | os.PathLike | None = None, equivalence_json: str | os.PathLike | None = None,
+              tokenizer_stats_json: str | os.PathLike | None = None, echo=print) -> dict:
+    """One JSON per model with the headline numbers of each evaluation output."""
+    out: dict = {"model": model}
+    if predictions:
+        preds = read_json(predictions, "predictions file")
+        if not isinstance(preds, list):
+            raise LlamaforgeError("predictions file is not a JSON list", predictions, "rebuild it")
+        lengths = [len(p.get("output", "")) for p in preds]
+        out["predictions"] = {"count": len(preds), "empty_outputs": sum(n == 0 for n in lengths),
+                              "mean_output_chars": sum(lengths) / len(lengths) if lengths else 0.0,
+                              "file": os.fspath(predictions)}
+    if perplexity_json:
+        p = read_json(perplexity_json, "perplexity file")
+        out["perplexity"] = {k: p[k] for k in ("perplexity", "bits_per_character", "tokens", "characters", "max_length",
+                                                "stride")}
+    if equivalence_json:
+        e = read_json(equivalence_json, "equivalence file")
+        out["equivalence"] = {k: e[k] for k in ("passed", "max_abs_diff", "mean_abs_diff", "top1_agreement", "allowed",
+                                                "tolerance", "rounding_floor", "merged_dtypes")}
+    if tokenizer_stats_json:
+        t = read_json(tokenizer_stats_json, "tokenizer-stats file")
+        out["tokenizer"] = {
+            "vocab": t["vocab"],
+            "chars_per_token": {"base": t["base"]["chars_per_token"], "merged": t["merged"]["chars_per_token"]},
+            "tokens_per_char": {"base": t["base"]["tokens_per_char"], "merged": t["merged"]["tokens_per_char"]},
+            "token_reduction": t["token_reduction"],
+            "by_script": {k: {"base": v["base"]["tokens_per_char"], "merged": v["merged"]["tokens_per_char"]}
+                          for k, v in t["by_script"].items()},
+        }
+    if output:
+        _write_json(output, out)
+    echo(json.dumps(out, ensure_ascii=False, indent=2))
+    return out
+
+
+def _bar_labels(ax, bars, fmt):
+    for b in bars:
+        ax.annotate(fmt.format(b.get_height()), (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+
+
+def plot(summaries: Sequence[str | os.PathLike], tokens_per_char: str | os.PathLike | None = None,
+         perplexity_png: str | os.PathLike | None = None, equivalence_png: str | os.PathLike | None = None) -> list[str]:
+    """Bar charts over every model's summary.json; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = [read_json(p, "summary file") for p in summaries]
+    if not data:
+        raise LlamaforgeError("no summary to plot", None, "evaluate at least one model (evaluate: true in config.yaml)")
+    names = [d["model"] for d in data]
+    written = []
+
+    def save(fig, path, layout=True):
+        if layout:
+            fig.tight_layout()
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=120, metadata={"Software": None})
+        plt.close(fig)
+        written.append(os.fspath(path))
+
+    if tokens_per_char:
+        groups = []  # (label, base values, merged values)
+        scripts = sorted({k for d in data for k in d.get("tokenizer", {}).get("by_script", {})})
+        for key in ["all"] + scripts:
+            base, merged = [], []
+            for d in data:
+                t = d.get("tokenizer", {})
+                v = t.get("tokens_per_char") if key == "all" else t.get("by_script", {}).get(key)
+                base.append(v["base"] if v else 0.0)
+                merged.append(v["merged"] if v else 0.0)
+            groups.append((key, base, merged))
+        fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 1, 3.6), squeeze=False)
+        width = 0.38
+        for ax, (key, base, merged) in zip(axes[0], groups):
+            x = range(len(names))
+            b1 = ax.bar([i - width / 2 for i in x], base, width, label="base tokenizer", color="#9aa5b1")
+            b2 = ax.bar([i + width / 2 for i in x], merged, width, label="merged tokenizer", color="#2f6fb0")
+            _bar_labels(ax, b1, "{:.2f}")
+            _bar_labels(ax, b2, "{:.2f}")
+            ax.set_xticks(list(x), names, rotation=20)
+            ax.set_title(f"{key} text")
+            ax.set_ylabel("tokens per character (lower is better)")
+            ax.margins(y=0.15)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 0.92))
+        save(fig, tokens_per_char, layout=False)
+
+    if perplexity_png:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.6))
+        ppl = [d.get("perplexity", {}).get("perplexity", 0.0) for d in data]
+        bpc = [d.get("perplexity", {}).get("bits_per_character", 0.0) for d in data]
+        _bar_labels(a1, a1.bar(names, ppl, color="#b0552f"), "{:.1f}")
+        a1.set_ylabel("perplexity per token")
+        a1.set_title("perplexity (per own token)")
+        _bar_labels(a2, a2.bar(names, bpc, color="#5f8f3e"), "{:.2f}")
+        a2.set_ylabel("bits per character")
+        a2.set_title("bits per character (comparable)")
+        for a in (a1, a2):
+            a.tick_params(axis="x", rotation=20)
+            a.margins(y=0.15)
+        save(fig, perplexity_png)
+
+    if equivalence_png:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        checked = [d for d in data if "equivalence" in d]  # a model without adapters has no merge to check
+        if checked:
+            labels = [d["model"] for d in checked]
+            diffs = [max(d["equivalence"]["max_abs_diff"], 1e-12) for d in checked]
+            allowed = [d["equivalence"]["allowed"] for d in checked]
+            colors = ["#3e8f5f" if d["equivalence"]["passed"] else "#c0392b" for d in checked]
+            bars = ax.bar(labels, diffs, color=colors, label="max |Δ logit|")
+            _bar_labels(ax, bars, "{:.1e}")
+            ax.scatter(labels, allowed, marker="_", s=600, color="black", label="allowed", zorder=3)
+            ax.set_yscale("log")
+            ax.set_ylim(min(diffs + allowed) / 30, max(diffs + allowed) * 10)
+        else:
+            ax.text(0.5, 0.5, "no merged model to check", ha="center", va="center", transform=ax.transAxes)
+        ax.set_ylabel("max |Δ logit|, merged vs unmerged")
+        ax.set_title("merge equivalence (green = passed)")
+        ax.tick_params(axis="x", rotation=20)
+        ax.legend(fontsize=8)
+        save(fig, equivalence_png)
+    return written

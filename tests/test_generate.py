@@ -1,0 +1,306 @@
+"""Inference (issue 5): templates, instruction files, batched generation, seeds, the REPL, and the
+checks of the adapter chain, on the demo models."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_script
+
+from llamaforge.errors import LlamaforgeError
+from llamaforge.generate import (
+    ORIGINAL_GENERATION,
+    TEMPLATES,
+    ChatSession,
+    GenerationSettings,
+    Generator,
+    interactive,
+    load_model,
+    predict,
+    read_examples,
+)
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+PROMPTS = ["Hello, who are you?", "白日依山尽，黄河入海流。", "Write a long story about a dragon that lives in the "
+           "mountains and guards a treasure.", "hi", "为什么要减少污染，保护环境？", "One two three four five six.",
+           "春眠不觉晓", "Tell me a joke about cats and dogs."]
+
+
+def peft_merge(base: Path, loras: list[Path], tokenizer: Path, out: Path, dtype=torch.float32) -> Path:
+    """A merged folder made with PEFT alone (stands in for merged/{model} in these tests)."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for lora in loras:
+        with safe_open(lora / "adapter_model.safetensors", "pt") as f:
+            rows = f.get_slice("base_model.model.model.embed_tokens.weight").get_shape()[0]
+        model.resize_token_embeddings(rows, mean_resizing=False)
+        with warnings.catch_warnings():  # PEFT calls a deprecated transformers property
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, lora).merge_and_unload()
+    model.to(dtype).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def merged(demo, tmp_path_factory) -> Path:
+    """The demo Chinese-Alpaca-Plus: base + LLaMA-Plus + Alpaca-Plus, float32."""
+    return peft_merge(demo / "base", [demo / "lora_llama_plus", demo / "lora_alpaca_plus"], demo / "lora_alpaca_plus",
+                      tmp_path_factory.mktemp("merged") / "demo")
+
+
+@pytest.fixture(scope="module")
+def loaded(merged):
+    return load_model(merged, echo=lambda *a: None)
+
+
+def greedy(n=10, **kw) -> GenerationSettings:
+    return GenerationSettings(do_sample=False, max_new_tokens=n, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# templates and instruction files
+
+
+def test_templates_are_the_originals():
+    header = ("Below is an instruction that describes a task. "
+              "Write a response that appropriately completes the request.\n\n")
+    assert TEMPLATES["alpaca"].prompt("Q") == header + "### Instruction:\n\nQ\n\n### Response:\n\n"
+    assert TEMPLATES["alpaca"].prompt("Q", "I") == header + "### Instruction:\n\nQ\nI\n\n### Response:\n\n"
+    assert TEMPLATES["alpaca-train"].prompt("Q", "I") == header + "### Instruction:\nQ\nI\n\n### Response: "
+    assert TEMPLATES["none"].prompt("Q") == "Q"
+    chat = TEMPLATES["alpaca"].chat([("a", "b")], "c")
+    assert chat == header + "### Instruction:\n\na\n\n### Response:\n\nb\n\n### Instruction:\n\nc\n\n### Response:\n\n"
+    s = GenerationSettings()
+    assert {k: getattr(s, k) for k in ORIGINAL_GENERATION} == ORIGINAL_GENERATION
+    assert ORIGINAL_GENERATION == dict(temperature=0.2, top_k=40, top_p=0.9, do_sample=True, num_beams=1,
+                                       repetition_penalty=1.1, max_new_tokens=400)
+
+
+def test_read_examples_text_json_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("first\n\n  second  \n", encoding="utf-8")
+    assert [(e.instruction, e.input) for e in read_examples(tmp_path / "a.txt")] == [("first", ""), ("second", "")]
+    recs = [{"instruction": "翻译", "input": "hello", "output": "x"}, {"instruction": "Q2"}]
+    (tmp_path / "b.json").write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
+    assert [(e.instruction, e.input) for e in read_examples(tmp_path / "b.json")] == [("翻译", "hello"), ("Q2", "")]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n", encoding="utf-8")
+    assert [(e.instruction, e.input) for e in read_examples(tmp_path / "c.jsonl")] == [("翻译", "hello"), ("Q2", "")]
+    for name, text, words in [("d.json", "[{", "invalid JSON"), ("e.jsonl", '{"instruction": "x"}\nnope\n', "line 2"),
+                              ("f.json", '[{"input": "x"}]', "no 'instruction'"), ("g.txt", "\n\n", "no instruction")]:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(LlamaforgeError, match=words) as e:
+            read_examples(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value) and "Fix:" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+
+
+def naive_greedy(model, tok, prompt: str, n: int, penalty: float) -> list[int]:
+    """Greedy decoding by hand: full forward each step, CTRL repetition penalty over all seen ids."""
+    ids = tok(prompt).input_ids
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            seen = torch.tensor(sorted(set(ids)))
+            s = logits[seen]
+            logits[seen] = torch.where(s < 0, s * penalty, s / penalty)
+            nxt = int(logits.argmax())
+            if nxt == tok.eos_token_id:
+                break
+            ids.append(nxt)
+            out.append(nxt)
+    return out
+
+
+def test_predictions_file_format_and_content(merged, loaded, tmp_path):
+    data = [{"instruction": "Translate into Chinese.", "input": "Good morning"}, {"instruction": "白日依山尽"},
+            {"instruction": "Write a poem about the sea."}]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in data), encoding="utf-8")
+    # bare file names, no directory part (inference_hf.py crashed on those)
+    proc = run_script("inference.py", "--model", merged, "--data-file", "prompts.jsonl", "--predictions-file",
+                      "preds.json", "--greedy", "--max-new-tokens", "8", "--batch-size", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    preds = json.loads((tmp_path / "preds.json").read_text(encoding="utf-8"))
+    assert [list(p) for p in preds] == [["instruction", "input", "prompt", "output"]] * 3
+    assert [(p["instruction"], p["input"]) for p in preds] == [
+        ("Translate into Chinese.", "Good morning"), ("白日依山尽", ""), ("Write a poem about the sea.", "")]
+    assert preds[0]["prompt"] == TEMPLATES["alpaca"].prompt("Translate into Chinese.", "Good morning")
+    # content: what a hand-written greedy loop decodes (batched, left padded, with the penalty)
+    for p in preds:
+        ids = naive_greedy(loaded.model, loaded.tokenizer, p["prompt"], 8, 1.1)
+        assert p["output"] == loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        assert p["output"]
+    cfg = json.loads((tmp_path / "generation_config.json").read_text())
+    assert cfg["do_sample"] is False and cfg["max_new_tokens"] == 8 and cfg["batch_size"] == 2
+    assert {k: cfg[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")} == {
+        "temperature": 0.2, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1}
+    assert cfg["template"] == "alpaca" and cfg["dtype"] == "float32"
+    assert "=======2=======" in proc.stdout and "Output: " in proc.stdout
+
+
+def test_greedy_batched_equals_one_at_a_time(loaded):
+    gen = Generator(loaded, greedy(12))
+    batched = gen.generate(PROMPTS, batch_size=8)
+    single = [gen.generate([p], batch_size=1)[0] for p in PROMPTS]
+    assert [g.ids for g in batched] == [g.ids for g in single]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert all(len(g.ids) > 0 for g in batched)
+    # an odd batch size too (mixed padding per batch)
+    assert [g.ids for g in gen.generate(PROMPTS, batch_size=3)] == [g.ids for g in single]
+
+
+def test_padding_is_not_a_repeated_token(loaded):
+    """The stock repetition penalty counts the pad id of padded rows; ours does not."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from llamaforge.generate import _padded_penalty_class
+
+    scores = torch.randn(2, 50)
+    ids = torch.tensor([[7, 7, 3, 9, 1], [0, 0, 3, 4, 5]])  # row 2 is left padded with id 0
+    ours = _padded_penalty_class()(1.3, torch.tensor([0, 2]))(ids, scores.clone())
+    stock = RepetitionPenaltyLogitsProcessor(1.3)
+    assert torch.equal(ours[0], stock(ids[:1], scores[:1].clone())[0])
+    assert torch.equal(ours[1], stock(ids[1:, 2:], scores[1:].clone())[0])
+
+
+def test_adapters_on_the_fly_equal_the_merged_model(demo, loaded):
+    on_the_fly = load_model(demo / "base", [demo / "lora_llama_plus", demo / "lora_alpaca_plus"], echo=lambda *a: None)
+    assert on_the_fly.vocab == loaded.vocab == 1190
+    assert type(on_the_fly.model).__name__.startswith("Peft")  # the last adapter is live, not merged
+    a = Generator(on_the_fly, greedy(10)).generate(PROMPTS[:4], batch_size=4)
+    b = Generator(loaded, greedy(10)).generate(PROMPTS[:4], batch_size=4)
+    assert [g.ids for g in a] == [g.ids for g in b]
+
+
+def test_seeded_sampling_is_reproducible(loaded):
+    def sample(seed, temperature=0.2):
+        s = GenerationSettings(max_new_tokens=12, seed=seed, temperature=temperature)
+        return [g.ids for g in Generator(loaded, s).generate(PROMPTS[:4], batch_size=2)]
+
+    assert sample(123) == sample(123)
+    assert sample(7, 1.0) == sample(7, 1.0)
+    assert sample(7, 1.0) != sample(8, 1.0)
+
+
+def test_predict_library_seeded(merged, tmp_path):
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS[:3]) + "\n", encoding="utf-8")
+    settings = GenerationSettings(max_new_tokens=6, seed=5)
+    a = predict(merged, tmp_path / "a" / "p.json", tmp_path / "p.txt", settings=settings, echo=lambda *x: None)
+    b = predict(merged, tmp_path / "b" / "p.json", tmp_path / "p.txt", settings=settings, echo=lambda *x: None)
+    assert a == b and len(a) == 3
+    assert (tmp_path / "a" / "generation_config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# interactive
+
+
+def test_interactive_repl_through_stdin(merged):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "inference.py"), "--model", str(merged), "--interactive", "--greedy",
+         "--max-new-tokens", "5"],
+        input="Hello there\n白日依山尽\n\nthis line is never read\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Start inference with instruction mode." in out and "single-turn" in out
+    assert out.count("Input:") == 3  # two questions, then the empty line
+    # the prompt "Input:" has no newline and a pipe does not echo, so each answer follows it on its line
+    responses = re.findall(r"Response: (.*)", out)
+    assert len(responses) == 2 and all(r.strip() for r in responses)
+    assert "never read" not in out
+
+
+def test_chat_keeps_history_within_the_context(loaded):
+    lines = iter(["first question", "second question", "third question", ""])
+    seen = []
+    n = interactive(loaded.sources["model"], chat=True, settings=greedy(4), read=lambda _: next(lines),
+                    echo=seen.append)
+    assert n == 3 and sum(s.startswith("Response: ") for s in seen) == 3
+
+    gen = Generator(loaded, greedy(4))
+    session = ChatSession(gen, TEMPLATES["alpaca"])
+    session.budget = 200  # a small context (one turn is ~55 tokens): the history must be cut
+    for i in range(6):
+        session.ask(f"question number {i} about the weather in the mountains")
+        ids, kept = session.prompt_ids("next")
+        assert len(ids) <= session.budget
+    assert 0 < len(session.history) < 6
+    assert session.history[-1][0] == "question number 5 about the weather in the mountains"
+    # history is in the prompt
+    ids, kept = session.prompt_ids("next")
+    assert kept >= 1 and "question number 5" in loaded.tokenizer.decode(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# misuse of the adapter chain
+
+
+def test_alpaca_plus_without_llama_plus(demo):
+    with pytest.raises(LlamaforgeError, match="LLaMA-Plus") as e:
+        load_model(demo / "base", [demo / "lora_alpaca_plus"], echo=lambda *a: None)
+    msg = str(e.value)
+    assert "32000" in msg and "49953" in msg and "49954" in msg and "512 rows" in msg
+    assert str(demo / "lora_alpaca_plus") in msg and "Fix:" in msg
+    # wrong order: the same error first; allowed through, the vocabulary would shrink
+    with pytest.raises(LlamaforgeError, match="LLaMA-Plus"):
+        load_model(demo / "base", [demo / "lora_alpaca_plus", demo / "lora_llama_plus"], echo=lambda *a: None)
+    with pytest.raises(LlamaforgeError, match="never shrink"):
+        load_model(demo / "base", [demo / "lora_alpaca_plus", demo / "lora_llama_plus"], allow_vocab_jump=True,
+                   echo=lambda *a: None)
+    # Chinese-Alpaca v1 style (trained on the base directly) is allowed when asked for
+    m = load_model(demo / "base", [demo / "lora_alpaca_plus"], allow_vocab_jump=True, echo=lambda *a: None)
+    assert m.vocab == 1190
+
+
+def test_alpaca_plus_without_llama_plus_cli(demo):
+    proc = run_script("inference.py", "--model", demo / "base", "--lora", demo / "lora_alpaca_plus", "--greedy")
+    assert proc.returncode == 1
+    err = [line for line in proc.stderr.splitlines() if line.startswith("llamaforge: error:")]
+    assert len(err) == 1 and "LLaMA-Plus" in err[0] and "Traceback" not in proc.stderr
+
+
+def test_tokenizer_that_does_not_fit_the_model(demo, merged):
+    # a Chinese (1189) tokenizer on the 512-row base with no full-embedding adapter
+    with pytest.raises(LlamaforgeError, match="no adapter stores full embeddings") as e:
+        load_model(demo / "base", tokenizer=demo / "lora_llama_plus", echo=lambda *a: None)
+    assert "1189 tokens" in str(e.value) and "512 rows" in str(e.value)
+    # the Alpaca tokenizer (1190) with the LLaMA-Plus adapter only (1189 rows)
+    with pytest.raises(LlamaforgeError, match="1190 tokens but the model has 1189"):
+        load_model(demo / "base", [demo / "lora_llama_plus"], tokenizer=demo / "lora_alpaca_plus", echo=lambda *a: None)
+    # the base tokenizer (512) on the merged 1190-row model
+    with pytest.raises(LlamaforgeError, match="512 tokens"):
+        load_model(merged, tokenizer=demo / "base", echo=lambda *a: None)
+
+
+def test_adapter_with_the_wrong_tokenizer_beside_it(demo, tmp_path):
+    bad = tmp_path / "lora"
+    shutil.copytree(demo / "lora_llama_plus", bad)
+    for name in TOKENIZER_FILES:
+        shutil.copy(demo / "lora_alpaca_plus" / name, bad / name)
+    with pytest.raises(LlamaforgeError, match="1189 embedding rows but the tokenizer in its folder has 1190"):
+        load_model(demo / "base", [bad], echo=lambda *a: None)
+    with pytest.raises(LlamaforgeError, match="not a PEFT adapter"):
+        load_model(demo / "base", [demo / "base"], echo=lambda *a: None)
+
+
+def test_bad_settings():
+    with pytest.raises(LlamaforgeError, match="temperature"):
+        GenerationSettings(temperature=0).check()
+    with pytest.raises(LlamaforgeError, match="top_p"):
+        GenerationSettings(top_p=1.5).check()
+    GenerationSettings(temperature=0, do_sample=False).check()  # unused under greedy
