@@ -88,3 +88,26 @@ def test_every_rule_logged(built):
     assert {"demo/make_demo.log", "tokenizers/demo-llama.log", "tokenizers/demo-alpaca.log",
             "merge/demo.log", "merge/demo-llama.log"} <= logs
     assert "New model pieces" in (built / "logs/tokenizers/demo-alpaca.log").read_text()
+
+
+def test_evaluation_proves_each_merge_and_predicts(built):
+    for model in ("demo-llama", "demo"):
+        eq = json.loads((built / "eval" / model / "equivalence.json").read_text())
+        assert eq["passed"] is True
+        assert eq["max_abs_diff"] <= eq["tolerance"] + 2 * eq["rounding_floor"]
+        preds = json.loads((built / "eval" / model / "predictions.json").read_text())
+        prompts = [line for line in (built / "src/llamaforge/data/eval_prompts.txt").read_text().splitlines()
+                   if line.strip()]
+        assert [p["instruction"] for p in preds] == prompts
+        assert all(p["prompt"].endswith("### Response:\n\n") or "Response" in p["prompt"] for p in preds)
+        ppl = json.loads((built / "eval" / model / "perplexity.json").read_text())
+        assert ppl["perplexity"] > 1
+        stats = json.loads((built / "eval" / model / "tokenizer_stats.json").read_text())
+        assert stats["merged"]["chars_per_token"] > stats["base"]["chars_per_token"]
+
+
+def test_report_embeds_the_plots(built):
+    snakemake(built, "--report", "report.html")
+    html = (built / "report.html").read_text()
+    for plot in ("tokens_per_char.png", "perplexity.png", "equivalence.png"):
+        assert f"filename={plot};base64,iVBORw0KGgo" in html, plot
