@@ -19,6 +19,6 @@ rule make_demo:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../envs/llamaforge.yaml"
+        "../envs/demo.yaml"
     shell:
         "python {input.script} --output {params.outdir} --seed {params.seed} > {log} 2>&1"

@@ -78,7 +78,7 @@ rule eval_predictions:
         runtime=eval_runtime(60),
         gpu=eval_gpu,
     conda:
-        "../envs/llamaforge.yaml"
+        "../envs/evaluate.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python {input.script} --model {params.model:q} --data-file {input.prompts:q} "
         "--predictions-file {output.predictions:q} {params.flags} --device {params.device} > {log} 2>&1"
@@ -118,7 +118,7 @@ rule eval_perplexity:
         runtime=eval_runtime(20),
         gpu=eval_gpu,
     conda:
-        "../envs/llamaforge.yaml"
+        "../envs/evaluate.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python {input.script} perplexity --model {params.model:q} --text {input.text:q} "
         "{params.max_length} --stride {params.stride} --dtype {params.dtype} --device {params.device} "
@@ -159,7 +159,7 @@ rule eval_equivalence:
         runtime=eval_runtime(20),
         gpu=eval_gpu,
     conda:
-        "../envs/llamaforge.yaml"
+        "../envs/evaluate.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python {input.script} equivalence --merged {params.merged:q} --base {params.base} "
         "{params.loras} --prompts {input.prompts:q} --tolerance {params.tolerance} --device {params.device} "
@@ -192,7 +192,7 @@ rule eval_tokenizer_stats:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../envs/llamaforge.yaml"
+        "../envs/evaluate.yaml"
     shell:
         "python {input.script} tokenizer-stats --tokenizer {params.tokenizer} --base-tokenizer {params.base} "
         "--text {input.text:q} --output {output:q} > {log} 2>&1"
@@ -228,7 +228,7 @@ rule eval_summary:
         mem_mb=1000,
         runtime=5,
     conda:
-        "../envs/llamaforge.yaml"
+        "../envs/evaluate.yaml"
     shell:
         "python {input.script} summary --model {wildcards.model} {params.flags} --output {output:q} > {log} 2>&1"
 
@@ -269,7 +269,7 @@ rule eval_plots:
         mem_mb=1000,
         runtime=5,
     conda:
-        "../envs/llamaforge.yaml"
+        "../envs/evaluate.yaml"
     shell:
         "python {input.script} plot {params.summaries} --tokens-per-char {output.tokens_per_char:q} "
         "--perplexity {output.perplexity:q} --equivalence {output.equivalence:q} > {log} 2>&1"

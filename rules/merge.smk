@@ -29,7 +29,7 @@ rule merge_lora:
         runtime=lambda wc, input: 10 + input_mb(input) // 200,
         gpu=lambda wc: 1 if model_cfg(wc.model)["device"] == "cuda" else 0,
     conda:
-        "../envs/llamaforge.yaml"
+        "../envs/merge.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python {input.script} --base {params.base:q} {params.loras} {params.tokenizer} "
         "--output {output:q} --dtype {params.dtype} --max-shard-size '{params.max_shard_size}' "

@@ -20,7 +20,7 @@ rule merge_tokenizers:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../envs/llamaforge.yaml"
+        "../envs/tokenizer.yaml"
     shell:
         "python {input.script} --base {input.base} --extra {input.extra} {params.add_tokens} "
         "--output {output} > {log} 2>&1"
