@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -102,6 +103,7 @@ class SafetensorsFile:
             raise LlamaforgeError("corrupt safetensors header", self.path, fix)
         self.metadata = header.pop("__metadata__", None) or {}
         self._base = 8 + n
+        self._mm: mmap.mmap | None = None
         self._entries: dict[str, tuple[TensorInfo, int, int]] = {}
         data_len = size - self._base
         for name, e in header.items():
@@ -142,6 +144,30 @@ class SafetensorsFile:
             self._pread(buf, start, name)
         return buf.view(info.dtype).reshape(info.shape)
 
+    def view_flat(self, name: str, first: int, count: int):
+        """Elements [first, first+count) of `name` as a view of the memory-mapped file, and a
+        function that drops those pages from this process's resident set once they are used.
+
+        No copy is made: the bytes are read straight from the page cache. Dropping the pages
+        (MADV_DONTNEED on a private, never-written mapping) is always safe: a later access
+        faults them in again from the file.
+        """
+        info, start, _ = self._entries[name]
+        item = info.dtype.itemsize
+        offset, size = self._base + start + first * item, count * item
+        if size == 0:
+            return torch.empty(0, dtype=info.dtype), _nothing
+        if self._mm is None:
+            self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_COPY)
+        mm = self._mm
+        view = torch.frombuffer(mm, dtype=torch.uint8, count=size, offset=offset).view(info.dtype)
+
+        def release() -> None:
+            lo = offset - offset % mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, lo, offset + size - lo)
+
+        return view, release
+
     def read_flat(self, name: str, first: int, count: int, buf: torch.Tensor) -> torch.Tensor:
         """Elements [first, first+count) of `name`, flattened, read into the uint8 buffer `buf`."""
         info, start, _ = self._entries[name]
@@ -151,7 +177,17 @@ class SafetensorsFile:
         return view.view(info.dtype)
 
     def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a view is still alive somewhere: the mapping goes with it
+                pass
+            self._mm = None
         self._f.close()
+
+
+def _nothing() -> None:
+    pass
 
 
 def torch_load(path: str | os.PathLike, what: str = "checkpoint"):
@@ -302,12 +338,17 @@ class ModelSource:
     def read_flat(self, name: str, first: int, count: int, buf: torch.Tensor) -> torch.Tensor:
         return self._file(self._where[name]).read_flat(name, first, count, buf)
 
+    def file_of(self, name: str):
+        return self._file(self._where[name])
+
     def release(self, names: Iterable[str]) -> None:
-        """Close the files whose tensors are all among `names` (read already): a memory-mapped
-        pickle then gives its pages back."""
+        """Close the pickles whose tensors are all among `names` (copied out already): a
+        memory-mapped pickle then gives its pages back. Safetensors files stay open, since views
+        of their mapping may still be in use; their pages are dropped block by block instead."""
         done = set(names)
         for f in list(self._open):
-            if all(k in done for k, where in self._where.items() if where == f):
+            if isinstance(self._open[f], TorchFile) and all(
+                    k in done for k, where in self._where.items() if where == f):
                 self._open.pop(f).close()
 
     def weight_files(self) -> list[Path]:

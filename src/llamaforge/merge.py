@@ -27,7 +27,15 @@ import torch
 
 from . import __version__
 from .errors import LlamaforgeError
-from .formats import ModelSource, ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards, torch_dtype
+from .formats import (
+    ModelSource,
+    SafetensorsFile,
+    ShardedSafetensorsWriter,
+    TensorInfo,
+    parse_size,
+    plan_shards,
+    torch_dtype,
+)
 from .fsutil import atomic_dir, require_dir, sha256_cached, sha256_file
 from .lora import Adapter, LoraUpdate, apply_update, open_adapter
 
@@ -205,16 +213,20 @@ class _Merger:
             for k, p in enumerate(plans):
                 src, tname = self._source(p)
                 _, width = self._rows(p)
+                f = src.file_of(tname) if isinstance(src, ModelSource) else src
                 for r0, r1 in self._blocks(p):
-                    buf = free.get()
+                    buf = free.get()  # a token: at most nbuf blocks are in flight
                     if stop.is_set():
                         return
                     count = (r1 - r0) * width
-                    item = src.info(tname).dtype.itemsize
-                    if buf.numel() < count * item:  # a single row wider than a block
-                        buf = torch.empty(count * item, dtype=torch.uint8)
-                    view = src.read_flat(tname, r0 * width, count, buf)
-                    out.put((k, r0, r1, buf, view))
+                    if isinstance(f, SafetensorsFile):  # no copy: a view of the page cache
+                        view, release = f.view_flat(tname, r0 * width, count)
+                    else:
+                        item = src.info(tname).dtype.itemsize
+                        if buf.numel() < count * item:  # a single row wider than a block
+                            buf = torch.empty(count * item, dtype=torch.uint8)
+                        view, release = src.read_flat(tname, r0 * width, count, buf), None
+                    out.put((k, r0, r1, buf, view, release))
                 if p.start is None:
                     done.append(p.from_name)
                     self.base.release(done)
@@ -281,7 +293,7 @@ class _Merger:
                 item = writes.get()
                 if item is None:
                     return
-                name, data, pool, buf = item
+                name, data, pool, buf, release = item
                 try:
                     if not failure:
                         writer.write_block(name, data)
@@ -290,6 +302,9 @@ class _Merger:
                 except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                     failure.append(e)
                 finally:
+                    del data
+                    if release is not None:
+                        release()
                     if pool is not None:
                         pool.put(buf)
 
@@ -306,7 +321,7 @@ class _Merger:
                         if isinstance(item, BaseException):
                             raise item
                         in_free.put(item[3])
-                    writes.put((p.name, self._whole_tensor(p), None, None))
+                    writes.put((p.name, self._whole_tensor(p), None, None, None))
                     continue
                 factors = self._factors(p)
                 _, width = self._rows(p)
@@ -318,14 +333,17 @@ class _Merger:
                         raise item
                     if failure:
                         raise _Stop()
-                    kk, r0, r1, ibuf, view = item
+                    kk, r0, r1, ibuf, view, release = item
                     n = view.numel()
                     same = view.dtype == p.out.dtype
                     if not factors and same and not p.changed:
-                        writes.put((p.name, view, in_free, ibuf))  # untouched: bytes pass straight through
+                        # untouched: bytes pass straight through
+                        writes.put((p.name, view, in_free, ibuf, release))
                         continue
                     blk = scratch[:n] if n <= scratch.numel() else torch.empty(n, dtype=torch.float32, device=self.device)
                     blk.copy_(view)
+                    if release is not None:
+                        release()
                     in_free.put(ibuf)
                     if factors:
                         b2 = blk.view(r1 - r0, width)
@@ -341,7 +359,7 @@ class _Merger:
                         obuf = torch.empty(size, dtype=torch.uint8)
                     out = obuf[:size].view(p.out.dtype)
                     out.copy_(blk)
-                    writes.put((p.name, out, out_free, obuf))
+                    writes.put((p.name, out, out_free, obuf, None))
                     del view, blk, out
             if failure:
                 raise _Stop()
