@@ -22,6 +22,7 @@ include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/tokenizer.smk"
 include: "rules/merge.smk"
+include: "rules/export.smk"
 include: "rules/evaluate.smk"
 include: "rules/crawl.smk"
 

@@ -88,6 +88,7 @@ def model_base_dir(name):
 def all_targets():
     targets = [f"tokenizers/{name}" for name in config["tokenizers"]]
     targets += [f"merged/{name}" for name in config["models"]]
+    targets += export_targets()
     targets += eval_targets()
     return targets
 

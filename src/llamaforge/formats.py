@@ -144,6 +144,10 @@ class SafetensorsFile:
             self._pread(buf, start, name)
         return buf.view(info.dtype).reshape(info.shape)
 
+    def byte_range(self, name: str) -> tuple[int, int]:
+        """(file descriptor, offset in the file) of a tensor's bytes."""
+        return self._f.fileno(), self._base + self._entries[name][1]
+
     def view_flat(self, name: str, first: int, count: int):
         """Elements [first, first+count) of `name` as a view of the memory-mapped file, and a
         function that drops those pages from this process's resident set once they are used.
@@ -340,6 +344,12 @@ class ModelSource:
 
     def file_of(self, name: str):
         return self._file(self._where[name])
+
+    def byte_range(self, name: str) -> tuple[int, int] | None:
+        """(file descriptor, offset) of a tensor's raw bytes when it lives in a safetensors file
+        (for kernel-side copies), else None."""
+        f = self.file_of(name)
+        return f.byte_range(name) if isinstance(f, SafetensorsFile) else None
 
     def release(self, names: Iterable[str]) -> None:
         """Close the pickles whose tensors are all among `names` (copied out already): a

@@ -1,0 +1,318 @@
+"""Import Meta's original LLaMA weights (consolidated.NN.pth + params.json + tokenizer.model) as a
+Hugging Face folder, streaming, so the LoRA merge works on them unchanged.
+
+Each shard is opened with `torch.load(weights_only=True, map_location="meta")`: no pickle code runs,
+no tensor data is read, and torch reports where each storage's bytes lie in the file. The bytes are
+then read block by block with `preadv` into reused buffers (a memory map would count every touched
+page of a 13 GB shard in the process's RSS, GUIDE §6). For every Hugging Face tensor the shards'
+slices are concatenated along the split dimension of `llamaforge.names`, q/k rows are put back in
+Hugging Face order, and the blocks go straight into safetensors shards (ShardedSafetensorsWriter).
+Memory stays at a few blocks whatever the model size.
+
+The inverse of `llamaforge.export.export_pth`: importing an export gives back the same tensors, byte
+for byte, with the same names and dtypes. What params.json cannot hold is chosen as documented in
+`names.default_max_positions` (context length) and taken from tokenizer.model (bos/eos/pad ids).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import LlamaforgeError
+from .formats import ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards
+from .fsutil import atomic_dir, require_dir, sha256_file
+from .names import DERIVED_META, EMBED, by_meta, config_from_dims, dims_from_params, hf_order, permute_into
+
+log = logging.getLogger(__name__)
+
+_BLOCK_BYTES = 16 << 20
+_SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+
+class PthFile:
+    """Lazy reader of one torch.save checkpoint: names, dtypes and shapes from the pickle (read with
+    weights_only=True onto the meta device), bytes read on demand from the file's storage records."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        fix = "the file is damaged or incomplete: download it again (check it against checklist.chk / SHA256)"
+        try:
+            sd = torch.load(self.path, map_location="meta", weights_only=True)
+        except Exception as e:  # zip errors for damage, UnpicklingError for disallowed globals
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LlamaforgeError(f"cannot read it with torch.load(weights_only=True): {msg}", self.path, fix) from None
+        if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+            sd = sd["model"]
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise LlamaforgeError("not a state dict of tensors", self.path, "point to Meta's consolidated.NN.pth files")
+        self._entries: dict[str, tuple[TensorInfo, int]] = {}
+        size = self.path.stat().st_size
+        for name, t in sd.items():
+            offset = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+            if offset is None or not t.is_contiguous():
+                raise LlamaforgeError(f"tensor {name} is not stored contiguously in a zip record", self.path,
+                                      "re-save the checkpoint with a current torch.save")
+            info = TensorInfo(name, t.dtype, tuple(t.shape))
+            start = int(offset) + t.storage_offset() * t.element_size()
+            if start + info.nbytes > size:
+                raise LlamaforgeError(f"tensor {name} lies beyond the end of the file", self.path, fix)
+            self._entries[name] = (info, start)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def info(self, name: str) -> TensorInfo:
+        return self._entries[name][0]
+
+    def read_flat(self, name: str, first: int, count: int, buf: torch.Tensor) -> torch.Tensor:
+        """Elements [first, first+count) of `name`, flattened, read into the uint8 buffer `buf`."""
+        info, start = self._entries[name]
+        item = info.dtype.itemsize
+        view = buf[: count * item]
+        mv = memoryview(view.numpy())
+        done, want, offset = 0, count * item, start + first * item
+        while done < want:
+            n = os.preadv(self._fd, [mv[done:]], offset + done)
+            if n <= 0:
+                raise LlamaforgeError(f"tensor {name} is truncated", self.path, "the file is incomplete: download it again")
+            done += n
+        return view.view(info.dtype)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.info(name)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        return self.read_flat(name, 0, info.numel, buf).view(info.shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def find_tokenizer(folder: Path, tokenizer: str | os.PathLike | None = None) -> Path:
+    """tokenizer.model: given, in the folder, or one level up (Meta's download puts it beside 7B/)."""
+    if tokenizer is not None:
+        p = Path(tokenizer)
+        p = p / "tokenizer.model" if p.is_dir() else p
+        if not p.is_file():
+            raise LlamaforgeError("tokenizer not found", p, "point --tokenizer to LLaMA's tokenizer.model")
+        return p
+    for p in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
+        if p.is_file():
+            return p
+    raise LlamaforgeError(
+        "no tokenizer.model in the Meta folder or beside it", folder,
+        "copy LLaMA's tokenizer.model into the folder (or pass --tokenizer)",
+    )
+
+
+def meta_shards(folder: Path) -> list[Path]:
+    found = {}
+    for p in folder.glob("consolidated.*.pth"):
+        m = _SHARD_RE.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    if not found:
+        raise LlamaforgeError("no consolidated.NN.pth in the folder", folder,
+                              "point to Meta's model folder (consolidated.00.pth, params.json)")
+    n = len(found)
+    missing = [i for i in range(n) if i not in found]
+    if missing or max(found) != n - 1:
+        raise LlamaforgeError(
+            f"shards {sorted(found)} are not consolidated.00 .. {n - 1:02d}: consolidated.{missing[0] if missing else n:02d}.pth "
+            "is missing", folder, "the download is incomplete: fetch every shard")
+    return [found[i] for i in range(n)]
+
+
+def _read_params(folder: Path) -> dict:
+    p = folder / "params.json"
+    if not p.is_file():
+        raise LlamaforgeError("no params.json in the Meta folder", folder,
+                              "copy params.json from Meta's release (it sits beside consolidated.00.pth)")
+    try:
+        params = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlamaforgeError(f"params.json is not JSON ({getattr(e, 'msg', e)})", p,
+                              "restore params.json from Meta's release") from None
+    if not isinstance(params, dict):
+        raise LlamaforgeError("params.json is not an object", p, "restore params.json from Meta's release")
+    return params
+
+
+def _pad_specials(proto) -> list[str]:
+    return [p.piece for p in proto.pieces[3:] if p.piece in ("[PAD]", "<pad>")]
+
+
+def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+               max_shard_size: str | int = "5GB", max_positions: int | None = None,
+               echo: Callable[[str], None] = print) -> dict:
+    """Convert a Meta folder into a Hugging Face folder at `output` (atomically). Returns the manifest."""
+    from .tokenizer import load_proto, write_hf_tokenizer
+
+    folder = require_dir(input, "Meta model folder")
+    params = _read_params(folder)
+    paths = meta_shards(folder)
+    tok_path = find_tokenizer(folder, tokenizer)
+    proto = load_proto(tok_path, "tokenizer.model")
+    shard_bytes = parse_size(max_shard_size)
+    shards = [PthFile(p) for p in paths]
+    try:
+        n = len(shards)
+        first = shards[0]
+        if EMBED.meta not in first:
+            raise LlamaforgeError(f"no {EMBED.meta} in the checkpoint", paths[0], "point to a LLaMA checkpoint")
+        dims = dims_from_params(params, first.info(EMBED.meta).shape[0], folder / "params.json", max_positions)
+        table = by_meta(dims.n_layers)
+        keys0 = set(first.keys())
+        for p, s in zip(paths, shards):
+            unknown = sorted(k for k in s.keys() if k not in table and not DERIVED_META.match(k))
+            if unknown:
+                raise LlamaforgeError(f"tensor {unknown[0]} is not part of LLaMA ({len(unknown)} unknown)", p,
+                                      f"check n_layers in params.json ({dims.n_layers}) and that this is a LLaMA checkpoint")
+            if set(s.keys()) != keys0:
+                diff = sorted(set(s.keys()) ^ keys0)
+                raise LlamaforgeError(f"the shards hold different tensors ({diff[0]} ...)", p,
+                                      "all consolidated.NN.pth must come from the same release")
+        # Plan every HF tensor from the shards' shapes; check them against params.json.
+        plan = []
+        for t in hf_order(dims.n_layers):
+            if t.meta not in first:
+                raise LlamaforgeError(f"the checkpoint has no {t.meta}", paths[0],
+                                      "the checkpoint is incomplete or params.json belongs to another model")
+            shapes = [s.info(t.meta).shape for s in shards]
+            dtypes = {s.info(t.meta).dtype for s in shards}
+            if len(dtypes) != 1:
+                raise LlamaforgeError(f"{t.meta} has different dtypes across shards", folder, "use one release")
+            if t.split_dim is None or n == 1:
+                shape = tuple(shapes[0])
+                if any(tuple(sh) != shape for sh in shapes):
+                    raise LlamaforgeError(f"{t.meta} differs in shape across shards", folder, "use one release")
+            else:
+                d = t.split_dim
+                shape = list(shapes[0])
+                shape[d] = sum(sh[d] for sh in shapes)
+                shape = tuple(shape)
+                if any(tuple(sh[:d]) + tuple(sh[d + 1:]) != tuple(shapes[0][:d]) + tuple(shapes[0][d + 1:])
+                       for sh in shapes):
+                    raise LlamaforgeError(f"{t.meta} shards disagree outside dim {d}", folder, "use one release")
+                heads = dims.heads_of(t)
+                if heads is not None and any(sh[0] % dims.hd for sh in shapes):
+                    raise LlamaforgeError(f"{t.meta} is split inside a head", paths[0], "use Meta's own shards")
+            want = dims.shape_of(t)
+            if shape != want:
+                raise LlamaforgeError(f"{t.meta} has shape {list(shape)} but params.json implies {list(want)}",
+                                      folder / "params.json", "use the params.json of this checkpoint")
+            plan.append((t, TensorInfo(t.hf, dtypes.pop(), shape)))
+        n_pieces = len(proto.pieces)
+        if n_pieces != dims.vocab:
+            raise LlamaforgeError(f"tokenizer.model has {n_pieces} pieces but the embeddings have {dims.vocab} rows",
+                                  tok_path, "use the tokenizer.model released with these weights")
+        dtype = plan[0][1].dtype
+        dtype_name = str(dtype).removeprefix("torch.")
+        total = sum(info.nbytes for _, info in plan)
+        echo(f"importing {folder}: {n} shard(s), {total / 1e9:.2f} GB {dtype_name}, {dims.n_layers} layers, "
+             f"hidden {dims.hidden}, FFN {dims.intermediate}, heads {dims.n_heads}/{dims.n_kv_heads}, "
+             f"vocabulary {dims.vocab}, context {dims.max_positions}")
+
+        with atomic_dir(output) as tmp:
+            writer = ShardedSafetensorsWriter(tmp, plan_shards([info for _, info in plan], shard_bytes))
+            try:
+                _stream(shards, plan, dims, n, writer)
+            except BaseException:
+                writer.abort()
+                raise
+            outputs = writer.close()
+            ts = proto.trainer_spec
+            ids = {k: (v if 0 <= v < n_pieces else None) for k, v in (("bos", ts.bos_id), ("eos", ts.eos_id))}
+            pads = _pad_specials(proto)
+            index = {p.piece: i for i, p in enumerate(proto.pieces)}
+            pad = index[pads[0]] if pads else (ts.pad_id if 0 <= ts.pad_id < n_pieces else None)
+            cfg = config_from_dims(dims, dtype_name, ids["bos"], ids["eos"], pad)
+            _write_json(tmp / "config.json", cfg)
+            _write_json(tmp / "generation_config.json",
+                        {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None})
+            write_hf_tokenizer(proto, tmp, pads, model_bytes=tok_path.read_bytes(),
+                               model_max_length=dims.max_positions)
+            for f in sorted(tmp.iterdir()):
+                if f.is_file() and f.name not in outputs:
+                    outputs[f.name] = sha256_file(f)
+            manifest = {
+                "llamaforge": "import_pth",
+                "source": {"path": os.fspath(folder), "shards": [p.name for p in paths], "params": params,
+                           "tokenizer": os.fspath(tok_path)},
+                "config": {"max_position_embeddings": dims.max_positions, "torch_dtype": dtype_name},
+                "outputs_sha256": dict(sorted(outputs.items())),
+            }
+            _write_json(tmp / "llamaforge.json", manifest)
+        echo(f"wrote {output}: {len(writer.names)} safetensors file(s)")
+        return manifest
+    finally:
+        for s in shards:
+            s.close()
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _stream(shards: list[PthFile], plan, dims, n: int, writer: ShardedSafetensorsWriter) -> None:
+    """Write every planned HF tensor as blocks of rows concatenated from the shards."""
+    bufs = [torch.empty(_BLOCK_BYTES, dtype=torch.uint8) for _ in range(max(2, n + 1))]
+    for t, info in plan:
+        item = info.dtype.itemsize
+        heads = dims.heads_of(t)
+        if t.split_dim is None or n == 1 or t.split_dim == 0:
+            parts = [shards[0]] if (t.split_dim is None or n == 1) else shards
+            if t.split_dim is None and n > 1:
+                ref = shards[0].get(t.meta)
+                for s in shards[1:]:
+                    if not torch.equal(s.get(t.meta).view(torch.uint8), ref.view(torch.uint8)):
+                        raise LlamaforgeError(f"{t.meta} differs between shards", s.path, "use one release")
+            for s in parts:
+                shape = s.info(t.meta).shape
+                rows = shape[0]
+                width = info.numel // info.shape[0] if len(info.shape) > 1 else 1
+                unit = dims.hd if heads is not None else 1  # whole heads per block: the permutation is per head
+                step = max(unit, (_BLOCK_BYTES // max(1, width * item)) // unit * unit)
+                if len(shape) == 1:
+                    rows, width, step = 1, shape[0], 1
+                for a in range(0, rows, step):
+                    b = min(rows, a + step)
+                    need = (b - a) * width * item
+                    src = bufs[0] if need <= bufs[0].numel() else torch.empty(need, dtype=torch.uint8)
+                    x = s.read_flat(t.meta, a * width, (b - a) * width, src)
+                    if heads is not None:
+                        x = x.view(b - a, width)
+                        dst = bufs[1] if need <= bufs[1].numel() else torch.empty(need, dtype=torch.uint8)
+                        out = dst[:need].view(info.dtype).view(b - a, width)
+                        permute_into(out, x, (b - a) // dims.hd, to_meta=False)
+                        x = out
+                    writer.write_block(t.hf, x)
+            continue
+        # split on dim 1 (tok_embeddings, wo, w2): each block of rows is the shards' columns side by side
+        rows, cols = info.shape
+        widths = [s.info(t.meta).shape[1] for s in shards]
+        step = max(1, _BLOCK_BYTES // max(1, cols * item))
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            need = (b - a) * cols * item
+            dst = bufs[0] if need <= bufs[0].numel() else torch.empty(need, dtype=torch.uint8)
+            out = dst[:need].view(info.dtype).view(b - a, cols)
+            c = 0
+            for k, (s, w) in enumerate(zip(shards, widths)):
+                nb = (b - a) * w * item
+                src = bufs[1 + k] if nb <= bufs[1 + k].numel() else torch.empty(nb, dtype=torch.uint8)
+                out[:, c:c + w].copy_(s.read_flat(t.meta, a * w, (b - a) * w, src).view(b - a, w))
+                c += w
+            writer.write_block(t.hf, out)

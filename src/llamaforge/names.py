@@ -1,0 +1,410 @@
+"""The one table of LLaMA tensor names and layouts: Hugging Face <-> Meta (.pth) <-> GGUF.
+
+Every export and the Meta import read their names, q/k permutations, shard split dimensions and
+hyper-parameters from here, so a reader sees every format at once (GUIDE §1-2):
+
+    Hugging Face                                   Meta consolidated.NN.pth        GGUF (llama.cpp)        split  q/k
+    model.embed_tokens.weight                      tok_embeddings.weight           token_embd.weight       1
+    model.norm.weight                              norm.weight                     output_norm.weight      copy
+    lm_head.weight                                 output.weight                   output.weight           0
+    model.layers.{i}.self_attn.q_proj.weight       layers.{i}.attention.wq.weight  blk.{i}.attn_q.weight   0      q
+    model.layers.{i}.self_attn.k_proj.weight       layers.{i}.attention.wk.weight  blk.{i}.attn_k.weight   0      k
+    model.layers.{i}.self_attn.v_proj.weight       layers.{i}.attention.wv.weight  blk.{i}.attn_v.weight   0
+    model.layers.{i}.self_attn.o_proj.weight       layers.{i}.attention.wo.weight  blk.{i}.attn_output...  1
+    model.layers.{i}.mlp.gate_proj.weight          layers.{i}.feed_forward.w1...   blk.{i}.ffn_gate.weight 0
+    model.layers.{i}.mlp.down_proj.weight          layers.{i}.feed_forward.w2...   blk.{i}.ffn_down.weight 1
+    model.layers.{i}.mlp.up_proj.weight            layers.{i}.feed_forward.w3...   blk.{i}.ffn_up.weight   0
+    model.layers.{i}.input_layernorm.weight        layers.{i}.attention_norm...    blk.{i}.attn_norm...    copy
+    model.layers.{i}.post_attention_layernorm...    layers.{i}.ffn_norm.weight      blk.{i}.ffn_norm.weight copy
+
+Rotary `inv_freq` buffers (HF) and `rope.freqs` (LLaMA-1 .pth) are derived, never stored.
+
+**q/k order.** Hugging Face's conversion permutes the rows of wq and wk per head so that its
+rotary embedding can rotate halves; Meta and GGUF keep the interleaved order. HF -> Meta/GGUF is
+`w.view(heads, 2, head_dim // 2, in).transpose(1, 2)` (llama.cpp's `LlamaModel.permute` in
+convert_hf_to_gguf.py); Meta -> HF is the inverse `w.view(heads, head_dim // 2, 2, in).transpose(1, 2)`
+(transformers' convert_llama_weights_to_hf.py). `heads` is n_kv_heads for wk (grouped-query attention).
+
+**Meta shards.** Model-parallel checkpoints split each tensor across N files: column-parallel
+layers (wq, wk, wv, w1, w3, output) on dim 0, row-parallel ones (wo, w2) on dim 1, the parallel
+embedding on dim 1; norms are copied into every shard. A dimension must divide by N, except the
+vocabulary of `output` (e.g. 49953): the first N-1 shards take `vocab // N` rows each and the last
+shard the remainder. Meta's counts: hidden 4096 -> 1, 5120 -> 2, 6656 -> 4, 8192 -> 8.
+
+**params.json.** `dim, multiple_of, n_heads, [n_kv_heads], n_layers, norm_eps, vocab_size,
+[ffn_dim_multiplier], [rope_theta]`. Meta derives the FFN width as in its `FeedForward`:
+`hidden = int(2 * 4 * dim / 3); hidden = int(ffn_dim_multiplier * hidden); hidden = multiple_of *
+ceil(hidden / multiple_of)`, 11008 for dim 4096. `ffn_params()` picks `multiple_of` (and a multiplier
+when needed) that reproduce a model's intermediate_size exactly, or says it is impossible.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LlamaforgeError
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass(frozen=True)
+class TensorName:
+    hf: str
+    meta: str
+    gguf: str
+    split_dim: int | None  # dim split across Meta shards; None = copied into every shard
+    permute: str | None = None  # "q" or "k": rows in rotary-half order in HF, interleaved in Meta/GGUF
+    norm: bool = False
+
+    def at(self, layer: int | None) -> "TensorName":
+        if layer is None:
+            return self
+        return TensorName(self.hf.format(i=layer), self.meta.format(i=layer), self.gguf.format(i=layer),
+                          self.split_dim, self.permute, self.norm)
+
+
+EMBED = TensorName("model.embed_tokens.weight", "tok_embeddings.weight", "token_embd.weight", 1)
+NORM = TensorName("model.norm.weight", "norm.weight", "output_norm.weight", None, norm=True)
+OUTPUT = TensorName("lm_head.weight", "output.weight", "output.weight", 0)
+# In Meta's order within a layer (attention, feed-forward, norms), which is the order of its files.
+LAYER = (
+    TensorName("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.wq.weight", "blk.{i}.attn_q.weight", 0, "q"),
+    TensorName("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attention.wk.weight", "blk.{i}.attn_k.weight", 0, "k"),
+    TensorName("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.wv.weight", "blk.{i}.attn_v.weight", 0),
+    TensorName("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.wo.weight", "blk.{i}.attn_output.weight", 1),
+    TensorName("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight", "blk.{i}.ffn_gate.weight", 0),
+    TensorName("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight", "blk.{i}.ffn_down.weight", 1),
+    TensorName("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight", "blk.{i}.ffn_up.weight", 0),
+    TensorName("model.layers.{i}.input_layernorm.weight", "layers.{i}.attention_norm.weight", "blk.{i}.attn_norm.weight", None, norm=True),
+    TensorName("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight", "blk.{i}.ffn_norm.weight", None, norm=True),
+)
+# Hugging Face's order within a layer (as save_pretrained and the merge write it).
+_HF_LAYER_ORDER = (7, 0, 1, 2, 3, 8, 4, 6, 5)  # input_layernorm, q, k, v, o, post_attn_norm, gate, up, down
+
+# Stored by some checkpoints, never needed: recomputed from the hyper-parameters.
+DERIVED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+DERIVED_META = re.compile(r"^(rope\.freqs|layers\.\d+\.attention\.inner_attention\.rope\.freqs)$")
+
+META_SHARDS = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
+
+
+def meta_order(n_layers: int, with_output: bool = True) -> list[TensorName]:
+    """Every tensor in the order of Meta's consolidated files."""
+    out = [EMBED, NORM] + ([OUTPUT] if with_output else [])
+    for i in range(n_layers):
+        out += [t.at(i) for t in LAYER]
+    return out
+
+
+def hf_order(n_layers: int, with_output: bool = True) -> list[TensorName]:
+    """Every tensor in Hugging Face's order (embeddings, layers, final norm, head)."""
+    out = [EMBED]
+    for i in range(n_layers):
+        out += [LAYER[k].at(i) for k in _HF_LAYER_ORDER]
+    out.append(NORM)
+    if with_output:
+        out.append(OUTPUT)
+    return out
+
+
+def by_hf(n_layers: int) -> dict[str, TensorName]:
+    return {t.hf: t for t in hf_order(n_layers)}
+
+
+def by_meta(n_layers: int) -> dict[str, TensorName]:
+    return {t.meta: t for t in meta_order(n_layers)}
+
+
+# ---------------------------------------------------------------------------------------------
+# q/k permutation
+
+
+def permute_hf_to_meta(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of an HF q/k weight (rotary halves) into Meta/GGUF order (interleaved pairs), per head."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute_meta_to_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of permute_hf_to_meta: Meta/GGUF q/k rows into Hugging Face order."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute_into(out: torch.Tensor, w: torch.Tensor, heads: int, to_meta: bool) -> torch.Tensor:
+    """permute_hf_to_meta / permute_meta_to_hf written into `out` (same shape), without a temporary."""
+    rows = w.shape[0]
+    half = rows // heads // 2
+    rest = tuple(w.shape[1:])
+    if to_meta:
+        out.view(heads, half, 2, *rest).copy_(w.view(heads, 2, half, *rest).transpose(1, 2))
+    else:
+        out.view(heads, 2, half, *rest).copy_(w.view(heads, half, 2, *rest).transpose(1, 2))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# hyper-parameters
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    hidden: int
+    intermediate: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab: int
+    norm_eps: float
+    rope_theta: float = 10000.0
+    max_positions: int = 2048
+    head_dim: int = 0  # 0 = hidden // n_heads
+    tied: bool = False
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.n_heads
+
+    def heads_of(self, t: TensorName) -> int | None:
+        return self.n_heads if t.permute == "q" else self.n_kv_heads if t.permute == "k" else None
+
+    def shape_of(self, t: TensorName) -> tuple[int, ...]:
+        """The full (unsplit) shape of a tensor, as Hugging Face, Meta and GGUF all store it (out, in)."""
+        h, hd = self.hidden, self.hd
+        base = t.hf.split(".", 3)[-1] if t.hf.startswith("model.layers.") else t.hf
+        shapes = {
+            "model.embed_tokens.weight": (self.vocab, h), "model.norm.weight": (h,), "lm_head.weight": (self.vocab, h),
+            "self_attn.q_proj.weight": (self.n_heads * hd, h), "self_attn.k_proj.weight": (self.n_kv_heads * hd, h),
+            "self_attn.v_proj.weight": (self.n_kv_heads * hd, h), "self_attn.o_proj.weight": (h, self.n_heads * hd),
+            "mlp.gate_proj.weight": (self.intermediate, h), "mlp.up_proj.weight": (self.intermediate, h),
+            "mlp.down_proj.weight": (h, self.intermediate),
+            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        }
+        return shapes[base]
+
+
+def _get(cfg: dict, *keys, default=None):
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def rope_settings(cfg: dict) -> tuple[float, str, dict]:
+    """(rope_theta, rope_type, parameters) from a config.json of transformers 4 (rope_theta,
+    rope_scaling) or 5 (rope_parameters)."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    theta = float(_get(params, "rope_theta", default=_get(cfg, "rope_theta", default=10000.0)))
+    rtype = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    return theta, rtype, {**scaling, **params}
+
+
+def dims_from_config(cfg: dict, path: str | Path) -> LlamaDims:
+    """LlamaDims from a Hugging Face config.json, with a clear error for what is not LLaMA."""
+    mt = cfg.get("model_type")
+    if mt not in (None, "llama"):
+        raise LlamaforgeError(f"model_type is {mt!r}, not 'llama'", path,
+                              "export LLaMA-architecture models (LlamaForCausalLM) only")
+    try:
+        hidden = int(cfg["hidden_size"])
+        n_heads = int(cfg["num_attention_heads"])
+        dims = LlamaDims(
+            hidden=hidden, intermediate=int(cfg["intermediate_size"]), n_layers=int(cfg["num_hidden_layers"]),
+            n_heads=n_heads, n_kv_heads=int(_get(cfg, "num_key_value_heads", default=n_heads)),
+            vocab=int(cfg["vocab_size"]), norm_eps=float(_get(cfg, "rms_norm_eps", default=1e-6)),
+            rope_theta=rope_settings(cfg)[0], max_positions=int(_get(cfg, "max_position_embeddings", default=2048)),
+            head_dim=int(_get(cfg, "head_dim", default=0)), tied=bool(cfg.get("tie_word_embeddings", False)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise LlamaforgeError(f"config.json lacks or garbles {e}", path,
+                              "use the config.json written with the model (LlamaConfig)") from None
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise LlamaforgeError("the model has attention or MLP biases, which Meta's LLaMA format cannot hold", path,
+                              "export a LLaMA model without biases")
+    if dims.n_heads % dims.n_kv_heads:
+        raise LlamaforgeError(f"num_attention_heads {dims.n_heads} is not a multiple of num_key_value_heads "
+                              f"{dims.n_kv_heads}", path, "fix config.json")
+    if dims.hd % 2:
+        raise LlamaforgeError(f"head dimension {dims.hd} is odd: rotary embeddings need an even one", path,
+                              "fix config.json")
+    return dims
+
+
+# ---- Meta shards -----------------------------------------------------------------------------
+
+
+def default_num_shards(hidden: int) -> int:
+    """Meta's model-parallel size for a hidden size (7B 1, 13B 2, 33B 4, 65B/70B 8; others 1)."""
+    return META_SHARDS.get(int(hidden), 1)
+
+
+def split_sizes(total: int, n: int, uneven: bool) -> list[int]:
+    """Sizes of a dimension split over n shards: equal, or (uneven=True) total // n each and the
+    remainder on the last shard."""
+    if n == 1:
+        return [total]
+    if total % n:
+        if not uneven:
+            raise ValueError(f"{total} does not divide into {n} shards")
+        chunk = total // n
+        if chunk == 0:
+            raise ValueError(f"{total} rows cannot be split into {n} shards")
+        return [chunk] * (n - 1) + [total - chunk * (n - 1)]
+    return [total // n] * n
+
+
+def shard_ranges(t: TensorName, shape: tuple[int, ...], n: int, path=None) -> list[tuple[int, int] | None]:
+    """For each shard, the (start, stop) of the tensor along t.split_dim, or None for a copied tensor."""
+    if t.split_dim is None or n == 1:
+        return [None if t.split_dim is None else (0, shape[t.split_dim])] * n
+    total = shape[t.split_dim]
+    uneven = t is OUTPUT or t.meta == OUTPUT.meta  # only the vocabulary may split unevenly
+    try:
+        sizes = split_sizes(total, n, uneven)
+    except ValueError:
+        raise LlamaforgeError(
+            f"{t.meta} has {total} along dim {t.split_dim}, which does not divide into {n} shards", path,
+            "choose a --num-shards (pth_shards: in config.yaml) that divides the hidden, head and FFN sizes",
+        ) from None
+    out, start = [], 0
+    for s in sizes:
+        out.append((start, start + s))
+        start += s
+    return out
+
+
+def check_shardable(dims: LlamaDims, n: int, path=None) -> None:
+    """Heads must not straddle shards (the q/k permutation is per head)."""
+    for what, heads in (("num_attention_heads", dims.n_heads), ("num_key_value_heads", dims.n_kv_heads)):
+        if heads % n:
+            raise LlamaforgeError(f"{what} = {heads} does not divide into {n} shards", path,
+                                  "choose a --num-shards (pth_shards: in config.yaml) that divides the head counts")
+    for t in meta_order(1):
+        shard_ranges(t, dims.shape_of(t), n, path)
+
+
+# ---- params.json <-> config.json -------------------------------------------------------------
+
+# Published shapes whose Meta parameters are known (LLaMA-2/3 70B, LLaMA-3 8B, Code Llama 34B).
+_KNOWN_FFN = {(8192, 28672): (4096, 1.3), (4096, 14336): (1024, 1.3), (8192, 22016): (256, None),
+              (5120, 13824): (256, None), (4096, 11008): (256, None), (6656, 17920): (256, None)}
+
+
+def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's FeedForward width (llama/model.py)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _ffn_closed_form(dim: int, multiple_of: int, m: float | None) -> int:
+    # The same, as usually written: multiple_of * ceil(int(8*dim/3) * m / multiple_of).
+    return multiple_of * math.ceil(int(8 * dim / 3) * (1.0 if m is None else m) / multiple_of)
+
+
+def ffn_params(dim: int, intermediate: int, path=None) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier or None) that reproduce `intermediate` for `dim` exactly."""
+    def ok(mo, m):
+        return meta_ffn_dim(dim, mo, m) == intermediate and _ffn_closed_form(dim, mo, m) == intermediate
+
+    known = _KNOWN_FFN.get((dim, intermediate))
+    if known and ok(*known):
+        return known
+    ladder = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+    for mo in ladder:
+        if ok(mo, None):
+            return mo, None
+    base = int(8 * dim / 3)
+    if base > 0:
+        for mo in ladder:
+            if intermediate % mo:
+                continue
+            exact = intermediate / base
+            for digits in range(1, 9):  # the shortest multiplier that works, e.g. 1.3
+                for m in (round(exact, digits), round(exact + 0.5 * 10 ** -digits, digits)):
+                    if ok(mo, m):
+                        return mo, m
+            m = exact
+            for _ in range(4):
+                if ok(mo, m):
+                    return mo, m
+                m = math.nextafter(m, math.inf)
+    raise LlamaforgeError(
+        f"no multiple_of / ffn_dim_multiplier reproduces intermediate_size {intermediate} for hidden size {dim} "
+        "with Meta's FFN formula", path, "export this model to GGUF or Hugging Face format instead",
+    )
+
+
+def params_from_dims(dims: LlamaDims, path=None) -> dict:
+    """params.json for a model (the real vocab size, not the -1 of the original releases)."""
+    if dims.head_dim and dims.head_dim * dims.n_heads != dims.hidden:
+        raise LlamaforgeError(f"head_dim {dims.head_dim} x {dims.n_heads} heads != hidden size {dims.hidden}", path,
+                              "Meta's format derives head_dim from dim / n_heads: export to GGUF instead")
+    multiple_of, mult = ffn_params(dims.hidden, dims.intermediate, path)
+    params: dict = {"dim": dims.hidden, "multiple_of": multiple_of, "n_heads": dims.n_heads}
+    if dims.n_kv_heads != dims.n_heads:
+        params["n_kv_heads"] = dims.n_kv_heads
+    params.update({"n_layers": dims.n_layers, "norm_eps": dims.norm_eps, "vocab_size": dims.vocab})
+    if mult is not None:
+        params["ffn_dim_multiplier"] = mult
+    if dims.rope_theta != 10000.0:
+        params["rope_theta"] = dims.rope_theta
+    return params
+
+
+def default_max_positions(params: dict) -> int:
+    """Meta's params.json has no context length. LLaMA-1 (norm_eps 1e-6) was trained on 2048 tokens,
+    LLaMA-2 (norm_eps 1e-5) on 4096; `max_seq_len`, when present, wins."""
+    if params.get("max_seq_len"):
+        return int(params["max_seq_len"])
+    return 4096 if float(params.get("norm_eps", 1e-6)) >= 1e-5 else 2048
+
+
+def dims_from_params(params: dict, vocab_rows: int, path=None, max_positions: int | None = None) -> LlamaDims:
+    """LlamaDims from params.json; vocab_size -1 (the original releases) takes the embedding rows."""
+    try:
+        dim = int(params["dim"])
+        n_heads = int(params["n_heads"])
+        mult = params.get("ffn_dim_multiplier")
+        vocab = int(params.get("vocab_size", -1))
+        dims = LlamaDims(
+            hidden=dim,
+            intermediate=meta_ffn_dim(dim, int(params.get("multiple_of", 256)), None if mult is None else float(mult)),
+            n_layers=int(params["n_layers"]), n_heads=n_heads,
+            n_kv_heads=int(params.get("n_kv_heads") or n_heads),
+            vocab=vocab if vocab > 0 else vocab_rows, norm_eps=float(params.get("norm_eps", 1e-6)),
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            max_positions=max_positions or default_max_positions(params),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise LlamaforgeError(f"params.json lacks or garbles {e}", path,
+                              "use the params.json that came with the consolidated.*.pth files") from None
+    if dims.vocab != vocab_rows:
+        raise LlamaforgeError(f"params.json says vocab_size {dims.vocab} but tok_embeddings has {vocab_rows} rows",
+                              path, "set vocab_size to the embedding rows (or -1)")
+    return dims
+
+
+def config_from_dims(dims: LlamaDims, dtype: str, bos: int | None = 1, eos: int | None = 2,
+                     pad: int | None = None) -> dict:
+    """config.json of a LlamaForCausalLM (read by transformers 4.x and 5.x alike)."""
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": dims.hidden, "intermediate_size": dims.intermediate,
+        "num_attention_heads": dims.n_heads, "num_key_value_heads": dims.n_kv_heads,
+        "num_hidden_layers": dims.n_layers, "head_dim": dims.hd, "rms_norm_eps": dims.norm_eps,
+        "vocab_size": dims.vocab, "max_position_embeddings": dims.max_positions,
+        "rope_theta": dims.rope_theta, "hidden_act": "silu", "initializer_range": 0.02,
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+        "tie_word_embeddings": False, "use_cache": True, "torch_dtype": dtype,
+        "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
+    }
+    return cfg

@@ -1,0 +1,568 @@
+"""Exports of a merged model to Meta consolidated.NN.pth and GGUF, SHA256SUMS and verification.
+
+Every input is made here, in temporary folders: the embedded demo merged with its adapters
+(vocabulary 1190, and 1189 for the odd N=2 split) and a small random grouped-query-attention model.
+The Meta files are read back by an independent reader written below from Meta's rules (concatenate
+the shards, permute q/k back to Hugging Face order), not with llamaforge.names.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llamaforge.errors import LlamaforgeError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs (built once per test session, shared with test_import.py)
+
+
+@functools.lru_cache(maxsize=None)
+def build_inputs(root: str) -> dict[str, Path]:
+    from llamaforge.demo import make_demo
+    from llamaforge.merge import merge_lora
+
+    root = Path(root)
+    demo = root / "demo"
+    make_demo(demo, seed=42, echo=lambda *a: None)
+    quiet = dict(echo=lambda *a: None, progress=False)
+    plus, alpaca = demo / "lora_llama_plus", demo / "lora_alpaca_plus"
+    merge_lora(demo / "base", [plus, alpaca], root / "merged-demo", **quiet)  # vocab 1190, [PAD]
+    merge_lora(demo / "base", [plus], root / "merged-llama", max_shard_size="100KB", **quiet)  # 1189, sharded
+    return {"demo": demo, "merged": root / "merged-demo", "merged_odd": root / "merged-llama",
+            "gqa": make_gqa_model(root / "gqa", demo / "sp" / "base.model")}
+
+
+def make_gqa_model(out: Path, sp_model: Path) -> Path:
+    """A random LLaMA with grouped-query attention (8 heads, 2 KV heads), an odd vocabulary larger than
+    its tokenizer (GGUF pads it), an FFN width that needs ffn_dim_multiplier, and rope_theta 500000."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamaforge.tokenizer import load_proto, write_hf_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=515, hidden_size=64, intermediate_size=200, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                      rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)  # not all ones: a swapped norm would show
+    model.to(torch.float16).save_pretrained(out)
+    write_hf_tokenizer(load_proto(sp_model), out, model_bytes=sp_model.read_bytes())
+    return out
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    return build_inputs(str(tmp_path_factory.getbasetemp() / "inputs"))
+
+
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(glob.glob(str(folder / "*.safetensors"))):
+        out.update(load_file(f))
+    return out
+
+
+def hf_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# an independent reader of Meta's format
+
+
+def meta_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Meta folder -> Hugging Face state dict, by Meta's rules: column-parallel tensors (wq wk wv w1 w3,
+    output) are concatenated on dim 0, row-parallel ones (wo w2) and tok_embeddings on dim 1, norms are
+    taken from shard 0; q and k are permuted back as transformers' convert_llama_weights_to_hf does."""
+    params = json.loads((folder / "params.json").read_text())
+    files = sorted(folder.glob("consolidated.*.pth"))
+    shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    dim, n_heads, n_layers = params["dim"], params["n_heads"], params["n_layers"]
+    n_kv = params.get("n_kv_heads", n_heads)
+    head_dim = dim // n_heads
+
+    def cat(name, axis):
+        return torch.cat([s[name] for s in shards], dim=axis) if len(shards) > 1 else shards[0][name]
+
+    def to_hf(w, heads):  # Meta (interleaved pairs) -> HF (rotary halves)
+        return w.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(heads * head_dim, dim)
+
+    sd = {"model.embed_tokens.weight": cat("tok_embeddings.weight", 1),
+          "model.norm.weight": shards[0]["norm.weight"],
+          "lm_head.weight": cat("output.weight", 0)}
+    for i in range(n_layers):
+        m, h = f"layers.{i}.", f"model.layers.{i}."
+        sd[h + "self_attn.q_proj.weight"] = to_hf(cat(m + "attention.wq.weight", 0), n_heads)
+        sd[h + "self_attn.k_proj.weight"] = to_hf(cat(m + "attention.wk.weight", 0), n_kv)
+        sd[h + "self_attn.v_proj.weight"] = cat(m + "attention.wv.weight", 0)
+        sd[h + "self_attn.o_proj.weight"] = cat(m + "attention.wo.weight", 1)
+        sd[h + "mlp.gate_proj.weight"] = cat(m + "feed_forward.w1.weight", 0)
+        sd[h + "mlp.down_proj.weight"] = cat(m + "feed_forward.w2.weight", 1)
+        sd[h + "mlp.up_proj.weight"] = cat(m + "feed_forward.w3.weight", 0)
+        sd[h + "input_layernorm.weight"] = shards[0][m + "attention_norm.weight"]
+        sd[h + "post_attention_layernorm.weight"] = shards[0][m + "ffn_norm.weight"]
+        for s in shards[1:]:  # norms are copies
+            assert torch.equal(s[m + "attention_norm.weight"], sd[h + "input_layernorm.weight"])
+    return sd
+
+
+def meta_ffn(params: dict) -> int:
+    """Meta's FeedForward width (llama/model.py)."""
+    hidden = int(2 * 4 * params["dim"] / 3)
+    if params.get("ffn_dim_multiplier") is not None:
+        hidden = int(params["ffn_dim_multiplier"] * hidden)
+    m = params["multiple_of"]
+    return m * ((hidden + m - 1) // m)
+
+
+def logits(folder_or_config, state: dict | None = None) -> torch.Tensor:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if state is None:
+        model = LlamaForCausalLM.from_pretrained(folder_or_config, dtype=torch.float32)
+    else:
+        model = LlamaForCausalLM(LlamaConfig.from_pretrained(folder_or_config)).float()
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    model.eval()
+    ids = torch.arange(1, 40).remainder(model.config.vocab_size).view(1, -1)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def sha256sum_check(folder: Path, sums: str) -> str:
+    r = subprocess.run(["sha256sum", "-c", sums], cwd=folder, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# names.py: the table and its rules
+
+
+def test_permutations_are_inverses():
+    from llamaforge.names import permute_hf_to_meta, permute_into, permute_meta_to_hf
+
+    w = torch.randn(4 * 16, 24)
+    meta = permute_hf_to_meta(w, 4)
+    assert not torch.equal(meta, w)
+    assert torch.equal(permute_meta_to_hf(meta, 4), w)
+    # llama.cpp's LlamaModel.permute (convert_hf_to_gguf.py), written out
+    ref = w.reshape(4, 2, w.shape[0] // 4 // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    assert torch.equal(meta, ref)
+    out = torch.empty_like(w)
+    assert torch.equal(permute_into(out, w, 4, to_meta=True), meta)
+    assert torch.equal(permute_into(torch.empty_like(w), meta, 4, to_meta=False), w)
+
+
+def test_table_matches_gguf_name_map():
+    import gguf
+
+    from llamaforge.names import hf_order
+
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3)
+    for t in hf_order(3):
+        assert tmap.get_name(t.hf, try_suffixes=(".weight",)) == t.gguf, t
+
+
+def test_shard_rules():
+    from llamaforge.names import EMBED, LAYER, OUTPUT, default_num_shards, shard_ranges, split_sizes
+
+    assert [default_num_shards(h) for h in (4096, 5120, 6656, 8192, 2048)] == [1, 2, 4, 8, 1]
+    assert split_sizes(49953, 2, uneven=True) == [24976, 24977]
+    assert split_sizes(49953, 8, uneven=True) == [6244] * 7 + [6245]
+    assert shard_ranges(OUTPUT, (1189, 64), 2) == [(0, 594), (594, 1189)]
+    assert shard_ranges(EMBED, (1189, 64), 2) == [(0, 32), (32, 64)]
+    assert shard_ranges(LAYER[-1].at(0), (64,), 2) == [None, None]
+    with pytest.raises(LlamaforgeError, match="does not divide into 3 shards"):
+        shard_ranges(LAYER[0].at(0), (64, 64), 3)
+
+
+@pytest.mark.parametrize("dim,ffn", [(4096, 11008), (5120, 13824), (6656, 17920), (8192, 22016), (8192, 28672),
+                                     (64, 176), (64, 200), (2048, 5504), (64, 100)])
+def test_ffn_params_reproduce_the_width(dim, ffn):
+    from llamaforge.names import ffn_params
+
+    multiple_of, mult = ffn_params(dim, ffn)
+    params = {"dim": dim, "multiple_of": multiple_of, "ffn_dim_multiplier": mult}
+    assert meta_ffn(params) == ffn
+    # the closed form, as usually written
+    assert multiple_of * math.ceil(int(8 * dim / 3) * (mult or 1) / multiple_of) == ffn
+    if (dim, ffn) in ((4096, 11008), (5120, 13824), (6656, 17920), (8192, 22016)):
+        assert (multiple_of, mult) == (256, None)  # LLaMA's own params.json
+    if (dim, ffn) == (64, 176):
+        assert (multiple_of, mult) == (16, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# consolidated.NN.pth
+
+
+@pytest.mark.parametrize("case,n", [("merged", 1), ("merged_odd", 2), ("gqa", 1), ("gqa", 2)])
+def test_pth_export_reads_back(inputs, tmp_path, case, n):
+    from llamaforge.export import export_pth
+
+    model = inputs[case]
+    out = tmp_path / "pth"
+    hashes = export_pth(model, out, num_shards=n, echo=lambda *a: None)
+    files = sorted(p.name for p in out.iterdir())
+    shards = [f"consolidated.{i:02d}.pth" for i in range(n)]
+    assert files == sorted(shards + ["params.json", "tokenizer.model", "SHA256SUMS"])
+    assert sorted(hashes) == sorted(shards + ["params.json", "tokenizer.model"])
+    sha256sum_check(out, "SHA256SUMS")
+
+    cfg = hf_config(model)
+    params = json.loads((out / "params.json").read_text())
+    assert params["dim"] == cfg["hidden_size"] and params["n_layers"] == cfg["num_hidden_layers"]
+    assert params["n_heads"] == cfg["num_attention_heads"] and params["vocab_size"] == cfg["vocab_size"]
+    assert params["norm_eps"] == cfg["rms_norm_eps"]
+    assert meta_ffn(params) == cfg["intermediate_size"]
+    if case == "gqa":
+        assert params["n_kv_heads"] == 2 and params["rope_theta"] == 500000.0 and "ffn_dim_multiplier" in params
+    else:
+        assert "n_kv_heads" not in params and "rope_theta" not in params
+
+    want = hf_tensors(model)
+    got = meta_state_dict(out)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    if n == 2:
+        s0 = torch.load(out / "consolidated.00.pth", weights_only=True, mmap=True)
+        s1 = torch.load(out / "consolidated.01.pth", weights_only=True, mmap=True)
+        vocab, hidden = cfg["vocab_size"], cfg["hidden_size"]
+        assert s0["output.weight"].shape[0] == vocab // 2
+        assert s1["output.weight"].shape[0] == vocab - vocab // 2  # the remainder on the last shard
+        assert s0["tok_embeddings.weight"].shape == (vocab, hidden // 2)
+        assert s0["layers.0.attention.wo.weight"].shape[1] == hidden // 2
+    assert torch.equal(logits(model, got), logits(model))
+
+
+def test_pth_is_torch_save_format(inputs, tmp_path):
+    from llamaforge.export import export_pth
+
+    out = tmp_path / "pth"
+    export_pth(inputs["merged"], out, echo=lambda *a: None)
+    data = (out / "consolidated.00.pth").read_bytes()
+    sd = torch.load(out / "consolidated.00.pth", weights_only=True, mmap=True)
+    assert list(sd)[:4] == ["tok_embeddings.weight", "norm.weight", "output.weight", "layers.0.attention.wq.weight"]
+    buf = io.BytesIO()
+    torch.save({k: v.clone() for k, v in sd.items()}, buf)
+    assert buf.getvalue() == data  # byte-identical to torch.save of the same dict
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_kernel_copy_gives_the_same_bytes(inputs, tmp_path, monkeypatch, n):
+    """Tensors that pass through unchanged are copied with copy_file_range (real models: >= 1 MB);
+    lowering the threshold to 4 KB sends the demo's through that path: the files must not change."""
+    from llamaforge import export
+
+    plain = {}
+    export.export_pth(inputs["merged_odd"], tmp_path / "plain", num_shards=n, echo=lambda *a: None)
+    export.export_gguf(inputs["merged_odd"], tmp_path / "plain.gguf", "f16", echo=lambda *a: None)
+    for p in sorted(tmp_path.glob("plain*")):
+        for f in ([p] if p.is_file() else sorted(p.iterdir())):
+            plain[f.relative_to(tmp_path).as_posix().replace("plain", "x", 1)] = f.read_bytes()
+
+    copies = []
+    real = export.HashingFile.copy_range
+    monkeypatch.setattr(export.HashingFile, "_PARALLEL", 4096)
+    monkeypatch.setattr(export.HashingFile, "copy_range",
+                        lambda self, mv, fd, off: copies.append(len(mv)) or real(self, mv, fd, off))
+    export.export_pth(inputs["merged_odd"], tmp_path / "copy", num_shards=n, echo=lambda *a: None)
+    n_pth = len(copies)
+    export.export_gguf(inputs["merged_odd"], tmp_path / "copy.gguf", "f16", echo=lambda *a: None)
+    assert n_pth >= 10 and len(copies) - n_pth >= 10  # both sinks took the copy path
+    got = {}
+    for p in sorted(tmp_path.glob("copy*")):
+        for f in ([p] if p.is_file() else sorted(p.iterdir())):
+            got[f.relative_to(tmp_path).as_posix().replace("copy", "x", 1)] = f.read_bytes()
+    assert got.keys() == plain.keys()
+    for k in plain:
+        if k.endswith(".sha256"):  # '<hash>  copy.gguf' vs '<hash>  plain.gguf'
+            assert got[k].split()[0] == plain[k].split()[0]
+        else:
+            assert got[k] == plain[k], k
+
+
+def test_pth_shards_must_divide(inputs, tmp_path):
+    from llamaforge.export import export_pth
+
+    out = tmp_path / "pth"
+    with pytest.raises(LlamaforgeError, match="does not divide into 3 shards") as e:
+        export_pth(inputs["merged"], out, num_shards=3, echo=lambda *a: None)
+    assert "\n" not in str(e.value)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+
+
+def _fields(reader) -> dict:
+    out = {}
+    for k, f in reader.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        out[k] = f.contents()
+    return out
+
+
+def _hf_to_gguf_order(w: torch.Tensor, heads: int) -> torch.Tensor:
+    # llama.cpp's LlamaModel.permute
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+_GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def _expected_gguf(model: Path) -> dict[str, torch.Tensor]:
+    cfg = hf_config(model)
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    out = {}
+    for k, w in hf_tensors(model).items():
+        if k in _GGUF_NAMES:
+            out[_GGUF_NAMES[k]] = w
+            continue
+        _, _, i, rest = k.split(".", 3)
+        mod = rest.removesuffix(".weight")
+        if mod == "self_attn.q_proj":
+            w = _hf_to_gguf_order(w, heads)
+        elif mod == "self_attn.k_proj":
+            w = _hf_to_gguf_order(w, kv)
+        out[f"blk.{i}.{_GGUF_LAYER[mod]}.weight"] = w
+    return out
+
+
+@pytest.mark.parametrize("case", ["merged", "gqa"])
+def test_gguf_f16_metadata_and_tensors(inputs, tmp_path, case):
+    import gguf
+
+    from llamaforge.export import export_gguf
+    from llamaforge.tokenizer import load_proto
+
+    model = inputs[case]
+    out = tmp_path / f"{case}-f16.gguf"
+    digest = export_gguf(model, out, "f16", echo=lambda *a: None)
+    assert (tmp_path / f"{case}-f16.gguf.sha256").read_text() == f"{digest}  {out.name}\n"
+    sha256sum_check(tmp_path, f"{out.name}.sha256")
+
+    r = gguf.GGUFReader(out)
+    f = _fields(r)
+    cfg = hf_config(model)
+    assert f["general.architecture"] == "llama" and f["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    assert f["llama.context_length"] == cfg["max_position_embeddings"]
+    assert f["llama.embedding_length"] == cfg["hidden_size"]
+    assert f["llama.block_count"] == cfg["num_hidden_layers"]
+    assert f["llama.feed_forward_length"] == cfg["intermediate_size"]
+    assert f["llama.attention.head_count"] == cfg["num_attention_heads"]
+    assert f["llama.attention.head_count_kv"] == cfg["num_key_value_heads"]
+    assert f["llama.rope.dimension_count"] == cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert f["llama.vocab_size"] == cfg["vocab_size"]
+    assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    assert f["llama.rope.freq_base"] == pytest.approx(theta)
+
+    proto = load_proto(model / "tokenizer.model")
+    n = len(proto.pieces)
+    assert f["tokenizer.ggml.model"] == "llama"
+    tokens, scores, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.scores"], f["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(scores) == len(types) == cfg["vocab_size"]
+    assert tokens[:n] == [p.piece for p in proto.pieces]
+    assert scores[:n] == pytest.approx([p.score for p in proto.pieces])
+    assert types[:n] == [int(p.type) for p in proto.pieces]
+    assert types[3] == gguf.TokenType.BYTE and types[1] == gguf.TokenType.CONTROL  # <0x00>, <s>
+    assert f["tokenizer.ggml.bos_token_id"] == 1 and f["tokenizer.ggml.eos_token_id"] == 2
+    assert f["tokenizer.ggml.unknown_token_id"] == 0
+    assert f["tokenizer.ggml.add_bos_token"] is True and f["tokenizer.ggml.add_eos_token"] is False
+    if case == "merged":  # Chinese-Alpaca style: [PAD] is the padding token
+        assert tokens[-1] == "[PAD]" and f["tokenizer.ggml.padding_token_id"] == cfg["vocab_size"] - 1
+    else:  # 515 embedding rows, 512 pieces: padded as convert_hf_to_gguf.py does
+        assert tokens[n:] == [f"[PAD{i}]" for i in range(n, cfg["vocab_size"])]
+        assert set(types[n:]) == {gguf.TokenType.UNUSED}
+
+    want = _expected_gguf(model)
+    got = {t.name: t for t in r.tensors}
+    assert set(got) == set(want)
+    for name, w in want.items():
+        t = got[name]
+        if w.dim() == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
+            assert np.array_equal(t.data, w.float().numpy()), name
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F16, name
+            assert [int(x) for x in t.shape] == list(reversed(w.shape)), name
+            assert np.array_equal(t.data.view(np.uint16), w.to(torch.float16).numpy().view(np.uint16)), name
+
+
+def test_gguf_q8_0_blocks_equal_gguf_quantize(inputs, tmp_path):
+    import gguf
+
+    from llamaforge.export import export_gguf
+
+    model = inputs["merged"]
+    out = tmp_path / "m-q8_0.gguf"
+    export_gguf(model, out, "q8_0", echo=lambda *a: None)
+    r = gguf.GGUFReader(out)
+    assert _fields(r)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    got = {t.name: t for t in r.tensors}
+    Q = gguf.GGMLQuantizationType
+    seen = set()
+    for name, w in _expected_gguf(model).items():
+        t = got[name]
+        seen.add(t.tensor_type)
+        if w.dim() == 1:
+            assert t.tensor_type == Q.F32
+        elif w.shape[-1] % 32:  # ffn_down rows of 176: llama.cpp falls back to F16
+            assert t.tensor_type == Q.F16, name
+            assert np.array_equal(t.data.view(np.uint16), w.to(torch.float16).numpy().view(np.uint16))
+        else:
+            assert t.tensor_type == Q.Q8_0, name  # token_embd and output too, as llama.cpp does
+            ref = gguf.quants.quantize(w.float().numpy(), Q.Q8_0)
+            assert bytes(np.ascontiguousarray(t.data)) == ref.tobytes(), name
+    assert seen == {Q.F32, Q.F16, Q.Q8_0}
+
+
+def test_gguf_bf16(inputs, tmp_path):
+    import gguf
+
+    from llamaforge.export import export_gguf
+
+    model = inputs["gqa"]
+    out = tmp_path / "g-bf16.gguf"
+    export_gguf(model, out, "bf16", echo=lambda *a: None)
+    got = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    for name, w in _expected_gguf(model).items():
+        if w.dim() > 1:
+            ref = gguf.quants.quantize(w.float().numpy(), gguf.GGMLQuantizationType.BF16)
+            assert got[name].tensor_type == gguf.GGMLQuantizationType.BF16
+            assert bytes(np.ascontiguousarray(got[name].data)) == ref.tobytes(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# verification and bad inputs
+
+
+def test_verify_sha256(inputs, tmp_path):
+    from llamaforge.export import export_pth, verify_sha256
+
+    out = tmp_path / "exports" / "pth"
+    hashes = export_pth(inputs["merged"], out, echo=lambda *a: None)
+    good = {"exports/pth/consolidated.00.pth": hashes["consolidated.00.pth"]}
+    lines = verify_sha256(good, [out / "SHA256SUMS"], root=tmp_path, echo=lambda *a: None)
+    assert len(lines) == 4 and all(line.startswith("OK") for line in lines)
+
+    wrong = "0" * 64
+    with pytest.raises(LlamaforgeError) as e:
+        verify_sha256({"exports/pth/params.json": wrong}, root=tmp_path, echo=lambda *a: None)
+    msg = str(e.value)
+    assert "exports/pth/params.json" in msg and wrong in msg and hashes["params.json"] in msg and "\n" not in msg
+    with pytest.raises(LlamaforgeError, match="does not exist"):
+        verify_sha256({"exports/pth/nope.pth": wrong}, root=tmp_path, echo=lambda *a: None)
+    # a damaged file is caught through SHA256SUMS too
+    (out / "params.json").write_text("{}\n")
+    with pytest.raises(LlamaforgeError, match="params.json: sha256 is"):
+        verify_sha256({}, [out / "SHA256SUMS"], echo=lambda *a: None)
+
+
+def _script(name, *args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_verify_script_fails_loudly(inputs, tmp_path):
+    from llamaforge.export import export_pth
+
+    out = tmp_path / "exports" / "pth"
+    hashes = export_pth(inputs["merged"], out, echo=lambda *a: None)
+    report = tmp_path / "verify" / "m"
+    r = _script("verify_sha256.py", "--expect", f"exports/pth/consolidated.00.pth={'1' * 64}",
+                "--sums", "exports/pth/SHA256SUMS", "--output", report, cwd=tmp_path)
+    assert r.returncode == 1
+    err = [line for line in r.stderr.splitlines() if line.startswith("llamaforge: error:")]
+    assert len(err) == 1 and "exports/pth/consolidated.00.pth" in err[0] and hashes["consolidated.00.pth"] in err[0]
+    assert not report.exists()
+    r = _script("verify_sha256.py", "--expect", f"exports/pth/consolidated.00.pth={hashes['consolidated.00.pth']}",
+                "--sums", "exports/pth/SHA256SUMS", "--output", report, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert report.read_text().count("OK") == 4
+
+
+def test_model_without_tokenizer_model(inputs, tmp_path):
+    from llamaforge.export import export_gguf, export_pth
+
+    model = tmp_path / "model"
+    shutil.copytree(inputs["merged"], model)
+    (model / "tokenizer.model").unlink()
+    for call in (lambda: export_pth(model, tmp_path / "pth", echo=lambda *a: None),
+                 lambda: export_gguf(model, tmp_path / "m.gguf", echo=lambda *a: None)):
+        with pytest.raises(LlamaforgeError, match="no tokenizer.model") as e:
+            call()
+        assert "\n" not in str(e.value) and str(model) in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no output, no temporary left
+
+
+def test_export_script_one_line_error(tmp_path):
+    (tmp_path / "model").mkdir()
+    out = tmp_path / "out.gguf"
+    r = _script("export_gguf.py", "--model", tmp_path / "model", "--output", out, "--outtype", "q8_0")
+    assert r.returncode == 1
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert err[-1].startswith("llamaforge: error:") and "config.json" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not out.exists()
+
+
+def test_mismatched_config_is_refused(inputs, tmp_path):
+    from llamaforge.export import export_pth
+
+    model = tmp_path / "model"
+    shutil.copytree(inputs["merged"], model)
+    cfg = hf_config(model)
+    cfg["vocab_size"] = 1000
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LlamaforgeError, match="model.embed_tokens.weight has shape"):
+        export_pth(model, tmp_path / "pth", echo=lambda *a: None)
+    assert not (tmp_path / "pth").exists()
+
+
+def test_export_keeps_memory_to_the_largest_tensor(inputs):
+    """The stream's two buffers hold the largest output tensor, not the model."""
+    from llamaforge.export import TensorStream, open_model, plan_jobs
+    from llamaforge.names import meta_order
+
+    m = open_model(inputs["merged"])
+    try:
+        jobs = plan_jobs(m, meta_order(m.dims.n_layers))
+        stream = TensorStream(m, jobs)
+        sizes = [b.numel() for b in list(stream._free.queue)]
+        assert sizes == [max(j.nbytes for j in jobs)] * 2
+        assert 2 * max(j.nbytes for j in jobs) < sum(j.nbytes for j in jobs)
+        assert sum(1 for _ in stream) == len(jobs)
+    finally:
+        m.src.close()
+
