@@ -72,7 +72,7 @@ rule import_pth:
     resources:
         # blocks of 16 MB per shard, never a tensor: the interpreter and torch dominate
         mem_mb=1536,
-        runtime=lambda wc, input: int(10 + input.size_mb / 1024 * 2),
+        runtime=lambda wc, input: int(10 + input_mb(input) / 1024 * 2),
     conda:
         "../envs/export.yaml"
     shell:
@@ -153,7 +153,7 @@ rule verify:
     threads: 1
     resources:
         mem_mb=1024,
-        runtime=lambda wc, input: int(10 + input.size_mb / 1024),
+        runtime=lambda wc, input: int(10 + input_mb(input) / 1024),
     conda:
         "../envs/export.yaml"
     shell:

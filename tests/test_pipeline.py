@@ -111,3 +111,51 @@ def test_report_embeds_the_plots(built):
     html = (built / "report.html").read_text()
     for plot in ("tokens_per_char.png", "perplexity.png", "equivalence.png"):
         assert f"filename={plot};base64,iVBORw0KGgo" in html, plot
+
+
+def test_exports_are_readable_and_checksummed(built):
+    import gguf
+    import torch
+
+    from llamaforge.tokenizer import load_proto
+
+    for model in ("demo-llama", "demo"):
+        cfg = json.loads((built / "merged" / model / "config.json").read_text())
+        pth = built / "exports" / model / "pth"
+        params = json.loads((pth / "params.json").read_text())
+        assert (params["dim"], params["n_layers"], params["vocab_size"]) == (
+            cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"])
+        sd = torch.load(pth / "consolidated.00.pth", weights_only=True, mmap=True)
+        assert tuple(sd["tok_embeddings.weight"].shape) == (cfg["vocab_size"], cfg["hidden_size"])
+        assert "layers.0.attention.wq.weight" in sd and "output.weight" in sd
+        check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=pth, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        pieces = len(load_proto(built / "merged" / model / "tokenizer.model").pieces)
+        for outtype in ("f16", "q8_0"):
+            f = built / "exports" / model / f"{model}-{outtype}.gguf"
+            reader = gguf.GGUFReader(str(f))
+            assert len(reader.fields["tokenizer.ggml.tokens"].data) == pieces
+            arch = reader.fields["general.architecture"]
+            assert bytes(arch.parts[arch.data[0]]).decode() == "llama"
+            names = {t.name for t in reader.tensors}
+            assert {"token_embd.weight", "output.weight", "blk.0.attn_q.weight", "output_norm.weight"} <= names
+            check = subprocess.run(["sha256sum", "-c", f"{f.name}.sha256"], cwd=f.parent, capture_output=True, text=True)
+            assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_verify_target_checks_published_hashes(built, tmp_path):
+    target = "exports/demo/pth/consolidated.00.pth"
+    good = hashlib.sha256((built / target).read_bytes()).hexdigest()
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(f"models:\n  demo:\n    sha256:\n      {target}: {good}\n")
+    snakemake(built, "verify/demo", "--cores", "1", "--configfile", "config.yaml", str(ok))
+    assert good in (built / "verify/demo").read_text()
+    bad = tmp_path / "bad.yaml"
+    wrong = "ab" * 32
+    bad.write_text(f"models:\n  demo:\n    sha256:\n      {target}: {wrong}\n")
+    proc = snakemake(built, "verify/demo", "--cores", "1", "--forcerun", "verify", "--configfile", "config.yaml",
+                     str(bad), check=False)
+    assert proc.returncode != 0
+    log = (built / "logs/verify/demo.log").read_text()
+    assert target in log and wrong in log and good in log
+    assert not (built / "verify/demo").exists()
