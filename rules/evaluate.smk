@@ -46,7 +46,10 @@ eval_gpu = lambda wc: model_cfg(wc.model)["gpu"]
 # Memory: a float16 model on disk is 2x in float32, plus activations, logits and the Python stack.
 eval_mem_mb = lambda wc, input: int(2000 + 3 * eval_disk_mb(input.model))
 # Runtime: generous for CPU runs of a 7B model (minutes per GB of weights).
-eval_runtime = lambda per_gb: lambda wc, input: int(10 + per_gb * eval_disk_mb(input.model) / 1024)
+# (a GPU is taken as ten times faster than the CPU, so a 65B job on a GPU partition fits its MaxTime)
+eval_runtime = lambda per_gb: lambda wc, input: int(
+    10 + per_gb * eval_disk_mb(input.model) / 1024 / (10 if eval_gpu(wc) else 1)
+)
 
 
 rule eval_predictions:
@@ -194,7 +197,7 @@ rule eval_tokenizer_stats:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "python {input.script} tokenizer-stats --tokenizer {params.tokenizer} --base-tokenizer {params.base} "
+        "OMP_NUM_THREADS={threads} python {input.script} tokenizer-stats --tokenizer {params.tokenizer} --base-tokenizer {params.base} "
         "--text {input.text:q} --output {output:q} > {log} 2>&1"
 
 

@@ -76,7 +76,7 @@ rule import_pth:
     conda:
         "../envs/export.yaml"
     shell:
-        "python {input.script} --input {params.base:q} --tokenizer {input.tokenizer:q} --output {output:q} "
+        "OMP_NUM_THREADS={threads} python {input.script} --input {params.base:q} --tokenizer {input.tokenizer:q} --output {output:q} "
         "--max-shard-size '{params.max_shard_size}' > {log} 2>&1"
 
 

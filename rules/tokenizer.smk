@@ -22,5 +22,5 @@ rule merge_tokenizers:
     conda:
         "../envs/tokenizer.yaml"
     shell:
-        "python {input.script} --base {input.base} --extra {input.extra} {params.add_tokens} "
+        "OMP_NUM_THREADS={threads} python {input.script} --base {input.base} --extra {input.extra} {params.add_tokens} "
         "--output {output} > {log} 2>&1"

@@ -8,15 +8,20 @@ nothing the user made is ever overwritten by a half-written file.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from .errors import LlamaforgeError
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _CACHE_MIN = 64 << 20  # only files this big are worth remembering
@@ -112,6 +117,34 @@ def _clear(path: Path) -> None:
         path.unlink()
 
 
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _tmp_prefix(target: Path) -> str:
+    # host and pid in the name, so a later run can tell a dead writer's leftovers from a live one's
+    return f".{target.name}.tmp-{_HOST}-{os.getpid()}-"
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove temporary siblings of `target` left by a killed writer on this host (SIGKILL, OOM)."""
+    for p in target.parent.glob(f".{glob.escape(target.name)}.tmp-{glob.escape(_HOST)}-*"):
+        try:
+            pid = int(p.name[len(f".{target.name}.tmp-{_HOST}-"):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        log.info("removing %s, left by a writer that was killed", p)
+        _clear(p)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; rename it to `target` on success.
@@ -121,7 +154,8 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
     target = Path(target)
     _check_target(target, overwrite, "folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are ordinary folders
     try:
         yield tmp
@@ -145,7 +179,8 @@ def atomic_file(target: str | os.PathLike, mode: str = "wb", overwrite: bool = T
     target = Path(target)
     _check_target(target, overwrite, "file")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmpname = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    _remove_stale(target)
+    fd, tmpname = tempfile.mkstemp(prefix=_tmp_prefix(target), dir=target.parent)
     tmp = Path(tmpname)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
     try:

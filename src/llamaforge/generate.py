@@ -394,6 +394,25 @@ def load_causal_lm(folder: str | os.PathLike, dtype, device: str = "cpu"):
     return model
 
 
+def resize_embeddings(model, rows: int) -> None:
+    """Grow embed_tokens/lm_head to `rows`, new rows set to the mean of the old ones.
+
+    Deterministic (transformers' mean_resizing samples each new row from a normal, ~36 ms a row at
+    hidden 2048; mean_resizing=False leaves them random), so results that see those rows, e.g.
+    the equivalence check with the last adapter disabled, are reproducible.
+    """
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    if rows <= old:
+        return
+    with torch.no_grad():
+        for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+            w = layer.weight
+            w[old:] = w[:old].mean(dim=0, keepdim=True)
+
+
 def apply_adapters(model, adapters: Sequence[AdapterInfo], sizes: Sequence[int], merge_last: bool = False):
     """Apply adapters in order: resize to each one's vocabulary, merge all but the last (PEFT).
 
@@ -406,7 +425,7 @@ def apply_adapters(model, adapters: Sequence[AdapterInfo], sizes: Sequence[int],
 
     for i, (a, rows) in enumerate(zip(adapters, sizes[1:])):
         if model.get_input_embeddings().weight.shape[0] != rows:
-            model.resize_token_embeddings(rows, mean_resizing=False)
+            resize_embeddings(model, rows)
         with warnings.catch_warnings():  # PEFT calls a deprecated transformers property
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = PeftModel.from_pretrained(model, os.fspath(a.path), is_trainable=False)
