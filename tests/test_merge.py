@@ -279,7 +279,6 @@ def test_tied_base_stays_tied_when_no_adapter_touches_the_head(demo, tmp_path):
 
 def test_peak_memory_stays_flat_as_the_model_grows(tmp_path):
     """Merging a base 8x larger must not need 8x the memory (streaming, not loading)."""
-    bench = REPO / "benchmarks" / "merge.py"
     peaks = []
     for layers in (2, 16):
         work = tmp_path / f"L{layers}"

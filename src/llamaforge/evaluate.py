@@ -225,8 +225,6 @@ def _logits(model, batch: Sequence[list[int]], device: str) -> list:
 
 
 def _compare(a: Sequence, b: Sequence) -> dict:
-    import torch
-
     max_abs, total, n, agree, positions = 0.0, 0.0, 0, 0, 0
     for x, y in zip(a, b):
         d = (x - y).abs()
