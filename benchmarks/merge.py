@@ -58,36 +58,10 @@ def _tensor_shapes(s, vocab):
     return out
 
 
-def _sp_model(n_pieces: int) -> bytes:
-    """A LLaMA-like BPE SentencePiece proto with n_pieces (specials, 256 bytes, then filler pieces)."""
-    from llamaforge.tokenizer import _pb2
-
-    pb2 = _pb2()
-    m = pb2.ModelProto()
-    m.trainer_spec.model_type = 2
-    m.trainer_spec.vocab_size = n_pieces
-    m.trainer_spec.byte_fallback = True
-    m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = 0, 1, 2, -1
-    m.normalizer_spec.name = "identity"
-    m.normalizer_spec.add_dummy_prefix = True
-    m.normalizer_spec.remove_extra_whitespaces = False
-    for piece, t in (("<unk>", 2), ("<s>", 3), ("</s>", 3)):
-        p = m.pieces.add()
-        p.piece, p.score, p.type = piece, 0.0, t
-    for b in range(256):
-        p = m.pieces.add()
-        p.piece, p.score, p.type = f"<0x{b:02X}>", 0.0, 6
-    k = 0
-    while len(m.pieces) < n_pieces:
-        p = m.pieces.add()
-        p.piece, p.score = f"▁w{k}", -float(k)
-        k += 1
-    return m.SerializeToString()
-
-
 def synthesize(root: Path, shape: str, vocab: int, new_vocab: int, r: int) -> tuple[Path, Path]:
     import torch
 
+    from llamaforge.demo import synthetic_sp_model
     from llamaforge.formats import ShardedSafetensorsWriter, TensorInfo, plan_shards
 
     s = SHAPES[shape]
@@ -117,7 +91,7 @@ def synthesize(root: Path, shape: str, vocab: int, new_vocab: int, r: int) -> tu
         "rope_theta": 10000.0,
     }
     (base / "config.json").write_text(json.dumps(cfg, indent=2))
-    (base / "tokenizer.model").write_bytes(_sp_model(vocab))
+    (base / "tokenizer.model").write_bytes(synthetic_sp_model(vocab))
     # the adapter, with PEFT's key names
     from safetensors.torch import save_file
 
@@ -142,7 +116,7 @@ def synthesize(root: Path, shape: str, vocab: int, new_vocab: int, r: int) -> tu
         "target_modules": PROJ, "modules_to_save": ["embed_tokens", "lm_head"], "fan_in_fan_out": False,
         "bias": "none", "inference_mode": True, "base_model_name_or_path": str(base),
     }, indent=2))
-    (lora / "tokenizer.model").write_bytes(_sp_model(new_vocab))
+    (lora / "tokenizer.model").write_bytes(synthetic_sp_model(new_vocab))
     tag.touch()
     return base, lora
 

@@ -53,3 +53,29 @@ def run_script(name: str, *args, check: bool = False, **kwargs) -> subprocess.Co
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def peft_merge(base: Path, loras: list[Path], tokenizer: Path, out: Path, dtype=None) -> Path:
+    """A merged folder made with PEFT alone (stands in for merged/{model} in these tests)."""
+    import warnings
+
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for lora in loras:
+        with safe_open(lora / "adapter_model.safetensors", "pt") as f:
+            rows = f.get_slice("base_model.model.model.embed_tokens.weight").get_shape()[0]
+        model.resize_token_embeddings(rows, mean_resizing=False)
+        with warnings.catch_warnings():  # PEFT calls a deprecated transformers property
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, lora).merge_and_unload()
+    model.to(dtype or torch.float32).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer / name, out / name)
+    return out

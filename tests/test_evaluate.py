@@ -6,38 +6,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import peft_merge, run_script
 
 from llamaforge.errors import LlamaforgeError
 from llamaforge.evaluate import equivalence, perplexity, plot, sliding_window_nll, summarize, tokenizer_stats
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def peft_merge(base: Path, loras: list[Path], tokenizer: Path, out: Path, dtype=torch.float32) -> Path:
-    """A merged folder made with PEFT alone (stands in for merged/{model} in these tests)."""
-    from peft import PeftModel
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    for lora in loras:
-        with safe_open(lora / "adapter_model.safetensors", "pt") as f:
-            rows = f.get_slice("base_model.model.model.embed_tokens.weight").get_shape()[0]
-        model.resize_token_embeddings(rows, mean_resizing=False)
-        with warnings.catch_warnings():  # PEFT calls a deprecated transformers property
-            warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(model, lora).merge_and_unload()
-    model.to(dtype).save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer / name, out / name)
-    return out
-
 
 def quiet(*args):
     pass

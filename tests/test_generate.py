@@ -8,12 +8,11 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_script
+from conftest import REPO, TOKENIZER_FILES, peft_merge, run_script
 
 from llamaforge.errors import LlamaforgeError
 from llamaforge.generate import (
@@ -28,30 +27,9 @@ from llamaforge.generate import (
     read_examples,
 )
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PROMPTS = ["Hello, who are you?", "白日依山尽，黄河入海流。", "Write a long story about a dragon that lives in the "
            "mountains and guards a treasure.", "hi", "为什么要减少污染，保护环境？", "One two three four five six.",
            "春眠不觉晓", "Tell me a joke about cats and dogs."]
-
-
-def peft_merge(base: Path, loras: list[Path], tokenizer: Path, out: Path, dtype=torch.float32) -> Path:
-    """A merged folder made with PEFT alone (stands in for merged/{model} in these tests)."""
-    from peft import PeftModel
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    for lora in loras:
-        with safe_open(lora / "adapter_model.safetensors", "pt") as f:
-            rows = f.get_slice("base_model.model.model.embed_tokens.weight").get_shape()[0]
-        model.resize_token_embeddings(rows, mean_resizing=False)
-        with warnings.catch_warnings():  # PEFT calls a deprecated transformers property
-            warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(model, lora).merge_and_unload()
-    model.to(dtype).save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer / name, out / name)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ import pytest
 import yaml
 from conftest import copy_workflow
 
+from llamaforge.demo import synthetic_sp_model
+
 pytestmark = pytest.mark.slow
 
 # Snakemake's own marker inside directory outputs (empty, its mtime is the folder's date).
@@ -321,32 +323,6 @@ def test_d_edited_script_reruns_its_rule(built, graph, tmp_path):
 BIG = dict(hidden=1024, intermediate=2816, layers=8, heads=8, vocab=4096, r=8)  # ~240 MB of float16
 
 
-def _sp_model(n_pieces: int) -> bytes:
-    """A LLaMA-like BPE SentencePiece model with n_pieces (specials, 256 bytes, filler pieces)."""
-    from llamaforge.tokenizer import _pb2
-
-    m = _pb2().ModelProto()
-    m.trainer_spec.model_type = 2
-    m.trainer_spec.vocab_size = n_pieces
-    m.trainer_spec.byte_fallback = True
-    m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = 0, 1, 2, -1
-    m.normalizer_spec.name = "identity"
-    m.normalizer_spec.add_dummy_prefix = True
-    m.normalizer_spec.remove_extra_whitespaces = False
-    for piece, kind in (("<unk>", 2), ("<s>", 3), ("</s>", 3)):
-        p = m.pieces.add()
-        p.piece, p.score, p.type = piece, 0.0, kind
-    for b in range(256):
-        p = m.pieces.add()
-        p.piece, p.score, p.type = f"<0x{b:02X}>", 0.0, 6
-    k = 0
-    while len(m.pieces) < n_pieces:
-        p = m.pieces.add()
-        p.piece, p.score = f"\u2581w{k}", -float(k)
-        k += 1
-    return m.SerializeToString()
-
-
 def synthesize_big(root: Path, s=BIG) -> tuple[Path, Path]:
     """A float16 LLaMA base (streamed to disk) and a PEFT LoRA (r=8 on q/v) for it."""
     import torch
@@ -379,7 +355,7 @@ def synthesize_big(root: Path, s=BIG) -> tuple[Path, Path]:
         "vocab_size": v, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "hidden_act": "silu",
         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
         "rope_theta": 10000.0}, indent=2))
-    (base / "tokenizer.model").write_bytes(_sp_model(v))
+    (base / "tokenizer.model").write_bytes(synthetic_sp_model(v))
     sd = {}
     for n in range(s["layers"]):
         for proj in ("q_proj", "v_proj"):

@@ -188,3 +188,32 @@ def make_demo(output: str | os.PathLike, seed: int = 42, echo=print) -> None:
         missing = [f for f in demo_files() if not (tmp / f).is_file()]
         if missing:
             raise RuntimeError(f"demo generation did not write {missing}")
+
+
+def synthetic_sp_model(n_pieces: int) -> bytes:
+    """A LLaMA-like BPE SentencePiece model with `n_pieces` (specials, 256 byte pieces, then filler
+    pieces "▁w0", "▁w1", ... with falling scores), made without training: any vocabulary size in
+    an instant, for benchmarks and tests at realistic shapes."""
+    from .tokenizer import BYTE, CONTROL, UNKNOWN, _pb2
+
+    pb2 = _pb2()
+    m = pb2.ModelProto()
+    m.trainer_spec.model_type = 2
+    m.trainer_spec.vocab_size = n_pieces
+    m.trainer_spec.byte_fallback = True
+    m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = 0, 1, 2, -1
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = True
+    m.normalizer_spec.remove_extra_whitespaces = False
+    for piece, t in (("<unk>", UNKNOWN), ("<s>", CONTROL), ("</s>", CONTROL)):
+        p = m.pieces.add()
+        p.piece, p.score, p.type = piece, 0.0, t
+    for b in range(256):
+        p = m.pieces.add()
+        p.piece, p.score, p.type = f"<0x{b:02X}>", 0.0, BYTE
+    k = 0
+    while len(m.pieces) < n_pieces:
+        p = m.pieces.add()
+        p.piece, p.score = f"▁w{k}", -float(k)
+        k += 1
+    return m.SerializeToString()
