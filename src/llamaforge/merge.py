@@ -294,19 +294,27 @@ class _Merger:
                 if item is None:
                     return
                 name, data, pool, buf, release = item
-                try:
-                    if not failure:
-                        writer.write_block(name, data)
-                        if progress is not None:
-                            progress.update(data.numel() * data.element_size())
-                except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                    failure.append(e)
-                finally:
-                    del data
+
+                def done(pool=pool, buf=buf, release=release):
+                    # the block is written and hashed: its pages and its buffer can go
                     if release is not None:
                         release()
                     if pool is not None:
                         pool.put(buf)
+
+                try:
+                    if failure:
+                        done()
+                        continue
+                    nbytes = data.numel() * data.element_size()
+                    writer.write_block(name, data, done)
+                    if progress is not None:
+                        progress.update(nbytes)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                    failure.append(e)
+                    done()
+                finally:
+                    del data
 
         reader = threading.Thread(target=self._read_loop, args=(plans, in_free, blocks, stop),
                                   name="llamaforge-reader", daemon=True)
