@@ -8,7 +8,7 @@ from llamaforge.cli import setup_logging, user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--input", "input_", required=True, type=click.Path(file_okay=False),
+@click.option("--input", "--model", "input_", required=True, type=click.Path(file_okay=False),
               help="Meta folder: consolidated.NN.pth, params.json (tokenizer.model in it or one level up).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Hugging Face folder (written atomically).")
 @click.option("--tokenizer", type=click.Path(), default=None, help="tokenizer.model, if not in or beside the folder.")

@@ -39,9 +39,9 @@ ST_TO_TORCH = {
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?i?b)\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_size(text: str | int) -> int:
@@ -51,7 +51,10 @@ def parse_size(text: str | int) -> int:
     m = _SIZE_RE.match(str(text))
     if not m:
         raise LlamaforgeError(f"cannot read the size {text!r}", None, "write it like 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    unit = m.group(2).lower()
+    if unit not in _UNITS:  # "ib"
+        raise LlamaforgeError(f"cannot read the size {text!r}", None, "write it like 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def torch_dtype(name: str) -> torch.dtype:
