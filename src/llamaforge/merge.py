@@ -341,7 +341,7 @@ class _Merger:
                         raise item
                     if failure:
                         raise _Stop()
-                    kk, r0, r1, ibuf, view, release = item
+                    _, r0, r1, ibuf, view, release = item
                     n = view.numel()
                     same = view.dtype == p.out.dtype
                     if not factors and same and not p.changed:
