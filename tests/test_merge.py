@@ -173,6 +173,17 @@ def test_fan_in_fan_out_transposes_the_update(demo, tmp_path):
     assert torch.allclose(got, w + 0.5 * (B @ A).T, atol=1e-6)
 
 
+def test_dora_on_fan_in_fan_out_layers_is_refused(demo, tmp_path):
+    ad = tmp_path / "dora-fifo"
+    ad.mkdir()
+    k = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{k}.lora_A.weight": torch.zeros(4, 64), f"{k}.lora_B.weight": torch.zeros(64, 4),
+               f"{k}.lora_magnitude_vector": torch.ones(64)}, str(ad / "adapter_model.safetensors"))
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4,
+                                                        "use_dora": True, "fan_in_fan_out": True}))
+    _expect_error(tmp_path, "DoRA with fan_in_fan_out", demo / "base", [ad], tokenizer=demo / "base")
+
+
 def test_peft_key_variants_give_identical_output(demo, tmp_path):
     """`.default.` segments (a live model's state dict), modules_to_save wrappers, .bin adapters."""
     lora = demo / "lora_llama_plus"

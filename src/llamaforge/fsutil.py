@@ -102,14 +102,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _check_target(target: Path, overwrite: bool, kind: str) -> None:
-    if target.exists() or target.is_symlink():
-        if not overwrite:
-            raise LlamaforgeError(
-                f"output {kind} already exists", target, "remove it or choose another output path"
-            )
-
-
 def _clear(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -146,13 +138,12 @@ def _remove_stale(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; rename it to `target` on success.
 
     On any exception the temporary folder is removed and `target` is left as it was.
     """
     target = Path(target)
-    _check_target(target, overwrite, "folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), dir=target.parent))
@@ -174,10 +165,9 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | os.PathLike, mode: str = "wb", overwrite: bool = True) -> Iterator:
+def atomic_file(target: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file beside `target` for writing; rename it into place on success."""
     target = Path(target)
-    _check_target(target, overwrite, "file")
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
     fd, tmpname = tempfile.mkstemp(prefix=_tmp_prefix(target), dir=target.parent)

@@ -195,6 +195,9 @@ def open_adapter(folder: str | os.PathLike, base_names) -> Adapter:
         if use_dora and "lora_magnitude_vector" not in parts:
             raise LlamaforgeError(f"use_dora is set but {module} has no lora_magnitude_vector", wfile,
                                   "save the adapter again with PEFT")
+        if use_dora and fan_in_fan_out:
+            raise LlamaforgeError(f"DoRA with fan_in_fan_out (Conv1D layers) on {module} is not supported by the merge",
+                                  folder / "adapter_config.json", "merge this adapter with PEFT's merge_and_unload")
         if use_dora and embedding:
             raise LlamaforgeError(f"DoRA on the embedding {module} is not supported by the merge", wfile,
                                   "train DoRA on linear layers only, or merge with PEFT's merge_and_unload")
@@ -224,40 +227,3 @@ def open_adapter(folder: str | os.PathLike, base_names) -> Adapter:
             "check that the adapter was trained on this base architecture (LLaMA) and that the base folder is right",
         )
     return ad
-
-
-def lora_delta(ad: Adapter, up: LoraUpdate, shape: tuple[int, ...], device: str = "cpu") -> torch.Tensor:
-    """The float32 update for a tensor of `shape` (before DoRA)."""
-    A = ad.get(up.A).to(device=device, dtype=torch.float32)
-    B = ad.get(up.B).to(device=device, dtype=torch.float32)
-    if up.embedding:
-        # PEFT Embedding: A is (r, num_embeddings), B is (embedding_dim, r); delta = (B @ A).T
-        delta = (B @ A).T
-    else:
-        delta = B @ A
-        if up.fan_in_fan_out:
-            delta = delta.T
-    if tuple(delta.shape) != tuple(shape):
-        raise LlamaforgeError(
-            f"LoRA update of {up.module} has shape {list(delta.shape)} but the tensor it applies to is {list(shape)}",
-            ad.weights_file,
-            "the adapter was trained for another model size or vocabulary: check the base and the adapter order",
-        )
-    return delta.mul_(up.scale)
-
-
-def apply_update(ad: Adapter, up: LoraUpdate, weight32: torch.Tensor) -> torch.Tensor:
-    """Apply one adapter's update to a float32 weight in place (and return it), exactly as PEFT merges."""
-    delta = lora_delta(ad, up, tuple(weight32.shape), device=weight32.device.type)
-    if up.magnitude is None:
-        return weight32.add_(delta)
-    # DoRA (peft.tuners.lora.dora.DoraLinearLayer): W' = m / ||W + dW||_row * (W + dW)
-    mag = ad.get(up.magnitude).to(device=weight32.device, dtype=torch.float32).reshape(-1)
-    fan = up.fan_in_fan_out
-    combined = weight32.add_(delta)
-    w = combined.T if fan else combined
-    norm = torch.linalg.norm(w, dim=1)
-    factor = (mag / norm).view(-1, 1)
-    if fan:
-        factor = factor.T
-    return combined.mul_(factor)

@@ -2,9 +2,10 @@
 
 For each tensor of the base, in order: start from the base tensor, or from the full tensor of the
 last adapter that stores one (modules_to_save, Chinese embed_tokens/lm_head), apply the low-rank
-updates of the adapters that follow it, in float32, cast to the output dtype and write it. Only the
-tensor being merged (and the next one, read ahead), its adapter factors and a float32 block of
-rows are in memory at any time; reading, arithmetic and writing overlap in three threads.
+updates of the adapters that follow it, in float32, cast to the output dtype and write it. The
+tensors flow through in blocks of rows: only a few blocks, the current tensor's adapter factors
+and a float32 scratch block are in memory at any time, and reading, arithmetic, writing and
+hashing overlap in their own threads.
 
 Everything that can be checked without touching the weights (keys, shapes, vocabulary sizes along
 the adapter list, the tokenizer) is checked before the first byte is written.
@@ -37,7 +38,7 @@ from .formats import (
     torch_dtype,
 )
 from .fsutil import atomic_dir, require_dir, sha256_cached, sha256_file
-from .lora import Adapter, LoraUpdate, apply_update, open_adapter
+from .lora import Adapter, LoraUpdate, open_adapter
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +63,22 @@ def tensor_order(name: str):
 
 
 def tokenizer_length(folder: Path) -> int:
-    """Tokens of a tokenizer folder without importing transformers: SentencePiece pieces, or more
-    when tokenizer.json / added_tokens.json define ids beyond them."""
+    """Tokens of a tokenizer folder without importing transformers: its SentencePiece pieces, or
+    more when tokenizer.json or added_tokens.json give ids beyond them."""
     from .tokenizer import load_proto
 
-    n = len(load_proto(folder / "tokenizer.model", "tokenizer.model").pieces)
+    ids = [len(load_proto(folder / "tokenizer.model", "tokenizer.model").pieces) - 1]
     tj = folder / "tokenizer.json"
     if tj.is_file():
         data = json.loads(tj.read_text(encoding="utf-8"))
-        ids = [t["id"] for t in data.get("added_tokens", [])]
-        ids += list((data.get("model") or {}).get("vocab", {}).values()) if isinstance(
-            (data.get("model") or {}).get("vocab"), dict) else []
-        if ids:
-            n = max(n, max(ids) + 1)
+        ids += [t["id"] for t in data.get("added_tokens", [])]
+        vocab = (data.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            ids += vocab.values()
     at = folder / "added_tokens.json"
     if at.is_file():
-        ids = list(json.loads(at.read_text(encoding="utf-8")).values())
-        if ids:
-            n = max(n, max(ids) + 1)
-    return n
+        ids += json.loads(at.read_text(encoding="utf-8")).values()
+    return max(ids) + 1
 
 
 @dataclass
@@ -183,9 +181,9 @@ class _Merger:
     faulted in per tensor. Torch runs single-threaded here: the three stages are the parallelism.
     """
 
-    def __init__(self, base: ModelSource, adapters: list[Adapter], device: str, block_elems: int = _BLOCK_ELEMS):
+    def __init__(self, base: ModelSource, adapters: list[Adapter], device: str):
         self.base, self.adapters, self.device = base, adapters, device
-        self.block_elems = block_elems
+        self.block_elems = _BLOCK_ELEMS
 
     # -- reading ---------------------------------------------------------------------------
     def _source(self, p: TensorPlan):
@@ -210,7 +208,7 @@ class _Merger:
     def _read_loop(self, plans, free: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
         try:
             done: list[str] = []
-            for k, p in enumerate(plans):
+            for p in plans:
                 src, tname = self._source(p)
                 _, width = self._rows(p)
                 f = src.file_of(tname) if isinstance(src, ModelSource) else src
@@ -226,7 +224,7 @@ class _Merger:
                         if buf.numel() < count * item:  # a single row wider than a block
                             buf = torch.empty(count * item, dtype=torch.uint8)
                         view, release = src.read_flat(tname, r0 * width, count, buf), None
-                    out.put((k, r0, r1, buf, view, release))
+                    out.put((r0, r1, buf, view, release))
                 if p.start is None:
                     done.append(p.from_name)
                     self.base.release(done)
@@ -263,15 +261,6 @@ class _Merger:
             "the adapter holds NaN/Inf or values too large for the dtype: check the adapter, or merge with "
             "--dtype float32/bfloat16",
         )
-
-    def _whole_tensor(self, p: TensorPlan) -> torch.Tensor:
-        """DoRA on a fan_in_fan_out layer normalises columns: no row blocks (rare; never LLaMA)."""
-        src, tname = self._source(p)
-        w = src.get(tname).to(self.device, torch.float32)
-        for i, up in p.updates:
-            apply_update(self.adapters[i], up, w)
-        self._check(p, w)
-        return w.to(p.out.dtype).cpu()
 
     def run(self, plans: list[TensorPlan], writer: ShardedSafetensorsWriter, progress=None) -> None:
         prev_threads = torch.get_num_threads()
@@ -322,15 +311,7 @@ class _Merger:
         reader.start()
         wthread.start()
         try:
-            for k, p in enumerate(plans):
-                if any(up.magnitude is not None and up.fan_in_fan_out for _, up in p.updates):
-                    for _ in self._blocks(p):  # the reader sends the blocks anyway: give them back
-                        item = blocks.get()
-                        if isinstance(item, BaseException):
-                            raise item
-                        in_free.put(item[3])
-                    writes.put((p.name, self._whole_tensor(p), None, None, None))
-                    continue
+            for p in plans:
                 factors = self._factors(p)
                 _, width = self._rows(p)
                 if progress is not None:
@@ -341,7 +322,7 @@ class _Merger:
                         raise item
                     if failure:
                         raise _Stop()
-                    _, r0, r1, ibuf, view, release = item
+                    r0, r1, ibuf, view, release = item
                     n = view.numel()
                     same = view.dtype == p.out.dtype
                     if not factors and same and not p.changed:

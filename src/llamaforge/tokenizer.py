@@ -65,11 +65,6 @@ def load_proto(path: str | os.PathLike, what: str = "SentencePiece model"):
     return proto
 
 
-def piece_type_name(t: int) -> str:
-    return {NORMAL: "normal", UNKNOWN: "unknown", CONTROL: "control", USER_DEFINED: "user_defined",
-            BYTE: "byte", UNUSED: "unused"}.get(t, str(t))
-
-
 @dataclass
 class MergeResult:
     base_pieces: int
