@@ -267,6 +267,21 @@ def test_output_folder_is_complete_deterministic_and_described(demo, tmp_path):
     assert sum(len(safe_open(str(a / s), "pt").keys()) for s in shards) == len(index["weight_map"])
 
 
+def test_transformers4_era_tokenizer_folder_gets_fast_files(demo, tmp_path):
+    """Real Chinese LoRA folders hold tokenizer.model + special_tokens_map.json, no tokenizer.json."""
+    ad = tmp_path / "alpaca"
+    shutil.copytree(demo / "lora_alpaca_plus", ad)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (ad / f).unlink()
+    out = tmp_path / "m"
+    merge_lora(demo / "base", [demo / "lora_llama_plus", ad], out, **QUIET)
+    from llamaforge.tokenizer import load_hf_tokenizer
+
+    tok = load_hf_tokenizer(out)
+    assert len(tok) == 1190 and tok.pad_token == "[PAD]" and tok.pad_token_id == 1189
+    assert tok("白日依山尽").input_ids == load_hf_tokenizer(demo / "lora_alpaca_plus")("白日依山尽").input_ids
+
+
 def test_tied_base_stays_tied_when_no_adapter_touches_the_head(demo, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -57,6 +57,37 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def pread_into(fd: int, buf: torch.Tensor, offset: int, path: Path, name: str) -> None:
+    """Fill the uint8 tensor `buf` with the file's bytes from `offset` (positional, so threads may
+    share the descriptor); a short read means the file was cut off."""
+    want = buf.numel()
+    mv = memoryview(buf.numpy())
+    done = 0
+    while done < want:
+        n = os.preadv(fd, [mv[done:]], offset + done)
+        if n <= 0:
+            raise LlamaforgeError(f"tensor {name} is truncated", path, "the file is incomplete: build it again")
+        done += n
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict:
+    """config.json of a Hugging Face model folder; a Meta checkpoint or a bare folder gets the
+    error users meet as "does not appear to have a file named config.json", with the fix."""
+    from .fsutil import read_json
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        if not folder.is_dir():
+            raise LlamaforgeError("model folder not found", folder, "check the path in config.yaml or on the command line")
+        meta = any(folder.glob("consolidated.*.pth"))
+        raise LlamaforgeError(
+            "the folder has no config.json" + (" (it is a Meta checkpoint)" if meta else ""), folder,
+            "give it as the model's base in config.yaml (the pipeline converts it) or run scripts/import_pth.py"
+            if meta else "point to a Hugging Face model folder (config.json + weights)",
+        )
+    return read_json(folder / "config.json", "config.json")
+
+
 def torch_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
@@ -133,14 +164,7 @@ class SafetensorsFile:
 
     def _pread(self, buf: torch.Tensor, offset: int, name: str) -> None:
         """Fill the uint8 tensor `buf` from `offset` of the data section (positional: thread-safe)."""
-        want = buf.numel()
-        mv = memoryview(buf.numpy())
-        done = 0
-        while done < want:
-            n = os.preadv(self._f.fileno(), [mv[done:]], self._base + offset + done)
-            if n <= 0:
-                raise LlamaforgeError(f"tensor {name} is truncated", self.path, "the file is incomplete: build it again")
-            done += n
+        pread_into(self._f.fileno(), buf, self._base + offset, self.path, name)
 
     def get(self, name: str) -> torch.Tensor:
         info, start, end = self._entries[name]

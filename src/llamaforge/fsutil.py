@@ -203,3 +203,37 @@ def require_dir(path: str | os.PathLike, what: str, fix: str | None = None) -> P
     if not p.is_dir():
         raise LlamaforgeError(f"{what} is not a folder", p, fix or "point to the folder that holds the files")
     return p
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as indented UTF-8 JSON with sorted keys (stable bytes for stable inputs), atomically."""
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """A UTF-8 text file, with clear errors for a missing or undecodable file."""
+    p = require_file(path, what)
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LlamaforgeError(f"{what} is not UTF-8 text (byte {e.start})", p, "save it as UTF-8") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file"):
+    p = Path(path)
+    try:
+        return json.loads(read_text(p, what))
+    except json.JSONDecodeError as e:
+        raise LlamaforgeError(f"{what} is not valid JSON ({e.msg}, line {e.lineno})", p,
+                              "repair it or build it again") from None
+
+
+def hash_files(folder: Path, known: dict[str, str]) -> dict[str, str]:
+    """`known` completed with the sha256 of every other file directly in `folder`, sorted by name."""
+    out = dict(known)
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name not in out:
+            out[f.name] = sha256_file(f)
+    return dict(sorted(out.items()))

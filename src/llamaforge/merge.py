@@ -35,9 +35,10 @@ from .formats import (
     TensorInfo,
     parse_size,
     plan_shards,
+    read_hf_config,
     torch_dtype,
 )
-from .fsutil import atomic_dir, require_dir, sha256_cached, sha256_file
+from .fsutil import atomic_dir, hash_files, require_dir, sha256_cached, write_json
 from .lora import Adapter, LoraUpdate, open_adapter
 
 log = logging.getLogger(__name__)
@@ -370,7 +371,7 @@ class _Merger:
 
 
 def _copy_tokenizer(folder: Path, out: Path) -> None:
-    from .tokenizer import load_proto, write_hf_tokenizer
+    from .tokenizer import load_proto, special_ids, write_hf_tokenizer
 
     shutil.copyfile(folder / "tokenizer.model", out / "tokenizer.model")
     if (folder / "tokenizer.json").is_file():
@@ -381,19 +382,10 @@ def _copy_tokenizer(folder: Path, out: Path) -> None:
     # A transformers-4-era folder (tokenizer.model + LlamaTokenizer config): write the fast files
     # ourselves, so transformers 5 segments as SentencePiece does (see llamaforge.tokenizer).
     proto = load_proto(folder / "tokenizer.model")
-    pieces = {p.piece for p in proto.pieces}
-    specials = []
-    stm = folder / "special_tokens_map.json"
-    if stm.is_file():
-        pad = json.loads(stm.read_text(encoding="utf-8")).get("pad_token")
-        pad = pad.get("content") if isinstance(pad, dict) else pad
-        if pad and pad in pieces and pad not in (p.piece for p in proto.pieces[:3]):
-            specials.append(pad)
-    write_hf_tokenizer(proto, out, specials)
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    ids = special_ids(proto, folder)
+    pad = [proto.pieces[ids["pad"]].piece] if "pad" in ids and ids["pad"] not in (
+        ids.get("unk"), ids.get("bos"), ids.get("eos")) else []
+    write_hf_tokenizer(proto, out, pad)
 
 
 def _versions() -> dict:
@@ -416,14 +408,7 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
     shard_bytes = parse_size(max_shard_size)
     if device == "cuda" and not torch.cuda.is_available():
         raise LlamaforgeError("--device cuda but no CUDA device is available", None, "use --device cpu")
-    if not (base / "config.json").is_file():
-        meta = list(base.glob("consolidated.*.pth"))
-        raise LlamaforgeError(
-            "the base folder has no config.json" + (" (it is a Meta checkpoint)" if meta else ""), base,
-            "convert Meta weights with scripts/import_pth.py (the pipeline does it for a Meta base)" if meta
-            else "point to a Hugging Face model folder (config.json + weights)",
-        )
-    config = json.loads((base / "config.json").read_text())
+    config = read_hf_config(base)
     src = ModelSource(base)
     adapters: list[Adapter] = []
     try:
@@ -500,16 +485,14 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
             cfg["vocab_size"] = rows
             cfg["tie_word_embeddings"] = bool(tied and not untie)
             cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = dtype
-            _write_json(tmp / "config.json", cfg)
+            write_json(tmp / "config.json", cfg)
             if (base / "generation_config.json").is_file():
                 shutil.copyfile(base / "generation_config.json", tmp / "generation_config.json")
             else:
-                _write_json(tmp / "generation_config.json", {
+                write_json(tmp / "generation_config.json", {
                     k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None})
             _copy_tokenizer(tok_folder, tmp)
-            for f in sorted(tmp.iterdir()):
-                if f.name not in outputs and f.is_file():
-                    outputs[f.name] = sha256_file(f)
+            outputs = hash_files(tmp, outputs)
             manifest = {
                 "llamaforge": "merge",
                 "base": {"path": os.fspath(base), "vocab_size": base_rows},
@@ -519,11 +502,11 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
                 "tokenizer": {"path": os.fspath(tok_folder), "length": tok_len},
                 "options": {"dtype": dtype, "max_shard_size": str(max_shard_size)},
                 "inputs_sha256": input_hashes,
-                "outputs_sha256": dict(sorted(outputs.items())),
+                "outputs_sha256": outputs,
                 "versions": _versions(),
                 "vocab_size": rows,
             }
-            _write_json(tmp / "llamaforge.json", manifest)
+            write_json(tmp / "llamaforge.json", manifest)
         echo(f"wrote {output}: {len(writer.names)} shard(s), vocab_size {rows}")
         return manifest
     finally:

@@ -121,6 +121,28 @@ def _special_ids(proto) -> dict[str, int]:
     return out
 
 
+def special_ids(proto, folder: str | os.PathLike | None = None) -> dict[str, int]:
+    """unk/bos/eos/pad ids of a tokenizer: the SentencePiece trainer spec, overridden by the
+    folder's special_tokens_map.json where it names pieces of the model, and a `[PAD]`/`<pad>`
+    piece (Chinese-Alpaca's) as pad when nothing else names one."""
+    ids = _special_ids(proto)
+    index = {p.piece: i for i, p in enumerate(proto.pieces)}
+    stm = Path(folder) / "special_tokens_map.json" if folder is not None else None
+    if stm is not None and stm.is_file():
+        data = json.loads(stm.read_text(encoding="utf-8"))
+        for key in ("unk", "bos", "eos", "pad"):
+            tok = data.get(f"{key}_token")
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            if tok in index:
+                ids[key] = index[tok]
+    if "pad" not in ids:
+        pad = next((i for i, p in enumerate(proto.pieces) if p.piece in ("[PAD]", "<pad>") and i not in ids.values()),
+                   None)
+        if pad is not None:
+            ids["pad"] = pad
+    return ids
+
+
 def pad_token_of(add_tokens) -> str | None:
     """The added token that serves as padding: the first whose name says 'pad'."""
     for t in add_tokens:
