@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from llamaforge.tokenizer import HF_FILES as TOKENIZER_FILES
+
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/fixtures beside the checkout (CI lays a copy of shared/ there; a user's clone may not)
 FIXTURES = REPO.parent / "shared" / "fixtures"
@@ -55,7 +57,6 @@ def run_script(name: str, *args, check: bool = False, **kwargs) -> subprocess.Co
     return proc
 
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def peft_merge(base: Path, loras: list[Path], tokenizer: Path, out: Path, dtype=None) -> Path:
