@@ -289,7 +289,8 @@ def open_weights_file(path: str | os.PathLike):
 class ModelSource:
     """All tensors of a Hugging Face model folder, single-file or sharded, safetensors or .bin.
 
-    Files are opened lazily, the first time one of their tensors is asked for.
+    Every file's tensor directory is read when the source is made (safetensors headers; pickles
+    are memory-mapped, not read), so names, dtypes and shapes are known before any data is.
     """
 
     def __init__(self, folder: str | os.PathLike):
