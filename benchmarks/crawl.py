@@ -31,7 +31,7 @@ def timed_crawl(url: str, requests: int, concurrency: int, items: int) -> tuple[
     with tempfile.TemporaryDirectory(prefix="crawl-bench-") as tmp:
         started = time.perf_counter()
         stats = crawl(Path(tmp) / "bench.jsonl", requests, concurrency=concurrency, base_url=url, api_key=KEY,
-                      items_per_request=items, progress=False)
+                      items_per_request=items, timeout=60.0, progress=False)
         seconds = time.perf_counter() - started
     if stats["requests"]["remaining"]:
         raise SystemExit(f"benchmark run left {stats['requests']['remaining']} requests unanswered")

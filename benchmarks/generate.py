@@ -47,7 +47,7 @@ def build(args):
     model = LlamaForCausalLM(cfg).eval()
     model.generation_config.eos_token_id = None  # never stop early: every run makes --new-tokens tokens
     # Generator only needs the special ids of a tokenizer; no EOS, so every run makes --new-tokens tokens
-    tok = SimpleNamespace(pad_token_id=0, unk_token_id=0, eos_token_id=None, bos_token_id=1, padding_side="left")
+    tok = SimpleNamespace(pad_token_id=0, unk_token_id=0, eos_token_id=None, bos_token_id=1)
     loaded = Loaded(model, tok, "cpu", torch.float32, args.vocab, 512)
     settings = GenerationSettings(do_sample=False, max_new_tokens=args.new_tokens)
     gen = Generator(loaded, settings)

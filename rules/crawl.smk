@@ -20,7 +20,12 @@
 rule crawl_prompts:
     input:
         script="scripts/crawl_prompts.py",
-        lib=["src/llamaforge/crawl.py", "src/llamaforge/data/crawl_prompt.json"],
+        lib=[
+            "src/llamaforge/crawl.py",
+            "src/llamaforge/data/crawl_prompt.json",
+            "src/llamaforge/tokenizer.py",
+            "src/llamaforge/fsutil.py",
+        ],
     output:
         json="data/instructions/{name}.json",
         stats="data/instructions/{name}.stats.json",

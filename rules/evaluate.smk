@@ -2,12 +2,15 @@
 # a per-model summary and plots over all models, all marked for `snakemake --report report.html`.
 #
 # Settings: the `eval:` section of config.yaml (defaults in schemas/config.schema.yaml). A model is
-# evaluated when `evaluate: true` (the default). Uses model_cfg, model_base_dir, folder_files and
-# shell_quote from rules/common.smk. The helpers are lambdas: `snakemake --lint` wants no `def`
-# beside rules.
+# evaluated when `evaluate: true` (the default). Uses model_cfg, model_base_dir, folder_files,
+# input_mb and shell_quote from rules/common.smk. The helpers are lambdas: `snakemake --lint` wants
+# no `def` beside rules.
 
-from llamaforge.evaluate import disk_mb as eval_disk_mb  # noqa: E402
-
+# The library modules the jobs run: generate.py and what it imports (predictions); evaluate.py on
+# top (perplexity, equivalence, tokenizer statistics); summary and plots need only evaluate.py and fsutil.py.
+GEN_LIB = [f"src/llamaforge/{m}.py" for m in ("generate", "tokenizer", "formats", "fsutil", "lora", "merge")]
+EVAL_LIB = GEN_LIB + ["src/llamaforge/evaluate.py"]
+EVAL_REPORT_LIB = ["src/llamaforge/evaluate.py", "src/llamaforge/fsutil.py"]
 EVAL_DATA = "src/llamaforge/data"
 EVAL_FILES = ["predictions.json", "perplexity.json", "equivalence.json", "tokenizer_stats.json", "summary.json"]
 EVAL_PLOTS = ["eval/plots/tokens_per_char.png", "eval/plots/perplexity.png", "eval/plots/equivalence.png"]
@@ -37,25 +40,23 @@ eval_files = lambda name: [
 ]
 # The default target's evaluation outputs: every evaluated model's files, then the plots.
 eval_targets = lambda: [f for name in eval_models() for f in eval_files(name)] + (EVAL_PLOTS if eval_models() else [])
-# The model's tokenizer folder: `tokenizer`, else the last adapter's folder, else the base.
-eval_tokenizer = lambda name: model_cfg(name)["tokenizer"] or (model_cfg(name)["loras"] or [model_cfg(name)["base"]])[-1]
 # A file from config.yaml, or the bundled one under src/llamaforge/data/ when it is null.
 eval_path = lambda value, bundled: value or f"{EVAL_DATA}/{bundled}"
 eval_device = lambda wc: "cuda" if model_cfg(wc.model)["gpu"] else "cpu"
 eval_gpu = lambda wc: model_cfg(wc.model)["gpu"]
 # Memory: a float16 model on disk is 2x in float32, plus activations, logits and the Python stack.
-eval_mem_mb = lambda wc, input: int(2000 + 3 * eval_disk_mb(input.model))
+eval_mem_mb = lambda wc, input: int(2000 + 3 * input_mb(input.model))
 # Runtime: generous for CPU runs of a 7B model (minutes per GB of weights).
 # (a GPU is taken as ten times faster than the CPU, so a 65B job on a GPU partition fits its MaxTime)
 eval_runtime = lambda per_gb: lambda wc, input: int(
-    10 + per_gb * eval_disk_mb(input.model) / 1024 / (10 if eval_gpu(wc) else 1)
+    10 + per_gb * input_mb(input.model) / 1024 / (10 if eval_gpu(wc) else 1)
 )
 
 
 rule eval_predictions:
     input:
         script="scripts/inference.py",
-        lib="src/llamaforge/generate.py",
+        lib=GEN_LIB,
         model=lambda wc: folder_files(f"merged/{wc.model}"),
         prompts=eval_path(config["eval"]["prompts"], "eval_prompts.txt"),
     output:
@@ -90,7 +91,7 @@ rule eval_predictions:
 rule eval_perplexity:
     input:
         script="scripts/evaluate.py",
-        lib="src/llamaforge/evaluate.py",
+        lib=EVAL_LIB,
         model=lambda wc: folder_files(f"merged/{wc.model}"),
         text=eval_path(config["eval"]["text"], "eval_text.txt"),
     output:
@@ -131,8 +132,7 @@ rule eval_perplexity:
 rule eval_equivalence:
     input:
         script="scripts/evaluate.py",
-        lib="src/llamaforge/evaluate.py",
-        generate="src/llamaforge/generate.py",
+        lib=EVAL_LIB,
         model=lambda wc: folder_files(f"merged/{wc.model}"),
         base=lambda wc: folder_files(model_base_dir(wc.model)),
         loras=lambda wc: [f for lora in model_cfg(wc.model)["loras"] for f in folder_files(lora)],
@@ -172,8 +172,9 @@ rule eval_equivalence:
 rule eval_tokenizer_stats:
     input:
         script="scripts/evaluate.py",
-        lib="src/llamaforge/evaluate.py",
-        tokenizer=lambda wc: folder_files(eval_tokenizer(wc.model)),
+        lib=EVAL_LIB,
+        # the merged model's tokenizer: exactly the one the merge chose and checked
+        tokenizer=lambda wc: folder_files(f"merged/{wc.model}"),
         base=lambda wc: folder_files(model_cfg(wc.model)["base"]),
         text=eval_path(config["eval"]["text"], "eval_text.txt"),
     output:
@@ -185,7 +186,7 @@ rule eval_tokenizer_stats:
             labels={"model": "{model}", "output": "tokenizer statistics"},
         ),
     params:
-        tokenizer=lambda wc: shell_quote(eval_tokenizer(wc.model)),
+        tokenizer="merged/{model}",
         # the base folder as configured: a Meta folder's tokenizer.model is read with SentencePiece
         base=lambda wc: shell_quote(model_cfg(wc.model)["base"]),
     log:
@@ -197,7 +198,7 @@ rule eval_tokenizer_stats:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} tokenizer-stats --tokenizer {params.tokenizer} --base-tokenizer {params.base} "
+        "OMP_NUM_THREADS={threads} python {input.script} tokenizer-stats --tokenizer {params.tokenizer:q} --base-tokenizer {params.base} "
         "--text {input.text:q} --output {output:q} > {log} 2>&1"
 
 
@@ -206,7 +207,7 @@ rule eval_summary:
         unpack(
             lambda wc: {
                 "script": "scripts/evaluate.py",
-                "lib": "src/llamaforge/evaluate.py",
+                "lib": EVAL_REPORT_LIB,
                 **{Path(f).stem: f for f in eval_files(wc.model) if Path(f).name != "summary.json"},
             }
         ),
@@ -239,7 +240,7 @@ rule eval_summary:
 rule eval_plots:
     input:
         script="scripts/evaluate.py",
-        lib="src/llamaforge/evaluate.py",
+        lib=EVAL_REPORT_LIB,
         summaries=lambda wc: [f"eval/{name}/summary.json" for name in eval_models()],
     output:
         tokens_per_char=report(

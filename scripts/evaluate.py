@@ -12,17 +12,10 @@ import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
 from llamaforge.cli import setup_logging, user_errors
+from llamaforge.evaluate import DEFAULT_TOLERANCE
 
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 TEXT_HELP = "UTF-8 text. Default: the bundled Chinese + English sample (llamaforge/data/eval_text.txt)."
-
-
-def _bundled(path, name):
-    if path:
-        return path
-    from llamaforge.evaluate import bundled_path
-
-    return str(bundled_path(name))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +38,7 @@ def perplexity(model, tokenizer, text, output, max_length, stride, device, dtype
     with user_errors():
         from llamaforge.evaluate import perplexity as run
 
-        run(model, _bundled(text, "eval_text.txt"), output, tokenizer=tokenizer, max_length=max_length, stride=stride,
+        run(model, text, output, tokenizer=tokenizer, max_length=max_length, stride=stride,
             device=device, dtype=dtype, echo=click.echo)
 
 
@@ -57,7 +50,7 @@ def perplexity(model, tokenizer, text, output, max_length, stride, device, dtype
 @click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer folder. Default: the merged folder.")
 @click.option("--prompts", type=click.Path(dir_okay=False),
               help="Instruction file (text/JSON/JSONL). Default: the bundled llamaforge/data/eval_prompts.txt.")
-@click.option("--tolerance", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--tolerance", default=DEFAULT_TOLERANCE, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Allowed max |delta logit| for a float32 merge; float16/bfloat16 merges get 2x the measured rounding floor on top.")
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSON result (written also when the check fails).")
 @DEVICE
@@ -80,7 +73,7 @@ def tokenizer_stats(tokenizer, base_tokenizer, text, output):
     with user_errors():
         from llamaforge.evaluate import tokenizer_stats as run
 
-        run(tokenizer, base_tokenizer, _bundled(text, "eval_text.txt"), output, echo=click.echo)
+        run(tokenizer, base_tokenizer, text, output, echo=click.echo)
 
 
 @main.command()

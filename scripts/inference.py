@@ -12,15 +12,15 @@ import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
 from llamaforge.cli import setup_logging, user_errors
-
-TEMPLATE_NAMES = ["alpaca", "alpaca-train", "none"]
+from llamaforge.generate import ORIGINAL_GENERATION as ORIG
+from llamaforge.generate import TEMPLATES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", required=True, type=click.Path(file_okay=False), help="Hugging Face model folder (merged, or the base of --lora).")
 @click.option("--lora", "loras", multiple=True, type=click.Path(file_okay=False),
               help="PEFT adapter folder applied on the fly, in order (repeat: LLaMA-Plus, then Alpaca-Plus).")
-@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer folder. Default: the last --lora, else --model.")
+@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer folder. Default: the last --lora holding tokenizer.model, else --model.")
 @click.option("--data-file", type=click.Path(dir_okay=False),
               help="Instructions: text (one a line), or .json/.jsonl Alpaca records (instruction + input).")
 @click.option("--predictions-file", default="predictions.json", show_default=True, type=click.Path(dir_okay=False),
@@ -28,14 +28,14 @@ TEMPLATE_NAMES = ["alpaca", "alpaca-train", "none"]
 @click.option("--interactive", is_flag=True, help="Read instructions from stdin and answer each (an empty line exits).")
 @click.option("--chat", is_flag=True, help="With --interactive: keep a multi-turn history within the context length.")
 @click.option("--with-prompt/--no-prompt", default=True, show_default=True, help="Wrap each instruction in the prompt template.")
-@click.option("--template", type=click.Choice(TEMPLATE_NAMES), default="alpaca", show_default=True,
+@click.option("--template", type=click.Choice(list(TEMPLATES)), default="alpaca", show_default=True,
               help="alpaca: inference_hf.py's template; alpaca-train: the training template; none: the text as is.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts generated together (left padded).")
-@click.option("--max-new-tokens", default=400, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.2, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--top-p", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="0 = off.")
-@click.option("--repetition-penalty", default=1.1, show_default=True, type=click.FloatRange(min=0, min_open=True), help="1.0 = off.")
+@click.option("--max-new-tokens", default=ORIG["max_new_tokens"], show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=ORIG["temperature"], show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--top-p", default=ORIG["top_p"], show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=ORIG["top_k"], show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--repetition-penalty", default=ORIG["repetition_penalty"], show_default=True, type=click.FloatRange(min=0, min_open=True), help="1.0 = off.")
 @click.option("--greedy", is_flag=True, help="Greedy decoding instead of sampling (batched output = one-at-a-time output).")
 @click.option("--seed", type=int, default=None, help="Seed for sampling; the same seed, inputs and batch size give the same output.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

@@ -1,7 +1,7 @@
 """A scripted OpenAI-compatible chat server on 127.0.0.1, for the crawl tests and benchmark.
 
-`POST /v1/chat/completions` answers with the next behaviour of a queue (the default once the
-queue is empty), so a test knows exactly how many items, rejects and retries to expect whatever
+`POST /v1/chat/completions` answers with the next behaviour of a queue (`json` once the queue
+is empty), so a test knows exactly how many items, rejects and retries to expect whatever
 order concurrent requests arrive in. Replies carry fresh items with random Chinese instructions
 that are far apart in ROUGE-L, so only the duplicates a test asks for are duplicates.
 
@@ -60,11 +60,9 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeChatServer:
-    def __init__(self, api_key: str = "sk-test", latency: float = 0.0, script=(), default: str = "json",
-                 hang: float = 2.0):
+    def __init__(self, api_key: str = "sk-test", latency: float = 0.0, script=(), hang: float = 2.0):
         self.api_key = api_key
         self.latency = latency
-        self.default = default
         self.hang = hang
         self._lock = threading.Lock()
         self._queue = collections.deque(script)
@@ -96,10 +94,6 @@ class FakeChatServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    def extend(self, script) -> None:
-        with self._lock:
-            self._queue.extend(script)
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -191,7 +185,7 @@ class FakeChatServer:
                 k = int(match.group(1)) if match else 5
                 with server._lock:
                     server.requests += 1
-                    behaviour = server._queue.popleft() if server._queue else server.default
+                    behaviour = server._queue.popleft() if server._queue else "json"
                     name, _, arg = behaviour.partition(":")
                     content = items = None
                     if name in OK_BEHAVIOURS:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from crawl_server import FakeChatServer
 from llamaforge.crawl import (
     DedupIndex,
@@ -30,7 +31,6 @@ from llamaforge.crawl import (
 )
 from llamaforge.errors import LlamaforgeError
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "crawl_prompts.py"
 KEY = "sk-llamaforge-TEST-key-5f3a9c0e77"
 

@@ -84,9 +84,6 @@ def test_equivalence_fails_on_a_corrupted_tensor(demo, loras, which, request, tm
 def test_equivalence_cli_exit_status(demo, loras, merged32, tmp_path):
     bad = corrupt(merged32, tmp_path / "bad", "model.embed_tokens.weight", 0.01)
     args = ["equivalence", "--base", demo / "base", "--lora", loras[0], "--lora", loras[1]]
-    ok = run_script("evaluate.py", *args, "--merged", merged32, "--output", tmp_path / "ok.json")
-    assert ok.returncode == 0, ok.stderr
-    assert json.loads((tmp_path / "ok.json").read_text())["passed"] is True
     fail = run_script("evaluate.py", *args, "--merged", bad, "--output", tmp_path / "bad.json")
     assert fail.returncode == 1
     err = [line for line in fail.stderr.splitlines() if line.startswith("llamaforge: error:")]
@@ -148,16 +145,19 @@ def test_perplexity_equals_a_hand_computation(merged32, model32, tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["perplexity"] == r["perplexity"]
 
     # sliding windows with overlap: every token once, with the context its window gives
+    by_hand = {}
     for max_length, stride in [(8, 4), (6, 1), (8, 8)]:
         got = sliding_window_nll(model32, ids, max_length, stride)
-        nll, n = hand_nll(model32, ids, max_length, stride)
+        nll, n = by_hand[max_length, stride] = hand_nll(model32, ids, max_length, stride)
         assert got["scored_tokens"] == n
         assert got["nll_sum"] == pytest.approx(nll, rel=1e-5)
         # overlapping windows score every token; without overlap each later window's first is lost
         assert n == len(ids) - 1 - (0 if stride < max_length else got["windows"] - 1)
     r8 = perplexity(merged32, tmp_path / "t.txt", max_length=8, stride=4, echo=quiet)
     assert r8["windows"] == math.ceil((len(ids) - 8) / 4) + 1
-    assert r8["perplexity"] > r["perplexity"] * 0.5  # less context, not a different quantity
+    nll8, n8 = by_hand[8, 4]
+    assert r8["scored_tokens"] == n8 and r8["nll_sum"] == pytest.approx(nll8, rel=1e-5)
+    assert r8["perplexity"] == pytest.approx(math.exp(nll8 / n8), rel=1e-5)
 
 
 def test_perplexity_errors(merged32, tmp_path):

@@ -61,8 +61,6 @@ def test_templates_are_the_originals():
     assert TEMPLATES["none"].prompt("Q") == "Q"
     chat = TEMPLATES["alpaca"].chat([("a", "b")], "c")
     assert chat == header + "### Instruction:\n\na\n\n### Response:\n\nb\n\n### Instruction:\n\nc\n\n### Response:\n\n"
-    s = GenerationSettings()
-    assert {k: getattr(s, k) for k in ORIGINAL_GENERATION} == ORIGINAL_GENERATION
     assert ORIGINAL_GENERATION == dict(temperature=0.2, top_k=40, top_p=0.9, do_sample=True, num_beams=1,
                                        repetition_penalty=1.1, max_new_tokens=400)
 
@@ -204,19 +202,32 @@ def test_interactive_repl_through_stdin(merged):
 
 
 def test_chat_keeps_history_within_the_context(loaded):
-    lines = iter(["first question", "second question", "third question", ""])
+    questions = ["first question", "second question", "third question"]
+    lines = iter(questions + [""])
     seen = []
     n = interactive(loaded.sources["model"], chat=True, settings=greedy(4), read=lambda _: next(lines),
                     echo=seen.append)
-    assert n == 3 and sum(s.startswith("Response: ") for s in seen) == 3
+    # the REPL answers as a chat session on the same model does, history included
+    chat = ChatSession(Generator(loaded, greedy(4)), TEMPLATES["alpaca"])
+    assert n == 3
+    assert [s.removeprefix("Response: ").removesuffix("\n") for s in seen if s.startswith("Response: ")] == [
+        chat.ask(q) for q in questions]
 
     gen = Generator(loaded, greedy(4))
-    session = ChatSession(gen, TEMPLATES["alpaca"])
+    tpl = TEMPLATES["alpaca"]
+    session = ChatSession(gen, tpl)
     session.budget = 200  # a small context (one turn is ~55 tokens): the history must be cut
+
+    def fits(turns: int) -> bool:
+        recent = session.history[len(session.history) - turns:]
+        return len(gen.encode(tpl.chat(recent, "next"))) <= session.budget
+
     for i in range(6):
         session.ask(f"question number {i} about the weather in the mountains")
         ids, kept = session.prompt_ids("next")
-        assert len(ids) <= session.budget
+        # the most recent turns that fit, and no fewer
+        assert fits(kept) and (kept == len(session.history) or not fits(kept + 1))
+        assert ids == gen.encode(tpl.chat(session.history[len(session.history) - kept:], "next"))
     assert 0 < len(session.history) < 6
     assert session.history[-1][0] == "question number 5 about the weather in the mountains"
     # history is in the prompt

@@ -40,7 +40,6 @@ import sys
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -51,7 +50,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import LlamaforgeError
-from .fsutil import atomic_file
+from .fsutil import write_json
+from .tokenizer import bundled_text
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ _FATAL_STATUS = {
 
 @functools.lru_cache(maxsize=1)
 def _recipe() -> dict[str, Any]:
-    text = resources.files("llamaforge").joinpath("data/crawl_prompt.json").read_text("utf-8")
-    return json.loads(text)
+    return json.loads(bundled_text("crawl_prompt.json"))
 
 
 def build_prompt(seed: int, index: int, items_per_request: int = 20) -> str:
@@ -405,7 +404,8 @@ _RAW_FIELDS = frozenset({"index", "seed", "items_per_request", "attempts", "usag
 
 
 class _Store:
-    """The crawl's two append-only files, opened for resuming, and the dedup index over them."""
+    """The crawl's two append-only files, opened for resuming, the items written to them and the
+    dedup index over those."""
 
     def __init__(self, items_path: Path, raw_path: Path, seed: int, items_per_request: int, threshold: float):
         self.items_path = items_path
@@ -415,6 +415,7 @@ class _Store:
         self.dedup = DedupIndex(threshold)
         self.totals = _Totals()
         self.done: set[int] = set()
+        self.items: list[dict] = []  # the records of the items file, as written
 
         items_path.parent.mkdir(parents=True, exist_ok=True)
         self._raw = open(raw_path, "a+", encoding="utf-8")
@@ -450,11 +451,11 @@ class _Store:
             if record["index"] not in self.done:
                 self.done.add(record["index"])
                 self.totals.add_record(record)
-        items = _read_jsonl(self.items_path)
-        for item in items:
+        self.items = _read_jsonl(self.items_path)
+        for item in self.items:
             self.dedup.add(item.get("instruction", ""))
         if records:
-            self._recover(records[-1], {item.get("instruction") for item in items})
+            self._recover(records[-1], {item.get("instruction") for item in self.items})
 
     def _recover(self, last: dict, present: set[str | None]) -> None:
         # Only the newest raw record can have lost items to a kill (see the module docstring).
@@ -467,6 +468,7 @@ class _Store:
         if missing:
             with open(self.items_path, "a", encoding="utf-8") as f:
                 _fsync_write(f, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in missing))
+            self.items.extend(missing)
             log.info("recovered %d items of request %d that an interrupted run had not written",
                      len(missing), last["index"])
 
@@ -498,6 +500,7 @@ class _Store:
         _fsync_write(self._raw, json.dumps(record, ensure_ascii=False) + "\n")
         if accepted:
             _fsync_write(self._items, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in accepted))
+            self.items.extend(accepted)
         self.done.add(index)
         self.totals.add_record(record)
 
@@ -677,7 +680,7 @@ def crawl(
     items_per_request: int = 20,
     seed: int = 0,
     max_retries: int = 5,
-    timeout: float = 60.0,
+    timeout: float = 300.0,
     backoff: float = 1.0,
     dedup_threshold: float = 0.7,
     alpaca_json: str | os.PathLike | None = None,
@@ -728,7 +731,7 @@ def crawl(
         raise KeyboardInterrupt from None
     finally:
         store.close()
-        stats = _write_outputs(store, items_path, alpaca_path, stats_path, num_requests, model, price_in, price_out,
+        stats = _write_outputs(store, alpaca_path, stats_path, num_requests, model, price_in, price_out,
                                time.monotonic() - started)
         _log_summary(stats, outcome)
     missing = stats["requests"]["remaining"]
@@ -740,15 +743,13 @@ def crawl(
     return stats
 
 
-def _write_outputs(store: _Store, items_path: Path, alpaca_path: Path, stats_path: Path, num_requests: int,
+def _write_outputs(store: _Store, alpaca_path: Path, stats_path: Path, num_requests: int,
                    model: str, price_in: float, price_out: float, seconds: float) -> dict[str, Any]:
     items = [
         {"instruction": r.get("instruction", ""), "input": r.get("input", ""), "output": r.get("output", "")}
-        for r in _read_jsonl(items_path)
+        for r in store.items
     ]
-    with atomic_file(alpaca_path, "w") as f:
-        json.dump(items, f, ensure_ascii=False, indent=2)
-        f.write("\n")
+    write_json(alpaca_path, items)
     t = store.totals
     finished = len(store.done & set(range(num_requests)))
     stats = {
@@ -777,9 +778,7 @@ def _write_outputs(store: _Store, items_path: Path, alpaca_path: Path, stats_pat
         "price_per_million_tokens": {"input": price_in, "output": price_out},
         "last_run_seconds": round(seconds, 3),
     }
-    with atomic_file(stats_path, "w") as f:
-        json.dump(stats, f, ensure_ascii=False, indent=2)
-        f.write("\n")
+    write_json(stats_path, stats)
     return stats
 
 

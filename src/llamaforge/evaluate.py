@@ -31,60 +31,27 @@ import logging
 import math
 import os
 import unicodedata
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 from .errors import LlamaforgeError
-from .fsutil import atomic_file, require_dir, require_file
+from .fsutil import atomic_file, read_json, read_text, require_dir, require_file, write_json
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 1e-3
 
 
-def bundled_path(name: str) -> Path:
-    """A file under llamaforge/data/ (the package is installed editable or from a wheel, unzipped)."""
-    return Path(os.fspath(resources.files("llamaforge").joinpath("data", name)))
+def _eval_text(path: str | os.PathLike | None, what: str) -> tuple[str, str]:
+    """(text, name for the result) of a UTF-8 text file; None: the bundled Chinese + English sample."""
+    if path is None:
+        from .tokenizer import bundled_text
 
-
-def disk_mb(paths) -> float:
-    """Megabytes on disk of files and folders (recursively); what does not exist yet counts 0.
-
-    Used by rules/evaluate.smk to size a job's memory from its model's size.
-    """
-    total = 0
-    for p in map(Path, paths):
-        if p.is_dir():
-            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        elif p.is_file():
-            total += p.stat().st_size
-    return total / 2**20
-
-
-def _write_json(path: str | os.PathLike, obj) -> None:
-    with atomic_file(path, "w") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-
-
-def read_json(path: str | os.PathLike, what: str) -> dict | list:
-    p = require_file(path, what)
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlamaforgeError(f"{what} is not valid JSON ({e})", p, "rebuild it (delete it and rerun)") from None
-
-
-def read_text(path: str | os.PathLike, what: str = "text file") -> str:
-    p = require_file(path, what)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LlamaforgeError(f"not UTF-8 text ({e.reason} at byte {e.start})", p, "save the file as UTF-8") from None
+        return bundled_text("eval_text.txt"), "llamaforge/data/eval_text.txt"
+    text = read_text(path, what)
     if not text.strip():
-        raise LlamaforgeError(f"the {what} is empty", p, "give a file with some text")
-    return text
+        raise LlamaforgeError(f"the {what} is empty", Path(path), "give a file with some text")
+    return text, os.fspath(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,21 +98,18 @@ def sliding_window_nll(model, ids: Sequence[int], max_length: int, stride: int, 
     return {"nll_sum": nll, "scored_tokens": count, "windows": windows}
 
 
-def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, output: str | os.PathLike | None = None,
-               tokenizer: str | os.PathLike | None = None, max_length: int | None = None, stride: int = 512,
-               device: str = "auto", dtype: str | None = "auto", echo=print) -> dict:
-    """Perplexity of `model` on a UTF-8 text (the whole file as one sequence, BOS first)."""
-    from .generate import load_causal_lm, load_tokenizer, plan_vocab, resolve_device, resolve_dtype, base_vocab_size
+def perplexity(model: str | os.PathLike, text_file: str | os.PathLike | None = None,
+               output: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+               max_length: int | None = None, stride: int = 512, device: str = "auto", dtype: str | None = "auto",
+               echo=print) -> dict:
+    """Perplexity of `model` on a UTF-8 text (the whole file as one sequence, BOS first; default:
+    the bundled sample)."""
+    from .generate import load_model
 
-    text = read_text(text_file, "perplexity text")
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    tok_dir = Path(tokenizer) if tokenizer else Path(model)
-    tok = load_tokenizer(tok_dir)
-    plan_vocab(base_vocab_size(model), [], len(tok), tok_dir, model)
-    ids = tok(text.rstrip("\n")).input_ids
-    m = load_causal_lm(model, dt, dev)
-    context = int(getattr(m.config, "max_position_embeddings", 0) or 2048)
+    text, text_name = _eval_text(text_file, "perplexity text")
+    loaded = load_model(model, (), tokenizer, device, dtype, echo=echo)
+    m, dev, dt, context = loaded.model, loaded.device, loaded.dtype, loaded.context_length
+    ids = loaded.tokenizer(text.rstrip("\n")).input_ids
     window = int(max_length or context)
     if window > context:
         log.warning("max_length %d exceeds the model's context %d", window, context)
@@ -156,8 +120,8 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, output: s
     mean = r["nll_sum"] / r["scored_tokens"]
     result = {
         "model": os.fspath(model),
-        "tokenizer": os.fspath(tok_dir),
-        "text": os.fspath(text_file),
+        "tokenizer": loaded.sources["tokenizer"],
+        "text": text_name,
         "characters": chars,
         "tokens": len(ids),
         "scored_tokens": r["scored_tokens"],
@@ -173,7 +137,7 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, output: s
     echo(f"perplexity {result['perplexity']:.4f} ({result['bits_per_character']:.4f} bits per character) over "
          f"{r['scored_tokens']} tokens in {r['windows']} window(s)")
     if output:
-        _write_json(output, result)
+        write_json(output, result)
     return result
 
 
@@ -183,33 +147,25 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, output: s
 
 def stored_dtypes(folder: str | os.PathLike) -> dict:
     """{tensor name: torch dtype} as the model folder's weight files store them (headers only)."""
-    import torch
+    from .formats import ModelSource
 
-    d = require_dir(folder, "model folder")
-    files = sorted(d.glob("*.safetensors"))
-    out = {}
-    if files:
-        from safetensors import safe_open
-
-        for f in files:
-            with safe_open(os.fspath(f), "pt") as h:
-                for k in h.keys():
-                    out[k] = getattr(torch, {"F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                                             "F64": "float64"}.get(h.get_slice(k).get_dtype(), "float32"))
-        return out
-    for f in sorted(d.glob("*.bin")):
-        sd = torch.load(os.fspath(f), map_location="cpu", mmap=True, weights_only=True)
-        out.update({k: v.dtype for k, v in sd.items()})
-    if not out:
-        raise LlamaforgeError("no *.safetensors or *.bin weights", d, "point at a Hugging Face model folder")
-    return out
+    src = ModelSource(folder)
+    try:
+        return {k: src.info(k).dtype for k in src.keys()}
+    finally:
+        src.close()
 
 
 def equivalence_prompts(path: str | os.PathLike | None = None) -> list[str]:
-    """The fixed prompts: each line of the file, in the inference template."""
+    """The fixed prompts: each instruction of the file (default: the bundled ones), in the inference template."""
     from .generate import TEMPLATES, read_examples
 
-    examples = read_examples(path or bundled_path("eval_prompts.txt"))
+    if path is None:
+        from .tokenizer import bundled_text
+
+        examples = read_examples("eval_prompts.txt", bundled_text("eval_prompts.txt"))
+    else:
+        examples = read_examples(path)
     return [TEMPLATES["alpaca"].prompt(ex.instruction, ex.input) for ex in examples]
 
 
@@ -247,7 +203,7 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
     """
     import torch
 
-    from .generate import (apply_adapters, base_vocab_size, inspect_adapter, load_causal_lm, load_tokenizer,
+    from .generate import (apply_adapters, base_vocab_size, inspect_adapters, load_causal_lm, load_tokenizer,
                            plan_vocab, resolve_device)
 
     if not loras:
@@ -259,7 +215,7 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
     tok_dir = Path(tokenizer) if tokenizer else Path(merged)
     tok = load_tokenizer(tok_dir)
     merged_vocab = base_vocab_size(merged)
-    infos = [inspect_adapter(p) for p in loras]
+    infos = inspect_adapters(base, loras)
     # structural checks only: whether the chain is the right recipe is the merge's business
     sizes = plan_vocab(base_vocab_size(base), infos, None, allow_vocab_jump=True)
     if sizes[-1] != merged_vocab:
@@ -320,7 +276,7 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
         log.warning("the last adapter changes logits by %.3e only, within the tolerance: this check cannot tell a "
                     "merge that forgot it", effect)
     if output:
-        _write_json(output, result)
+        write_json(output, result)
     if not passed:
         raise LlamaforgeError(
             f"merge check FAILED: max |delta logit| {cmp['max_abs_diff']:.4g} > allowed {allowed:.4g} between the merged "
@@ -341,7 +297,11 @@ def _is_cjk(ch: str) -> bool:
 def _encoder(path: str | os.PathLike):
     """(encode function, vocabulary size) for a tokenizer folder or a SentencePiece model file."""
     p = Path(path)
-    if p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    from .tokenizer import HF_FILES
+
+    # Hugging Face files beside tokenizer.model: load it as inference does; tokenizer.model alone
+    # (a Meta folder) or a bare model file: SentencePiece
+    if p.is_dir() and any((p / f).is_file() for f in HF_FILES if f != "tokenizer.model"):
         from .generate import load_tokenizer
 
         tok = load_tokenizer(p)
@@ -362,10 +322,12 @@ def _counts(encode, lines: Sequence[str]) -> dict:
             "tokens_per_char": tokens / chars if chars else 0.0}
 
 
-def tokenizer_stats(tokenizer: str | os.PathLike, base_tokenizer: str | os.PathLike, text_file: str | os.PathLike,
-                    output: str | os.PathLike | None = None, echo=print) -> dict:
-    """Characters per token before (base) and after (merged) the vocabulary merge, line by line."""
-    text = read_text(text_file, "tokenizer-stats text")
+def tokenizer_stats(tokenizer: str | os.PathLike, base_tokenizer: str | os.PathLike,
+                    text_file: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
+                    echo=print) -> dict:
+    """Characters per token before (base) and after (merged) the vocabulary merge, line by line
+    (default text: the bundled sample)."""
+    text, text_name = _eval_text(text_file, "tokenizer-stats text")
     lines = [s for s in text.splitlines() if s.strip()]
     enc_m, vocab_m = _encoder(tokenizer)
     enc_b, vocab_b = _encoder(base_tokenizer)
@@ -381,7 +343,7 @@ def tokenizer_stats(tokenizer: str | os.PathLike, base_tokenizer: str | os.PathL
 
     overall = block(lines)
     result = {
-        "tokenizer": os.fspath(tokenizer), "base_tokenizer": os.fspath(base_tokenizer), "text": os.fspath(text_file),
+        "tokenizer": os.fspath(tokenizer), "base_tokenizer": os.fspath(base_tokenizer), "text": text_name,
         "vocab": {"base": vocab_b, "merged": vocab_m},
         **overall,
         "token_reduction": 1 - overall["merged"]["tokens"] / overall["base"]["tokens"] if overall["base"]["tokens"] else 0.0,
@@ -392,7 +354,7 @@ def tokenizer_stats(tokenizer: str | os.PathLike, base_tokenizer: str | os.PathL
     for k, b in result["by_script"].items():
         echo(f"  {k} ({b['lines']} lines): base {b['base']['chars_per_token']:.3f}, merged {b['merged']['chars_per_token']:.3f}")
     if output:
-        _write_json(output, result)
+        write_json(output, result)
     return result
 
 
@@ -432,7 +394,7 @@ def summarize(model: str, output: str | os.PathLike | None = None, predictions: 
                           for k, v in t["by_script"].items()},
         }
     if output:
-        _write_json(output, out)
+        write_json(output, out)
     echo(json.dumps(out, ensure_ascii=False, indent=2))
     return out
 

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import LlamaforgeError
-from .fsutil import atomic_file, require_dir, require_file
+from .fsutil import atomic_file, read_text, require_dir, write_json
+from .tokenizer import HF_FILES
 
 log = logging.getLogger(__name__)
 
@@ -159,17 +160,15 @@ def _record(obj, path, where) -> Example:
     return Example(instruction.strip(), inp.strip())
 
 
-def read_examples(path: str | os.PathLike) -> list[Example]:
+def read_examples(path: str | os.PathLike, text: str | None = None) -> list[Example]:
     """Instructions from a text file (one a line), a JSON list of Alpaca records, or JSONL records.
 
     The format is chosen by the suffix: `.json`, `.jsonl`, anything else is text. Blank lines are
-    skipped.
+    skipped. `text`, when given, is the file's content already read (a bundled file).
     """
-    p = require_file(path, "instruction file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LlamaforgeError(f"not UTF-8 text ({e.reason} at byte {e.start})", p, "save the file as UTF-8") from None
+    p = Path(path)
+    if text is None:
+        text = read_text(p, "instruction file")
     suffix = p.suffix.lower()
     examples: list[Example] = []
     if suffix == ".json":
@@ -202,10 +201,6 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
 # ---------------------------------------------------------------------------------------------
 # Models, adapters and the vocabulary chain
 
-WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-
-
 @dataclass
 class AdapterInfo:
     path: Path
@@ -214,64 +209,31 @@ class AdapterInfo:
     pad_id: int | None = None  # that tokenizer's pad token id
 
 
-def _tensor_shapes(path: Path) -> dict[str, list[int]]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+def inspect_adapter(folder: str | os.PathLike, base_names) -> AdapterInfo:
+    """Read an adapter folder's tensor directory (no weights), mapped onto the base's tensor names,
+    and the length of the tokenizer stored with it (read without transformers)."""
+    from .lora import open_adapter
+    from .merge import EMBED, LM_HEAD, tokenizer_length
+    from .tokenizer import load_proto, special_ids
 
-        try:
-            with safe_open(os.fspath(path), "pt") as f:
-                return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types
-            raise LlamaforgeError(f"cannot read safetensors file ({e})", path, "re-download or re-save the adapter") from None
-    import torch
-
-    try:
-        try:
-            sd = torch.load(os.fspath(path), map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError:  # a pre-zip (legacy) file cannot be memory-mapped
-            sd = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LlamaforgeError(f"cannot read PyTorch file ({type(e).__name__}: {e})", path,
-                              "re-download the adapter, or save it as safetensors") from None
-    return {k: list(v.shape) for k, v in sd.items()}
-
-
-def _full_rows(shapes: dict[str, list[int]], path: Path) -> int | None:
-    """Rows of the full embed_tokens / lm_head an adapter stores; errors for the known accidents."""
-    rows = {}
-    for key, shape in shapes.items():
-        if "lora_" in key or not key.endswith("weight"):
-            continue
-        if shape == [0] or (shape and 0 in shape):
-            raise LlamaforgeError(f"tensor {key} is empty (shape {shape}); the adapter was saved from a "
-                                  "sharded (DeepSpeed ZeRO-3) model", path,
-                                  "save the adapter again with the full weights gathered")
-        for part in ("embed_tokens", "lm_head"):
-            if f".{part}." in f".{key}" or key.startswith(part):
-                rows[part] = shape[0]
-    if len(set(rows.values())) > 1:
-        raise LlamaforgeError(f"the adapter's embed_tokens has {rows.get('embed_tokens')} rows but its lm_head "
-                              f"{rows.get('lm_head')}", path, "use an adapter whose embedding and head match")
-    return next(iter(rows.values()), None)
-
-
-def inspect_adapter(folder: str | os.PathLike) -> AdapterInfo:
-    """Read an adapter folder's shapes (no weights) and the length of the tokenizer stored with it."""
     d = require_dir(folder, "adapter folder")
     if not (d / "adapter_config.json").is_file():
         raise LlamaforgeError("no adapter_config.json: not a PEFT adapter folder", d,
                               "point --lora (or loras: in config.yaml) at a folder holding adapter_config.json "
                               "and adapter_model.safetensors")
-    weights = next((d / n for n in WEIGHT_NAMES if (d / n).is_file()), None)
-    if weights is None:
-        raise LlamaforgeError("no adapter_model.safetensors or adapter_model.bin", d,
-                              "copy the adapter weights into the folder")
-    info = AdapterInfo(d, _full_rows(_tensor_shapes(weights), weights))
-    if any((d / f).is_file() for f in _TOKENIZER_FILES):
-        from .tokenizer import load_hf_tokenizer
-
-        tok = load_hf_tokenizer(d)
-        info.tokenizer_len, info.pad_id = len(tok), tok.pad_token_id
+    ad = open_adapter(d, base_names)
+    try:
+        embed, head = ad.full_rows(EMBED), ad.full_rows(LM_HEAD)
+    finally:
+        ad.close()
+    if embed is not None and head is not None and embed != head:
+        raise LlamaforgeError(f"the adapter's embed_tokens has {embed} rows but its lm_head {head}", ad.weights_file,
+                              "use an adapter whose embedding and head match")
+    info = AdapterInfo(d, embed if embed is not None else head)
+    # the merge's rule (merge._resolve_tokenizer): an adapter has a tokenizer when tokenizer.model is beside it
+    if (d / "tokenizer.model").is_file():
+        info.tokenizer_len = tokenizer_length(d)
+        info.pad_id = special_ids(load_proto(d / "tokenizer.model"), d).get("pad")
         if info.rows is not None and info.tokenizer_len != info.rows:
             raise LlamaforgeError(
                 f"the adapter stores {info.rows} embedding rows but the tokenizer in its folder has "
@@ -279,6 +241,24 @@ def inspect_adapter(folder: str | os.PathLike) -> AdapterInfo:
                 "keep each adapter with its own tokenizer: the LLaMA tokenizer with the LLaMA(-Plus) LoRA and the "
                 "Alpaca tokenizer with the Alpaca(-Plus) LoRA")
     return info
+
+
+def inspect_adapters(model: str | os.PathLike, loras: Sequence[str | os.PathLike]) -> list[AdapterInfo]:
+    """inspect_adapter for each of `loras`, against the tensors of the model they are applied to
+    (plus lm_head when its embeddings are tied, as the merge does)."""
+    if not loras:
+        return []
+    from .formats import ModelSource, read_hf_config
+    from .merge import LM_HEAD
+
+    src = ModelSource(model)
+    try:
+        names = set(src.keys())
+    finally:
+        src.close()
+    if read_hf_config(model).get("tie_word_embeddings", False):
+        names.add(LM_HEAD)
+    return [inspect_adapter(p, names) for p in loras]
 
 
 def plan_vocab(base_vocab: int, adapters: Sequence[AdapterInfo], tokenizer_len: int | None = None,
@@ -346,11 +326,9 @@ def resolve_dtype(dtype: str | None, device: str):
 
     if dtype in (None, "auto"):
         return torch.float32 if device == "cpu" else torch.float16
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    try:
-        return table[dtype]
-    except KeyError:
-        raise LlamaforgeError(f"unknown dtype {dtype!r}", None, "use auto, float32, float16 or bfloat16") from None
+    from .formats import torch_dtype
+
+    return torch_dtype(dtype)
 
 
 def _dtype_kwarg(dtype) -> dict:
@@ -360,22 +338,10 @@ def _dtype_kwarg(dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def model_config(folder: str | os.PathLike) -> dict:
-    d = require_dir(folder, "model folder")
-    cfg = d / "config.json"
-    if not cfg.is_file():
-        fix = ("convert the Meta checkpoint to Hugging Face format first (the pipeline does this for bases listed in "
-               "config.yaml)" if (d / "params.json").is_file() else
-               "point at a Hugging Face model folder (config.json + safetensors)")
-        raise LlamaforgeError("no config.json: not a Hugging Face model folder", d, fix)
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LlamaforgeError(f"config.json is not valid JSON ({e.msg})", cfg, "restore the model's config.json") from None
-
-
 def base_vocab_size(folder: str | os.PathLike) -> int:
-    cfg = model_config(folder)
+    from .formats import read_hf_config
+
+    cfg = read_hf_config(folder)
     n = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
     if not isinstance(n, int):
         raise LlamaforgeError("config.json has no vocab_size", Path(folder) / "config.json", "add vocab_size")
@@ -386,7 +352,9 @@ def load_causal_lm(folder: str | os.PathLike, dtype, device: str = "cpu"):
     """AutoModelForCausalLM in `dtype` on `device`, in eval mode, never trusting remote code."""
     from transformers import AutoModelForCausalLM
 
-    model_config(folder)
+    from .formats import read_hf_config
+
+    read_hf_config(folder)  # the clear error for a Meta checkpoint or a folder without config.json
     model = AutoModelForCausalLM.from_pretrained(os.fspath(folder), trust_remote_code=False, **_dtype_kwarg(dtype))
     if device != "cpu":
         model = model.to(device)
@@ -413,7 +381,7 @@ def resize_embeddings(model, rows: int) -> None:
             w[old:] = w[:old].mean(dim=0, keepdim=True)
 
 
-def apply_adapters(model, adapters: Sequence[AdapterInfo], sizes: Sequence[int], merge_last: bool = False):
+def apply_adapters(model, adapters: Sequence[AdapterInfo], sizes: Sequence[int]):
     """Apply adapters in order: resize to each one's vocabulary, merge all but the last (PEFT).
 
     Full tensors an adapter stores (embed_tokens / lm_head) replace the model's, so the embedding is
@@ -429,7 +397,7 @@ def apply_adapters(model, adapters: Sequence[AdapterInfo], sizes: Sequence[int],
         with warnings.catch_warnings():  # PEFT calls a deprecated transformers property
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = PeftModel.from_pretrained(model, os.fspath(a.path), is_trainable=False)
-        if i < len(adapters) - 1 or merge_last:
+        if i < len(adapters) - 1:
             model = model.merge_and_unload()
     model.eval()
     return model
@@ -447,15 +415,16 @@ class Loaded:
 
 
 def default_tokenizer_dir(model: str | os.PathLike, loras: Sequence[str | os.PathLike] = ()) -> Path:
-    """inference_hf.py's rule: the last adapter's folder, else the model's."""
-    return Path(loras[-1]) if loras else Path(model)
+    """The merge's rule (merge._resolve_tokenizer): the last adapter folder holding tokenizer.model,
+    else the model's folder."""
+    return next((Path(p) for p in reversed(loras) if (Path(p) / "tokenizer.model").is_file()), Path(model))
 
 
 def load_tokenizer(folder: str | os.PathLike):
     from .tokenizer import load_hf_tokenizer
 
     d = require_dir(folder, "tokenizer folder")
-    if not any((d / f).is_file() for f in _TOKENIZER_FILES):
+    if not any((d / f).is_file() for f in HF_FILES):
         raise LlamaforgeError("no tokenizer files (tokenizer.json, tokenizer.model)", d,
                               "pass --tokenizer with a tokenizer folder, e.g. tokenizers/<name>")
     tok = load_hf_tokenizer(d)
@@ -475,7 +444,7 @@ def load_model(model: str | os.PathLike, loras: Sequence[str | os.PathLike] = ()
     tok_dir = Path(tokenizer) if tokenizer else default_tokenizer_dir(model, loras)
     tok = load_tokenizer(tok_dir)
     base_vocab = base_vocab_size(model)
-    infos = [inspect_adapter(p) for p in loras]
+    infos = inspect_adapters(model, loras)
     sizes = plan_vocab(base_vocab, infos, len(tok), tok_dir, model, allow_vocab_jump, tok.pad_token_id)
     echo(f"Vocab of the model: {base_vocab}" + (f" -> {' -> '.join(map(str, sizes[1:]))} with adapters" if infos else ""))
     echo(f"Vocab of the tokenizer: {len(tok)} ({tok_dir})")
@@ -535,7 +504,6 @@ def _pad_id(tok) -> int:
 @dataclass
 class Generated:
     prompt: str
-    prompt_tokens: int
     ids: list[int]  # generated token ids, up to and without EOS
     text: str
 
@@ -549,7 +517,6 @@ class Generator:
         self.loaded = loaded
         self.settings = settings.check()
         self.tok = loaded.tokenizer
-        self.tok.padding_side = "left"
         self.pad_id = _pad_id(self.tok)
         eos = self.tok.eos_token_id
         if eos is None:  # a tokenizer without EOS: the model's own (generate would stop there anyway)
@@ -559,12 +526,9 @@ class Generator:
         self._penalty = _padded_penalty_class()
         self._torch = torch
         if settings.seed is not None:
-            self.reseed(settings.seed)
+            from transformers import set_seed
 
-    def reseed(self, seed: int) -> None:
-        from transformers import set_seed
-
-        set_seed(int(seed))
+            set_seed(int(settings.seed))
 
     def _generation_config(self, max_new_tokens: int):
         from transformers import GenerationConfig
@@ -625,7 +589,7 @@ class Generator:
             idx = order[start:start + batch_size]
             outs = self.generate_ids([encoded[i] for i in idx])
             for i, ids in zip(idx, outs):
-                results[i] = Generated(prompts[i], len(encoded[i]), ids, self.decode(ids))
+                results[i] = Generated(prompts[i], ids, self.decode(ids))
             if progress:
                 progress(min(start + batch_size, len(order)), len(order))
         return results  # type: ignore[return-value]
@@ -633,12 +597,6 @@ class Generator:
 
 # ---------------------------------------------------------------------------------------------
 # Entry points
-
-
-def _write_json(path: Path, obj) -> None:
-    with atomic_file(path, "w") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
 
 
 def predict(model: str | os.PathLike, predictions_file: str | os.PathLike, data_file: str | os.PathLike | None = None,
@@ -674,8 +632,11 @@ def predict(model: str | os.PathLike, predictions_file: str | os.PathLike, data_
         records.append({"instruction": ex.instruction, "input": ex.input, "prompt": g.prompt, "output": g.text})
     config = {**settings.to_json(), "template": tpl.name, "with_prompt": with_prompt, "batch_size": batch_size,
               "dtype": str(loaded.dtype).replace("torch.", ""), "device": loaded.device, **loaded.sources}
-    _write_json(out, records)
-    _write_json(gen_config, config)
+    # write_json would sort the keys; the records keep inference_hf.py's field order
+    with atomic_file(out, "w") as f:
+        json.dump(records, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+    write_json(gen_config, config)
     echo(f"Wrote {len(records)} predictions to {out} and the settings to {gen_config}")
     return records
 
