@@ -1,5 +1,5 @@
 # Exports of each merged model (Meta consolidated.NN.pth, GGUF), the import of a Meta base, and
-# sha256 verification. Uses model_cfg, folder_files and shell_quote from rules/common.smk.
+# sha256 verification. Uses model_cfg, folder_files, input_mb and shell_quote from rules/common.smk.
 #
 #   exports/{model}/pth/                      consolidated.NN.pth, params.json, tokenizer.model, SHA256SUMS
 #   exports/{model}/{model}-{outtype}.gguf    + {model}-{outtype}.gguf.sha256   (outtype f16, bf16, q8_0)
@@ -8,11 +8,18 @@
 #
 # The helpers are lambdas: `snakemake --lint` wants no `def` beside rules.
 
-from llamaforge.formats import largest_tensor_bytes as export_largest_tensor_bytes  # noqa: E402
+from llamaforge.formats import largest_tensor_bytes  # noqa: E402
+from llamaforge.meta import find_tokenizer  # noqa: E402
 
-EXPORT_LIB = ["src/llamaforge/export.py", "src/llamaforge/names.py", "src/llamaforge/formats.py"]
-IMPORT_LIB = ["src/llamaforge/meta.py", "src/llamaforge/names.py", "src/llamaforge/formats.py",
-              "src/llamaforge/tokenizer.py"]
+# Every llamaforge module each rule's script imports (the package, its errors, the CLI helpers and
+# the modules they pull in): a change to any of them reruns the rule. The GGUF export alone reads
+# tokenizer.model (tokenizer.py); verify runs export.py's verify_sha256.
+_LIB = ["src/llamaforge/__init__.py", "src/llamaforge/errors.py", "src/llamaforge/cli.py"]
+EXPORT_LIB = _LIB + ["src/llamaforge/export.py", "src/llamaforge/formats.py", "src/llamaforge/fsutil.py",
+                     "src/llamaforge/names.py"]
+GGUF_LIB = EXPORT_LIB + ["src/llamaforge/tokenizer.py"]
+IMPORT_LIB = _LIB + ["src/llamaforge/meta.py", "src/llamaforge/formats.py", "src/llamaforge/fsutil.py",
+                     "src/llamaforge/names.py", "src/llamaforge/tokenizer.py"]
 
 
 # The export files of one model, per its `exports:` list (hf = merged/{model} itself).
@@ -22,25 +29,17 @@ export_files = lambda name: [
 ]
 # The default target's exports: every model's (the lead adds export_targets() to `rule all`).
 export_targets = lambda: [f for name in config["models"] for f in export_files(name)]
-# Largest tensor (MiB) of a Hugging Face folder once it exists (Snakemake re-evaluates resources
-# when the job is scheduled, after the merge); None before.
-export_largest_mb = lambda folders: (
-    export_largest_tensor_bytes([f for d in folders for f in Path(d).glob("*.safetensors")]) // 2**20
-    if any(Path(d).is_dir() for d in folders) else None
+# Memory, like common.smk's merge_mem_mb: the interpreter and torch (~0.6 GB), two buffers of the
+# largest tensor (read ahead, being written) and its blocks. The merged folder's largest tensor is
+# known once the merge wrote it (Snakemake evaluates resources again when the job is scheduled);
+# 4 GB before.
+export_mem_mb = lambda wc, input: (lambda largest: int(768 + 3 * largest // 2**20) if largest else 4096)(
+    largest_tensor_bytes([f for d in input.model for f in Path(d).glob("*.safetensors")])
 )
-# Memory: the interpreter and torch (~0.6 GB), two buffers of the largest tensor (read ahead, being
-# written) and its conversion blocks; 4 GB while the folder does not exist yet.
-export_mem_mb = lambda wc, input: (
-    4096 if export_largest_mb(input.model) is None else int(768 + 3 * export_largest_mb(input.model))
-)
-export_runtime = lambda wc, input: int(10 + sum(
-    f.stat().st_size for d in input.model for f in Path(d).glob("*.safetensors")) / 2**30 * 2)
-# tokenizer.model of a Meta base: in its folder, or one level up (Meta's download layout).
-import_tokenizer = lambda wc: next(
-    (str(p) for p in (Path(model_cfg(wc.model)["base"]) / "tokenizer.model",
-                      Path(model_cfg(wc.model)["base"]).parent / "tokenizer.model") if p.is_file()),
-    str(Path(model_cfg(wc.model)["base"]) / "tokenizer.model"),
-)
+# Runtime (minutes) of a streaming export or import: 2 per GiB of input, plus 10.
+export_runtime = lambda wc, input: int(10 + input_mb(input) / 1024 * 2)
+# tokenizer.model of a Meta base, found as scripts/import_pth.py finds it (in the folder or one level up).
+import_tokenizer = lambda wc: str(find_tokenizer(Path(model_cfg(wc.model)["base"])))
 # The target that produces a file listed under sha256: (a file inside a built folder is built by it).
 verify_target = lambda name, path: next(
     (d for d in (f"exports/{name}/pth", f"merged/{name}", f"imported/{name}") if path.startswith(f"{d}/")), path
@@ -72,7 +71,7 @@ rule import_pth:
     resources:
         # blocks of 16 MB per shard, never a tensor: the interpreter and torch dominate
         mem_mb=1536,
-        runtime=lambda wc, input: int(10 + input_mb(input) / 1024 * 2),
+        runtime=export_runtime,
     conda:
         "../envs/export.yaml"
     shell:
@@ -110,7 +109,7 @@ rule export_pth:
 rule export_gguf:
     input:
         script="scripts/export_gguf.py",
-        lib=EXPORT_LIB,
+        lib=GGUF_LIB,
         model=lambda wc: folder_files(f"merged/{wc.model}"),
     output:
         gguf="exports/{model}/{model}-{outtype}.gguf",
@@ -137,7 +136,7 @@ rule export_gguf:
 rule verify:
     input:
         script="scripts/verify_sha256.py",
-        lib="src/llamaforge/export.py",
+        lib=EXPORT_LIB,
         files=lambda wc: sorted(
             {verify_target(wc.model, p) for p in model_cfg(wc.model)["sha256"]} | set(export_files(wc.model))
         ),

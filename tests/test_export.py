@@ -1,7 +1,8 @@
 """Exports of a merged model to Meta consolidated.NN.pth and GGUF, SHA256SUMS and verification.
 
 Every input is made here, in temporary folders: the embedded demo merged with its adapters
-(vocabulary 1190, and 1189 for the odd N=2 split) and a small random grouped-query-attention model.
+(vocabulary 1190, and 1189 for the odd N=2 split), a small random grouped-query-attention model,
+and the same with tied embeddings (no lm_head.weight stored).
 The Meta files are read back by an independent reader written below from Meta's rules (concatenate
 the shards, permute q/k back to Hugging Face order), not with llamaforge.names.
 """
@@ -13,6 +14,7 @@ import glob
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -44,12 +46,14 @@ def build_inputs(root: str) -> dict[str, Path]:
     merge_lora(demo / "base", [plus, alpaca], root / "merged-demo", **quiet)  # vocab 1190, [PAD]
     merge_lora(demo / "base", [plus], root / "merged-llama", max_shard_size="100KB", **quiet)  # 1189, sharded
     return {"demo": demo, "merged": root / "merged-demo", "merged_odd": root / "merged-llama",
-            "gqa": make_gqa_model(root / "gqa", demo / "sp" / "base.model")}
+            "gqa": make_gqa_model(root / "gqa", demo / "sp" / "base.model"),
+            "tied": make_gqa_model(root / "tied", demo / "sp" / "base.model", tied=True)}
 
 
-def make_gqa_model(out: Path, sp_model: Path) -> Path:
+def make_gqa_model(out: Path, sp_model: Path, tied: bool = False) -> Path:
     """A random LLaMA with grouped-query attention (8 heads, 2 KV heads), an odd vocabulary larger than
-    its tokenizer (GGUF pads it), an FFN width that needs ffn_dim_multiplier, and rope_theta 500000."""
+    its tokenizer (GGUF pads it), an FFN width that needs ffn_dim_multiplier, and rope_theta 500000;
+    tied=True: tie_word_embeddings, so save_pretrained stores no lm_head.weight."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llamaforge.tokenizer import load_proto, write_hf_tokenizer
@@ -57,7 +61,7 @@ def make_gqa_model(out: Path, sp_model: Path) -> Path:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=515, hidden_size=64, intermediate_size=200, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
-                      rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+                      rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -161,15 +165,14 @@ def sha256sum_check(folder: Path, sums: str) -> str:
 
 
 def test_permutations_are_inverses():
-    from llamaforge.names import permute_hf_to_meta, permute_into, permute_meta_to_hf
+    from llamaforge.names import permute_into
 
     w = torch.randn(4 * 16, 24)
-    meta = permute_hf_to_meta(w, 4)
-    assert not torch.equal(meta, w)
-    assert torch.equal(permute_meta_to_hf(meta, 4), w)
-    # llama.cpp's LlamaModel.permute (convert_hf_to_gguf.py), written out
-    ref = w.reshape(4, 2, w.shape[0] // 4 // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    assert torch.equal(meta, ref)
+    # llama.cpp's LlamaModel.permute (convert_hf_to_gguf.py), written out: HF -> Meta/GGUF
+    meta = w.reshape(4, 2, w.shape[0] // 4 // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    # transformers' convert_llama_weights_to_hf.py permute, the other way: Meta -> HF
+    hf = meta.view(4, w.shape[0] // 4 // 2, 2, 24).transpose(1, 2).reshape(w.shape)
+    assert not torch.equal(meta, w) and torch.equal(hf, w)
     out = torch.empty_like(w)
     assert torch.equal(permute_into(out, w, 4, to_meta=True), meta)
     assert torch.equal(permute_into(torch.empty_like(w), meta, 4, to_meta=False), w)
@@ -198,20 +201,19 @@ def test_shard_rules():
         shard_ranges(LAYER[0].at(0), (64, 64), 3)
 
 
-@pytest.mark.parametrize("dim,ffn", [(4096, 11008), (5120, 13824), (6656, 17920), (8192, 22016), (8192, 28672),
-                                     (64, 176), (64, 200), (2048, 5504), (64, 100)])
-def test_ffn_params_reproduce_the_width(dim, ffn):
+@pytest.mark.parametrize("dim,ffn,expected", [
+    (4096, 11008, (256, None)), (5120, 13824, (256, None)), (6656, 17920, (256, None)),  # LLaMA's own params.json
+    (8192, 22016, (256, None)), (8192, 28672, (4096, 1.3)),  # LLaMA-2 70B
+    (64, 176, (16, None)), (64, 200, (8, 1.176)), (2048, 5504, (128, None)), (64, 100, (4, 0.588)),
+])
+def test_ffn_params_reproduce_the_width(dim, ffn, expected):
     from llamaforge.names import ffn_params
 
     multiple_of, mult = ffn_params(dim, ffn)
-    params = {"dim": dim, "multiple_of": multiple_of, "ffn_dim_multiplier": mult}
-    assert meta_ffn(params) == ffn
-    # the closed form, as usually written
+    assert (multiple_of, mult) == expected
+    assert meta_ffn({"dim": dim, "multiple_of": multiple_of, "ffn_dim_multiplier": mult}) == ffn
+    # the closed form, as usually written (GUIDE §2)
     assert multiple_of * math.ceil(int(8 * dim / 3) * (mult or 1) / multiple_of) == ffn
-    if (dim, ffn) in ((4096, 11008), (5120, 13824), (6656, 17920), (8192, 22016)):
-        assert (multiple_of, mult) == (256, None)  # LLaMA's own params.json
-    if (dim, ffn) == (64, 176):
-        assert (multiple_of, mult) == (16, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,15 +286,16 @@ def test_kernel_copy_gives_the_same_bytes(inputs, tmp_path, monkeypatch, n):
         for f in ([p] if p.is_file() else sorted(p.iterdir())):
             plain[f.relative_to(tmp_path).as_posix().replace("plain", "x", 1)] = f.read_bytes()
 
-    copies = []
-    real = export.HashingFile.copy_range
+    copies = []  # the bytes each in-kernel copy moved
+    real = os.copy_file_range
     monkeypatch.setattr(export.HashingFile, "_PARALLEL", 4096)
-    monkeypatch.setattr(export.HashingFile, "copy_range",
-                        lambda self, mv, fd, off: copies.append(len(mv)) or real(self, mv, fd, off))
+    monkeypatch.setattr(os, "copy_file_range", lambda src, dst, count, offset_src=None, offset_dst=None:
+                        copies.append(count) or real(src, dst, count, offset_src, offset_dst))
     export.export_pth(inputs["merged_odd"], tmp_path / "copy", num_shards=n, echo=lambda *a: None)
     n_pth = len(copies)
     export.export_gguf(inputs["merged_odd"], tmp_path / "copy.gguf", "f16", echo=lambda *a: None)
-    assert n_pth >= 10 and len(copies) - n_pth >= 10  # both sinks took the copy path
+    assert n_pth >= 10 and len(copies) - n_pth >= 10  # both sinks copied in the kernel
+    assert min(copies) >= 4096  # runs under the threshold were written, not copied
     got = {}
     for p in sorted(tmp_path.glob("copy*")):
         for f in ([p] if p.is_file() else sorted(p.iterdir())):
@@ -463,6 +466,47 @@ def test_gguf_bf16(inputs, tmp_path):
             assert bytes(np.ascontiguousarray(got[name].data)) == ref.tobytes(), name
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_tied_embeddings(inputs, tmp_path, n):
+    """tie_word_embeddings: save_pretrained stores no lm_head.weight. Meta's format has no tying, so
+    the .pth holds output.weight = the embedding; the GGUF holds no output.weight, and llama.cpp then
+    uses token_embd for the output (as for convert_hf_to_gguf.py's files of tied models)."""
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamaforge.export import export_gguf, export_pth
+
+    model = inputs["tied"]
+    want = hf_tensors(model)
+    assert hf_config(model)["tie_word_embeddings"] is True and "lm_head.weight" not in want
+    export_pth(model, tmp_path / "pth", num_shards=n, echo=lambda *a: None)
+    sha256sum_check(tmp_path / "pth", "SHA256SUMS")
+    got = meta_state_dict(tmp_path / "pth")
+    assert torch.equal(got["lm_head.weight"], want["model.embed_tokens.weight"])
+    assert set(got) == set(want) | {"lm_head.weight"}
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    # an untied model built from the .pth alone (its own output.weight) gives the tied model's logits
+    cfg = LlamaConfig.from_pretrained(model)
+    cfg.tie_word_embeddings = False
+    untied = LlamaForCausalLM(cfg).float().eval()
+    missing, unexpected = untied.load_state_dict({k: v.float() for k, v in got.items()}, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    ids = torch.arange(1, 40).view(1, -1)
+    with torch.no_grad():
+        assert torch.equal(untied(ids).logits, logits(model))
+
+    out = tmp_path / "tied-f16.gguf"
+    export_gguf(model, out, "f16", echo=lambda *a: None)
+    sha256sum_check(tmp_path, f"{out.name}.sha256")
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert "output.weight" not in tensors and set(tensors) == set(_expected_gguf(model))
+    for name, w in _expected_gguf(model).items():
+        data = tensors[name].data
+        ref = w.float().numpy() if w.dim() == 1 else w.to(torch.float16).numpy()
+        assert np.array_equal(data.view(ref.dtype), ref), name
+
+
 # ---------------------------------------------------------------------------------------------
 # verification and bad inputs
 
@@ -550,19 +594,35 @@ def test_mismatched_config_is_refused(inputs, tmp_path):
     assert not (tmp_path / "pth").exists()
 
 
-def test_export_keeps_memory_to_the_largest_tensor(inputs):
-    """The stream's two buffers hold the largest output tensor, not the model."""
-    from llamaforge.export import TensorStream, open_model, plan_jobs
-    from llamaforge.names import meta_order
-
-    m = open_model(inputs["merged"])
-    try:
-        jobs = plan_jobs(m, meta_order(m.dims.n_layers))
-        stream = TensorStream(m, jobs)
-        sizes = [b.numel() for b in list(stream._free.queue)]
-        assert sizes == [max(j.nbytes for j in jobs)] * 2
-        assert 2 * max(j.nbytes for j in jobs) < sum(j.nbytes for j in jobs)
-        assert sum(1 for _ in stream) == len(jobs)
-    finally:
-        m.src.close()
-
+def test_export_memory_stays_flat_as_the_model_grows(tmp_path):
+    """Peak RSS of the exports is bounded by the largest tensor (a 32000-row embedding), not the model:
+    8x the layers, about the same memory. Measured for two .pth shards (each row block of the
+    embedding read once, its columns fed to both files) and GGUF BF16 (conversion blocks). (Q8_0
+    quantizes in two threads: its peak varies by tens of MB from run to run, too much for this bound.)"""
+    peaks = []
+    for layers in (2, 16):
+        work = tmp_path / f"L{layers}"
+        code = f"""
+import sys
+sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
+import merge as bm
+bm.SHAPES['t'] = dict(hidden=1024, intermediate=2816, layers={layers}, heads=8, kv_heads=8)
+bm.synthesize(__import__('pathlib').Path({str(work)!r}), 't', 32000, 32000, 8)
+"""
+        subprocess.run([sys.executable, "-c", code], check=True)
+        model = work / "base"
+        size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        rss = []
+        for script, args in (("export_pth.py", ["--output", work / "pth", "--num-shards", 2]),
+                             ("export_gguf.py", ["--output", work / "m.gguf", "--outtype", "bf16"])):
+            p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / script), "--model", str(model),
+                                  *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, status, ru = os.wait4(p.pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, p.stderr.read().decode()
+            rss.append(ru.ru_maxrss * 1024)
+        peaks.append((size, rss))
+    (small, rss_small), (large, rss_large) = peaks
+    assert large > 2.5 * small
+    for a, b in zip(rss_small, rss_large):
+        assert b - a < 0.1 * (large - small), peaks
+        assert b < large, peaks

@@ -2,16 +2,19 @@
 
 The export is the merge's loop with other transforms and sinks (GUIDE §1): a reader thread takes
 each output tensor from the model folder (block reads with `readinto`, never a memory map), renames
-it, puts q/k rows back in Meta order and cuts its slice for a shard (`llamaforge.names`), into one
-of two reusable buffers; the calling thread hands it to the sink and the buffer goes back. Memory is
-bounded by two copies of the largest tensor (the embedding), never a shard or the model.
+it and puts q/k rows back in Meta order (`llamaforge.names`), into one of two reusable buffers; the
+calling thread hands it to the sink and the buffer goes back. Memory is bounded by two copies of the
+largest tensor (the embedding), never a shard or the model.
 
 Sinks:
   * `.pth`: `torch.save`'s own zip format, written with `torch._C.PyTorchFileWriter` (what torch.save
     uses) one storage record at a time. `data.pkl` is pickled up front from the planned names,
     dtypes and shapes exactly as torch.save pickles a dict of tensors, then the records follow in
     the same order as torch.save writes them, so the file is byte-identical to `torch.save(state_dict,
-    io.BytesIO())` and `torch.load(weights_only=True, mmap=True)` and Meta's code read it.
+    io.BytesIO())` and `torch.load(weights_only=True, mmap=True)` and Meta's code read it. The N
+    files of a multi-shard export are written side by side in one pass: each tensor is read once
+    and every file takes its slice (rows, or for a tensor split on dim 1 its columns, which the
+    reader lays out shard after shard).
   * GGUF: gguf-py's `GGUFWriter` writes the header, metadata and tensor infos from the plan; the
     tensor data is then written here, block of rows by block of rows, converted to F16/BF16 or
     quantized to Q8_0 with `gguf.quants` (bit-exact with llama.cpp), norms and 1-D tensors in F32.
@@ -27,13 +30,14 @@ beside a GGUF file, both checkable with `sha256sum -c` from inside the folder.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import queue
-import shutil
 import sys
 import threading
 from dataclasses import dataclass
@@ -43,8 +47,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .errors import LlamaforgeError
-from .formats import ModelSource, TensorInfo
-from .fsutil import atomic_dir, atomic_file, require_dir, sha256_file
+from .formats import ModelSource, TensorInfo, read_hf_config
+from .fsutil import atomic_dir, atomic_file, read_json, read_text, require_dir, sha256_file
 from .names import (
     EMBED, OUTPUT, DERIVED_HF, LlamaDims, TensorName, by_hf, check_shardable, default_num_shards, dims_from_config,
     hf_order, meta_order, params_from_dims, permute_into, shard_ranges,
@@ -52,7 +56,7 @@ from .names import (
 
 log = logging.getLogger(__name__)
 
-_BLOCK_BYTES = 16 << 20  # one block of rows, for column slices and conversions
+_BLOCK_BYTES = 16 << 20  # one block of rows, for column slices, q/k permutations and conversions
 SUMS = "SHA256SUMS"
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 
@@ -68,12 +72,11 @@ class Model:
     dims: LlamaDims
     src: ModelSource
     tokenizer: Path
+    has_output: bool  # lm_head.weight is stored; without it (tied embeddings) the head is the embedding
 
     def hf_name(self, t: TensorName) -> str:
         """The stored tensor behind t (lm_head of a tied model is the embedding)."""
-        if t.hf == OUTPUT.hf and OUTPUT.hf not in self.src:
-            return EMBED.hf
-        return t.hf
+        return EMBED.hf if t == OUTPUT and not self.has_output else t.hf
 
     def dtype(self) -> torch.dtype:
         return self.src.info(EMBED.hf).dtype
@@ -82,19 +85,8 @@ class Model:
 def open_model(folder: str | os.PathLike) -> Model:
     """Open a Hugging Face LLaMA folder and check every tensor against config.json before any export."""
     folder = require_dir(folder, "model folder")
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        meta = list(folder.glob("consolidated.*.pth"))
-        raise LlamaforgeError(
-            "no config.json in the model folder" + (" (it is a Meta checkpoint already)" if meta else ""), folder,
-            "point to a Hugging Face model folder, e.g. merged/NAME" if not meta
-            else "import it first with scripts/import_pth.py",
-        )
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LlamaforgeError(f"config.json is not JSON ({e.msg})", cfg_path, "restore the file") from None
-    dims = dims_from_config(cfg, cfg_path)
+    cfg = read_hf_config(folder)
+    dims = dims_from_config(cfg, folder / "config.json")
     tok = folder / "tokenizer.model"
     if not tok.is_file():
         raise LlamaforgeError(
@@ -111,10 +103,10 @@ def open_model(folder: str | os.PathLike) -> Model:
                 f"tensor {unknown[0]} has no Meta or GGUF name ({len(unknown)} unknown tensors)", folder,
                 "export plain LLaMA models (LlamaForCausalLM without extra modules)",
             )
-        for t in hf_order(dims.n_layers):
+        # Only a model with tie_word_embeddings may lack lm_head.weight.
+        has_output = OUTPUT.hf in src
+        for t in hf_order(dims.n_layers, with_output=has_output or not dims.tied):
             if t.hf not in src:
-                if t.hf == OUTPUT.hf and dims.tied:
-                    continue
                 raise LlamaforgeError(f"the model has no {t.hf}", folder,
                                       "the folder is incomplete or its config.json belongs to another model")
             info = src.info(t.hf)
@@ -128,7 +120,7 @@ def open_model(folder: str | os.PathLike) -> Model:
     except BaseException:
         src.close()
         raise
-    return Model(folder, cfg, dims, src, tok)
+    return Model(folder, cfg, dims, src, tok, has_output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,79 +129,69 @@ def open_model(folder: str | os.PathLike) -> Model:
 
 @dataclass(frozen=True)
 class Job:
-    """One output tensor: t (its names), the range along t.split_dim (None = whole), whether q/k rows
-    go to Meta order, its output shape; `source` = (fd, byte offset) when its bytes are one
-    contiguous run of a safetensors file, unchanged (a sink may then copy them in the kernel)."""
+    """One output tensor, read whole: t (its names) from the stored tensor `info` (its dtype and full
+    shape), q/k rows in Meta order. `shards`: its range along t.split_dim in each consolidated.NN.pth
+    of a multi-shard export (None otherwise); a tensor split on dim 1 is then laid out in the buffer
+    as each shard's columns, one shard after another. `source` = (fd, byte offset) when the buffer
+    holds the bytes of one contiguous run of a safetensors file, unchanged (a sink may then copy them
+    in the kernel)."""
     t: TensorName
-    rng: tuple[int, int] | None
-    to_meta: bool
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+    info: TensorInfo
+    shards: tuple[tuple[int, int] | None, ...] | None = None
     source: tuple[int, int] | None = None
 
     @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.dtype.itemsize
+    def column_split(self) -> bool:
+        return self.shards is not None and self.t.split_dim == 1
 
 
-def _byte_offset(src: ModelSource, name: str) -> tuple[int, int] | None:
-    """(fd, offset in the file) of a tensor's bytes when it lives in a safetensors file, else None
-    (a pickle takes the buffered path)."""
-    return src.byte_range(name)
-
-
-def plan_jobs(model: Model, names: Iterable[TensorName], shard: int = 0, n_shards: int = 1,
-              to_meta: bool = True) -> list[Job]:
+def plan_jobs(model: Model, names: Iterable[TensorName], n_shards: int = 1) -> list[Job]:
     jobs = []
     for t in names:
-        shape = model.dims.shape_of(t)
-        rng = shard_ranges(t, shape, n_shards, model.folder)[shard] if n_shards > 1 else None
-        out = list(shape)
-        if rng is not None:
-            out[t.split_dim] = rng[1] - rng[0]
-        name = model.hf_name(t)
-        source = None
-        permuted = to_meta and model.dims.heads_of(t) is not None
-        if not permuted and (rng is None or t.split_dim == 0):
-            where = _byte_offset(model.src, name)
-            if where is not None:
-                row = model.src.info(name).nbytes // shape[0]
-                source = (where[0], where[1] + (rng[0] * row if rng else 0))
-        jobs.append(Job(t, rng, to_meta, tuple(out), model.src.info(name).dtype, source))
+        info = model.src.info(model.hf_name(t))
+        shards = tuple(shard_ranges(t, info.shape, n_shards, model.folder)) if n_shards > 1 else None
+        job = Job(t, info, shards)
+        if not job.column_split and model.dims.heads_of(t) is None:
+            job = Job(t, info, shards, model.src.byte_range(info.name))
+        jobs.append(job)
     return jobs
 
 
+def _block_rows(dims: LlamaDims, job: Job) -> int:
+    """Rows per block when a tensor is read in blocks (whole heads for q/k: the permutation is per head)."""
+    unit = dims.hd if dims.heads_of(job.t) is not None else 1
+    row = job.info.nbytes // job.info.shape[0]
+    return max(unit, _BLOCK_BYTES // max(1, row) // unit * unit)
+
+
+def _scratch_bytes(dims: LlamaDims, job: Job) -> int:
+    """Bytes of the block buffer job's read needs (0: read straight into the output buffer)."""
+    if not job.column_split and dims.heads_of(job.t) is None:
+        return 0
+    return _block_rows(dims, job) * (job.info.nbytes // job.info.shape[0])
+
+
 def _fill(model: Model, job: Job, buf: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """Read job's tensor (slice, permutation) from the model into the front of `buf`."""
-    src, name = model.src, model.hf_name(job.t)
-    full = model.dims.shape_of(job.t)
-    item = job.dtype.itemsize
-    out = buf[: job.nbytes].view(job.dtype).view(job.shape)
-    width = 1
-    for s in full[1:]:
-        width *= s
-    heads = model.dims.heads_of(job.t) if job.to_meta else None
-    if job.rng is None or job.t.split_dim == 0:
-        r0, r1 = job.rng if job.rng is not None else (0, full[0])
-        if heads is None:
-            src.read_flat(name, r0 * width, (r1 - r0) * width, buf)
-        else:
-            tmp = torch.empty(job.nbytes, dtype=torch.uint8)
-            x = src.read_flat(name, r0 * width, (r1 - r0) * width, tmp).view(job.shape)
-            permute_into(out, x, (r1 - r0) // model.dims.hd, to_meta=True)
-        return out
-    # a column slice (split on dim 1): rows in blocks, the wanted columns copied out
-    c0, c1 = job.rng
-    rows, cols = full[0], full[1]
-    step = max(1, _BLOCK_BYTES // max(1, cols * item))
+    """Read job's tensor (q/k permuted, or as column slices) from the model into the front of `buf`."""
+    src, info = model.src, job.info
+    if _scratch_bytes(model.dims, job) == 0:
+        return src.read_flat(info.name, 0, info.numel, buf).view(info.shape)
+    rows = info.shape[0]
+    width = info.numel // rows
+    out = buf[: info.nbytes].view(info.dtype)
+    heads = model.dims.heads_of(job.t)
+    step = _block_rows(model.dims, job)
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        blk = src.read_flat(name, a * cols, (b - a) * cols, scratch).view(b - a, cols)
-        out[a:b].copy_(blk[:, c0:c1])
-    return out
+        blk = src.read_flat(info.name, a * width, (b - a) * width, scratch).view(b - a, width)
+        if heads is not None:
+            permute_into(out.view(rows, width)[a:b], blk, (b - a) // model.dims.hd, to_meta=True)
+            continue
+        start = 0  # a column split: each shard's columns go to its own part of the buffer
+        for c0, c1 in job.shards:
+            out[start: start + rows * (c1 - c0)].view(rows, c1 - c0)[a:b].copy_(blk[:, c0:c1])
+            start += rows * (c1 - c0)
+    return out.view(info.shape)
 
 
 class TensorStream:
@@ -220,7 +202,7 @@ class TensorStream:
 
     def __init__(self, model: Model, jobs: list[Job], depth: int = 2):
         self.model, self.jobs = model, jobs
-        size = max((j.nbytes for j in jobs), default=0)
+        size = max((j.info.nbytes for j in jobs), default=0)
         self._free: queue.Queue = queue.Queue()
         for _ in range(depth):
             self._free.put(torch.empty(size, dtype=torch.uint8))
@@ -229,15 +211,13 @@ class TensorStream:
         self._thread = threading.Thread(target=self._run, name="llamaforge-export-reader", daemon=True)
 
     def _run(self) -> None:
-        scratch = torch.empty(_BLOCK_BYTES + (1 << 16), dtype=torch.uint8)
         try:
+            scratch = torch.empty(max((_scratch_bytes(self.model.dims, j) for j in self.jobs), default=0),
+                                  dtype=torch.uint8)
             for job in self.jobs:
                 buf = self._free.get()
                 if self._stop.is_set():
                     return
-                row = job.dtype.itemsize * (self.model.dims.shape_of(job.t)[1] if len(job.shape) > 1 else 1)
-                if scratch.numel() < row:
-                    scratch = torch.empty(row, dtype=torch.uint8)
                 self._out.put((job, _fill(self.model, job, buf, scratch), buf))
             self._out.put(None)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consuming thread
@@ -280,11 +260,11 @@ class HashingFile:
     the GIL). `copy_range` writes bytes that also lie unchanged in another file with
     `os.copy_file_range` (an in-kernel copy, as `cp` does) while hashing the in-memory copy; on this
     kind of machine that is several times faster than write() from user memory.
-    `expect_copy(n, fd, offset)` arms it for the next write of exactly n bytes (the data record that
-    torch's zip writer hands to `write`).
+    `expect_copy((n, fd, offset))` arms it for the next write of exactly n bytes (the data record
+    that torch's zip writer hands to `write`); `expect_copy(None)` disarms it.
     """
 
-    _PARALLEL = 1 << 20
+    _PARALLEL = 1 << 20  # smaller writes are hashed and written in this thread, never copied in the kernel
 
     def __init__(self, f):
         self._f = f
@@ -292,7 +272,6 @@ class HashingFile:
         self._pos = 0
         self._pool = None
         self._expect: tuple[int, int, int] | None = None
-        self.copied = 0  # bytes written by copy_file_range
 
     def _hash_async(self, mv):
         if self._pool is None:
@@ -301,8 +280,8 @@ class HashingFile:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamaforge-sha256")
         return self._pool.submit(self._h.update, mv)
 
-    def expect_copy(self, nbytes: int, fd: int, offset: int) -> None:
-        self._expect = (nbytes, fd, offset) if nbytes >= self._PARALLEL else None
+    def expect_copy(self, expect: tuple[int, int, int] | None) -> None:
+        self._expect = expect
 
     def write(self, data) -> int:
         mv = memoryview(data).cast("B")
@@ -324,9 +303,12 @@ class HashingFile:
         return n
 
     def copy_range(self, mv, fd: int, offset: int) -> int:
-        """Append len(mv) bytes copied from `fd` at `offset`; `mv` must hold the same bytes (hashed)."""
+        """Append len(mv) bytes copied from `fd` at `offset`; `mv` must hold the same bytes (hashed).
+        Small runs, and file systems without copy_file_range, are written from `mv` instead."""
         mv = memoryview(mv).cast("B")
         n = len(mv)
+        if n < self._PARALLEL:
+            return self.write(mv)
         self._f.flush()
         out = self._f.fileno()
         done = self._hash_async(mv)
@@ -342,8 +324,6 @@ class HashingFile:
                 if copied:
                     os.lseek(out, -copied, os.SEEK_CUR)
                 self._f.write(mv)
-                copied = 0
-            self.copied += copied
         finally:
             done.result()
         self._pos += n
@@ -375,7 +355,7 @@ def parse_sums(path: str | os.PathLike) -> dict[str, str]:
     """Read a SHA256SUMS / .sha256 file (as sha256sum writes it: text or '*' binary mode)."""
     path = Path(path)
     out = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path, "checksum file").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split(None, 1)
@@ -460,22 +440,24 @@ class TorchZipWriter:
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor, source: tuple[int, int] | None = None) -> None:
-        """`tensor` must be contiguous and start at the beginning of its storage (a buffer's front).
-        `source` = (fd, offset) where the same bytes lie in another file: the record's data is then
-        copied from there in the kernel (the file object must offer expect_copy, as HashingFile does)."""
+        """Write the next planned tensor (contiguous). `source` = (fd, offset) where the same bytes lie
+        in another file: the record's data is then copied from there in the kernel (the file object
+        must offer expect_copy, as HashingFile does)."""
         info = self.infos[self._next]
         if name != info.name or tuple(tensor.shape) != tuple(info.shape) or tensor.dtype != info.dtype:
             raise RuntimeError(f"{name} {tuple(tensor.shape)} {tensor.dtype} written where the plan has {info}")
-        if not tensor.is_contiguous() or tensor.storage_offset() != 0:
-            raise RuntimeError(f"{name}: not a contiguous tensor at the start of its storage")
+        if not tensor.is_contiguous():
+            raise RuntimeError(f"{name}: not a contiguous tensor")
         expect = getattr(self._file, "expect_copy", None) if source is not None else None
         if expect is not None:
-            expect(info.nbytes, *source)
+            expect((info.nbytes, *source))
         try:
-            self._w.write_record(f"data/{self._next}", tensor.untyped_storage(), info.nbytes)
+            start = tensor.storage_offset() * tensor.element_size()  # a view of the tensor's bytes, no copy
+            self._w.write_record(f"data/{self._next}", tensor.untyped_storage()[start: start + info.nbytes],
+                                 info.nbytes)
         finally:
             if expect is not None:
-                expect(0, -1, 0)  # disarm, whether or not the data came in one piece
+                expect(None)  # disarm, whether or not the data came in one piece
         self._next += 1
 
     def close(self) -> None:
@@ -484,16 +466,28 @@ class TorchZipWriter:
         self._w.write_end_of_file()
 
 
-def _copy_tokenizer_model(model: Model, dest: Path) -> str:
-    shutil.copyfile(model.tokenizer, dest)
-    return sha256_file(dest)
+def _shard_pieces(job: Job, tensor: torch.Tensor, n: int) -> list[tuple[torch.Tensor, tuple[int, int] | None]]:
+    """(tensor, source) of each of the n consolidated.NN.pth files for one output tensor."""
+    if job.shards is None or job.t.split_dim is None:
+        return [(tensor, job.source)] * n
+    rows = job.info.shape[0]
+    if job.t.split_dim == 1:  # the buffer holds each shard's columns, one shard after another
+        flat, start, out = tensor.reshape(-1), 0, []
+        for c0, c1 in job.shards:
+            out.append((flat[start: start + rows * (c1 - c0)].view(rows, c1 - c0), None))
+            start += rows * (c1 - c0)
+        return out
+    row = job.info.nbytes // rows
+    return [(tensor[r0:r1], None if job.source is None else (job.source[0], job.source[1] + r0 * row))
+            for r0, r1 in job.shards]
 
 
 def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: int | None = None,
                echo: Callable[[str], None] = print) -> dict[str, str]:
     """Write `output/` = consolidated.NN.pth + params.json + tokenizer.model + SHA256SUMS, atomically.
 
-    Returns sha256 by file name.
+    All shards are written in one pass over the tensors: each tensor is read once and its slices go
+    to every shard's file. Returns sha256 by file name.
     """
     m = open_model(model)
     try:
@@ -503,31 +497,38 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
             raise LlamaforgeError(f"--num-shards {n} is not a positive number", None, "pass 1 or more")
         params = params_from_dims(dims, m.folder / "config.json")
         check_shardable(dims, n, m.folder)
-        names = meta_order(dims.n_layers)
-        total = sum(j.nbytes for j in plan_jobs(m, names))
-        echo(f"exporting {m.folder} to Meta format: {n} shard(s), {total / 1e9:.2f} GB {m.dtype()}, "
-             f"vocabulary {dims.vocab}, params {json.dumps(params)}")
+        jobs = plan_jobs(m, meta_order(dims.n_layers), n)
+        echo(f"exporting {m.folder} to Meta format: {n} shard(s), {sum(j.info.nbytes for j in jobs) / 1e9:.2f} GB "
+             f"{m.dtype()}, vocabulary {dims.vocab}, params {json.dumps(params)}")
+        plans: list[list[TensorInfo]] = [[] for _ in range(n)]  # each shard's tensors
+        for j in jobs:
+            for s, plan in enumerate(plans):
+                shape = list(j.info.shape)
+                if j.shards is not None and j.t.split_dim is not None:
+                    shape[j.t.split_dim] = j.shards[s][1] - j.shards[s][0]
+                plan.append(TensorInfo(j.t.meta, j.info.dtype, tuple(shape)))
+        names = [f"consolidated.{s:02d}.pth" for s in range(n)]
         hashes: dict[str, str] = {}
         with atomic_dir(output) as tmp:
-            for s in range(n):
-                jobs = plan_jobs(m, names, s, n)
-                fname = f"consolidated.{s:02d}.pth"
-                infos = [TensorInfo(j.t.meta, j.dtype, j.shape) for j in jobs]
-                with open(tmp / fname, "wb", buffering=0) as raw:
-                    f = HashingFile(raw)
-                    try:
-                        writer = TorchZipWriter(f, infos)
-                        for job, tensor in TensorStream(m, jobs):
-                            writer.write(job.t.meta, tensor, job.source)
-                        writer.close()
-                    finally:
-                        f.close()
-                    hashes[fname] = f.hexdigest
-                echo(f"  {fname}: {len(jobs)} tensors, {sum(j.nbytes for j in jobs) / 1e9:.2f} GB")
-            data = (json.dumps(params) + "\n").encode()
-            (tmp / "params.json").write_bytes(data)
-            hashes["params.json"] = hashlib.sha256(data).hexdigest()
-            hashes["tokenizer.model"] = _copy_tokenizer_model(m, tmp / "tokenizer.model")
+            with contextlib.ExitStack() as stack:
+                files = []
+                for name in names:
+                    raw = stack.enter_context(open(tmp / name, "wb", buffering=0))
+                    files.append(HashingFile(raw))
+                    stack.callback(files[-1].close)
+                writers = [TorchZipWriter(f, plan) for f, plan in zip(files, plans)]
+                for job, tensor in TensorStream(m, jobs):
+                    for w, (piece, source) in zip(writers, _shard_pieces(job, tensor, n)):
+                        w.write(job.t.meta, piece, source)
+                for w in writers:
+                    w.close()
+            for name, f, plan in zip(names, files, plans):
+                hashes[name] = f.hexdigest
+                echo(f"  {name}: {len(plan)} tensors, {sum(i.nbytes for i in plan) / 1e9:.2f} GB")
+            for name, data in (("params.json", (json.dumps(params) + "\n").encode()),
+                               ("tokenizer.model", m.tokenizer.read_bytes())):
+                (tmp / name).write_bytes(data)
+                hashes[name] = hashlib.sha256(data).hexdigest()
             (tmp / SUMS).write_text(sums_text(hashes), encoding="utf-8")
         echo(f"wrote {output}: {', '.join(sorted(hashes))}")
         return hashes
@@ -553,7 +554,7 @@ def gguf_qtype(gguf, t: TensorName, shape: tuple[int, ...], outtype: str):
     a Q8_0 tensor whose rows are not a multiple of the 32-element block falls back to F16 (the
     QuantError fallback there)."""
     Q = gguf.GGMLQuantizationType
-    if len(shape) <= 1 or t.norm or t.gguf.endswith("_norm.weight"):
+    if t.norm or len(shape) <= 1:
         return Q.F32
     if outtype == "f16":
         return Q.F16
@@ -565,10 +566,7 @@ def gguf_qtype(gguf, t: TensorName, shape: tuple[int, ...], outtype: str):
 
 def gguf_nbytes(gguf, qtype, shape: tuple[int, ...]) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    n = 1
-    for s in shape[:-1]:
-        n *= s
-    return n * (shape[-1] // block) * size
+    return math.prod(shape[:-1]) * (shape[-1] // block) * size
 
 
 def _convert_block(gguf, qtype, block: torch.Tensor) -> memoryview:
@@ -585,9 +583,10 @@ def _convert_block(gguf, qtype, block: torch.Tensor) -> memoryview:
 
 
 def _token_vocab(model: Model) -> dict:
-    """tokens, scores, types and special ids from tokenizer.model (+ special_tokens_map.json for pad),
-    padded to the embedding rows as convert_hf_to_gguf.py's _create_vocab_sentencepiece does."""
-    from .tokenizer import load_proto
+    """tokens, scores, types and special ids from tokenizer.model (+ special_tokens_map.json, and
+    config.json's pad_token_id when they name no pad), padded to the embedding rows as
+    convert_hf_to_gguf.py's _create_vocab_sentencepiece does."""
+    from .tokenizer import UNUSED, load_proto, special_ids
 
     proto = load_proto(model.tokenizer, "tokenizer.model")
     vocab = model.dims.vocab
@@ -605,19 +604,8 @@ def _token_vocab(model: Model) -> dict:
     for i in range(len(pieces), vocab):
         tokens.append(f"[PAD{i}]".encode("utf-8"))
         scores.append(-10000.0)
-        types.append(5)  # UNUSED
-    ts = proto.trainer_spec
-    ids = {k: v for k, v in (("unk", ts.unk_id), ("bos", ts.bos_id), ("eos", ts.eos_id), ("pad", ts.pad_id))
-           if 0 <= v < len(pieces)}
-    index = {p.piece: i for i, p in enumerate(pieces)}
-    stm_path = model.folder / "special_tokens_map.json"
-    if stm_path.is_file():
-        stm = json.loads(stm_path.read_text(encoding="utf-8"))
-        for key in ("bos", "eos", "unk", "pad"):
-            tok = stm.get(f"{key}_token")
-            tok = tok.get("content") if isinstance(tok, dict) else tok
-            if tok in index:
-                ids[key] = index[tok]
+        types.append(UNUSED)
+    ids = special_ids(proto, model.folder)
     if "pad" not in ids and model.config.get("pad_token_id") is not None:
         pid = int(model.config["pad_token_id"])
         if 0 <= pid < vocab:
@@ -625,7 +613,7 @@ def _token_vocab(model: Model) -> dict:
     add_bos, add_eos = True, False
     tc_path = model.folder / "tokenizer_config.json"
     if tc_path.is_file():
-        tc = json.loads(tc_path.read_text(encoding="utf-8"))
+        tc = read_json(tc_path, "tokenizer_config.json")
         add_bos = bool(tc.get("add_bos_token", True))
         add_eos = bool(tc.get("add_eos_token", False))
     return {"tokens": tokens, "scores": scores, "types": types, "ids": ids, "add_bos": add_bos, "add_eos": add_eos,
@@ -691,16 +679,16 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
         raise LlamaforgeError("the GGUF output is a folder", output, "give a file name ending in .gguf")
     m = open_model(model)
     try:
-        jobs = plan_jobs(m, hf_order(m.dims.n_layers), to_meta=True)
-        jobs = [j for j in jobs if not (j.t.hf == OUTPUT.hf and OUTPUT.hf not in m.src)]
-        qtypes = [gguf_qtype(gguf, j.t, j.shape, outtype) for j in jobs]
+        # no output.weight for tied embeddings: llama.cpp then uses token_embd, as convert_hf_to_gguf.py writes it
+        jobs = plan_jobs(m, hf_order(m.dims.n_layers, with_output=m.has_output))
+        qtypes = [gguf_qtype(gguf, j.t, j.info.shape, outtype) for j in jobs]
         writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         gguf_metadata(gguf, writer, m, outtype, name or m.folder.name)
         sizes = []
         for j, q in zip(jobs, qtypes):
-            nb = gguf_nbytes(gguf, q, j.shape)
+            nb = gguf_nbytes(gguf, q, j.info.shape)
             sizes.append(nb)
-            writer.add_tensor_info(j.t.gguf, j.shape, np.float32, nb, raw_dtype=q)
+            writer.add_tensor_info(j.t.gguf, j.info.shape, np.float32, nb, raw_dtype=q)
         echo(f"exporting {m.folder} to GGUF {outtype}: {len(jobs)} tensors, {sum(sizes) / 1e9:.2f} GB, "
              f"vocabulary {m.dims.vocab}")
         align = writer.data_alignment
@@ -754,7 +742,7 @@ class _Converter:
             or (qtype == Q.BF16 and tensor.dtype == torch.bfloat16)
         if same:  # bytes pass straight through (copied in the kernel when they lie in a file as they are)
             mv = memoryview(flat.view(torch.uint8).numpy()).cast("B")
-            if source is not None and len(mv) >= f._PARALLEL:
+            if source is not None:
                 f.copy_range(mv, *source)
             else:
                 f.write(mv)
@@ -800,6 +788,7 @@ def verify_sha256(expected: dict[str, str], sums_files: Iterable[str | os.PathLi
         for name, h in parse_sums(sums).items():
             checks.append((sums.parent / name, h, os.fspath(sums)))
     lines, bad = [], []
+    digests: dict[Path, str] = {}  # a file listed twice (config.yaml and SHA256SUMS) is hashed once
     for path, want, where in checks:
         if not path.is_file():
             bad.append(LlamaforgeError(f"file listed in {where} does not exist", path,
@@ -807,7 +796,10 @@ def verify_sha256(expected: dict[str, str], sums_files: Iterable[str | os.PathLi
             lines.append(f"MISSING  {path}")
             echo(lines[-1])
             continue
-        got = sha256_file(path)
+        key = path.resolve()
+        if key not in digests:
+            digests[key] = sha256_file(path)
+        got = digests[key]
         if got != want:
             bad.append(LlamaforgeError(f"sha256 is {got} but {where} expects {want}", path,
                                        "the file differs from the published one: rebuild it from the right inputs, "

@@ -26,9 +26,10 @@ from typing import Callable
 import torch
 
 from .errors import LlamaforgeError
-from .formats import ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards
-from .fsutil import atomic_dir, require_dir, sha256_file
+from .formats import ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards, pread_into
+from .fsutil import atomic_dir, hash_files, require_dir, write_json
 from .names import DERIVED_META, EMBED, by_meta, config_from_dims, dims_from_params, hf_order, permute_into
+from .tokenizer import load_proto, special_ids, tokenizer_folder_model, write_hf_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,11 @@ _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 
 class PthFile:
     """Lazy reader of one torch.save checkpoint: names, dtypes and shapes from the pickle (read with
-    weights_only=True onto the meta device), bytes read on demand from the file's storage records."""
+    weights_only=True onto the meta device, which also tells where each storage's bytes lie in the
+    file), bytes read on demand with `formats.pread_into`.
+
+    Not `formats.torch_load`: it maps the file onto the CPU, and the offsets come only with the meta device.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -78,21 +83,13 @@ class PthFile:
     def read_flat(self, name: str, first: int, count: int, buf: torch.Tensor) -> torch.Tensor:
         """Elements [first, first+count) of `name`, flattened, read into the uint8 buffer `buf`."""
         info, start = self._entries[name]
-        item = info.dtype.itemsize
-        view = buf[: count * item]
-        mv = memoryview(view.numpy())
-        done, want, offset = 0, count * item, start + first * item
-        while done < want:
-            n = os.preadv(self._fd, [mv[done:]], offset + done)
-            if n <= 0:
-                raise LlamaforgeError(f"tensor {name} is truncated", self.path, "the file is incomplete: download it again")
-            done += n
+        view = buf[: count * info.dtype.itemsize]
+        pread_into(self._fd, view, start + first * info.dtype.itemsize, self.path, name)
         return view.view(info.dtype)
 
     def get(self, name: str) -> torch.Tensor:
         info = self.info(name)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        return self.read_flat(name, 0, info.numel, buf).view(info.shape)
+        return self.read_flat(name, 0, info.numel, torch.empty(info.nbytes, dtype=torch.uint8)).view(info.shape)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -101,13 +98,10 @@ class PthFile:
 
 
 def find_tokenizer(folder: Path, tokenizer: str | os.PathLike | None = None) -> Path:
-    """tokenizer.model: given, in the folder, or one level up (Meta's download puts it beside 7B/)."""
+    """tokenizer.model: given (the file or its folder), in the folder, or one level up (Meta's
+    download puts it beside 7B/)."""
     if tokenizer is not None:
-        p = Path(tokenizer)
-        p = p / "tokenizer.model" if p.is_dir() else p
-        if not p.is_file():
-            raise LlamaforgeError("tokenizer not found", p, "point --tokenizer to LLaMA's tokenizer.model")
-        return p
+        return tokenizer_folder_model(tokenizer)
     for p in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
         if p.is_file():
             return p
@@ -150,16 +144,10 @@ def _read_params(folder: Path) -> dict:
     return params
 
 
-def _pad_specials(proto) -> list[str]:
-    return [p.piece for p in proto.pieces[3:] if p.piece in ("[PAD]", "<pad>")]
-
-
 def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
                max_shard_size: str | int = "5GB", max_positions: int | None = None,
                echo: Callable[[str], None] = print) -> dict:
     """Convert a Meta folder into a Hugging Face folder at `output` (atomically). Returns the manifest."""
-    from .tokenizer import load_proto, write_hf_tokenizer
-
     folder = require_dir(input, "Meta model folder")
     params = _read_params(folder)
     paths = meta_shards(folder)
@@ -233,37 +221,30 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
                 writer.abort()
                 raise
             outputs = writer.close()
-            ts = proto.trainer_spec
-            ids = {k: (v if 0 <= v < n_pieces else None) for k, v in (("bos", ts.bos_id), ("eos", ts.eos_id))}
-            pads = _pad_specials(proto)
-            index = {p.piece: i for i, p in enumerate(proto.pieces)}
-            pad = index[pads[0]] if pads else (ts.pad_id if 0 <= ts.pad_id < n_pieces else None)
-            cfg = config_from_dims(dims, dtype_name, ids["bos"], ids["eos"], pad)
-            _write_json(tmp / "config.json", cfg)
-            _write_json(tmp / "generation_config.json",
-                        {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None})
+            ids = special_ids(proto)
+            pad = ids.get("pad")
+            cfg = config_from_dims(dims, dtype_name, ids.get("bos"), ids.get("eos"), pad)
+            write_json(tmp / "config.json", cfg)
+            write_json(tmp / "generation_config.json",
+                       {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None})
+            # a pad piece the trainer spec does not name ([PAD] of Chinese-Alpaca) is an added special token
+            pads = [proto.pieces[pad].piece] if pad is not None and pad != proto.trainer_spec.pad_id else []
             write_hf_tokenizer(proto, tmp, pads, model_bytes=tok_path.read_bytes(),
                                model_max_length=dims.max_positions)
-            for f in sorted(tmp.iterdir()):
-                if f.is_file() and f.name not in outputs:
-                    outputs[f.name] = sha256_file(f)
+            outputs = hash_files(tmp, outputs)
             manifest = {
                 "llamaforge": "import_pth",
                 "source": {"path": os.fspath(folder), "shards": [p.name for p in paths], "params": params,
                            "tokenizer": os.fspath(tok_path)},
                 "config": {"max_position_embeddings": dims.max_positions, "torch_dtype": dtype_name},
-                "outputs_sha256": dict(sorted(outputs.items())),
+                "outputs_sha256": outputs,
             }
-            _write_json(tmp / "llamaforge.json", manifest)
+            write_json(tmp / "llamaforge.json", manifest)
         echo(f"wrote {output}: {len(writer.names)} safetensors file(s)")
         return manifest
     finally:
         for s in shards:
             s.close()
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _stream(shards: list[PthFile], plan, dims, n: int, writer: ShardedSafetensorsWriter) -> None:

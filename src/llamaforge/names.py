@@ -59,30 +59,38 @@ class TensorName:
     meta: str
     gguf: str
     split_dim: int | None  # dim split across Meta shards; None = copied into every shard
-    permute: str | None = None  # "q" or "k": rows in rotary-half order in HF, interleaved in Meta/GGUF
-    norm: bool = False
+    role: str  # what the tensor is, whatever its layer: the key of LlamaDims.shape_of
+
+    @property
+    def permute(self) -> str | None:
+        """The q/k permutation ("q" or "k": rows in rotary-half order in HF, interleaved in Meta/GGUF) or None."""
+        return self.role if self.role in ("q", "k") else None
+
+    @property
+    def norm(self) -> bool:
+        return self.role.endswith("norm")
 
     def at(self, layer: int | None) -> "TensorName":
         if layer is None:
             return self
         return TensorName(self.hf.format(i=layer), self.meta.format(i=layer), self.gguf.format(i=layer),
-                          self.split_dim, self.permute, self.norm)
+                          self.split_dim, self.role)
 
 
-EMBED = TensorName("model.embed_tokens.weight", "tok_embeddings.weight", "token_embd.weight", 1)
-NORM = TensorName("model.norm.weight", "norm.weight", "output_norm.weight", None, norm=True)
-OUTPUT = TensorName("lm_head.weight", "output.weight", "output.weight", 0)
+EMBED = TensorName("model.embed_tokens.weight", "tok_embeddings.weight", "token_embd.weight", 1, "embed")
+NORM = TensorName("model.norm.weight", "norm.weight", "output_norm.weight", None, "norm")
+OUTPUT = TensorName("lm_head.weight", "output.weight", "output.weight", 0, "output")
 # In Meta's order within a layer (attention, feed-forward, norms), which is the order of its files.
 LAYER = (
     TensorName("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.wq.weight", "blk.{i}.attn_q.weight", 0, "q"),
     TensorName("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attention.wk.weight", "blk.{i}.attn_k.weight", 0, "k"),
-    TensorName("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.wv.weight", "blk.{i}.attn_v.weight", 0),
-    TensorName("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.wo.weight", "blk.{i}.attn_output.weight", 1),
-    TensorName("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight", "blk.{i}.ffn_gate.weight", 0),
-    TensorName("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight", "blk.{i}.ffn_down.weight", 1),
-    TensorName("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight", "blk.{i}.ffn_up.weight", 0),
-    TensorName("model.layers.{i}.input_layernorm.weight", "layers.{i}.attention_norm.weight", "blk.{i}.attn_norm.weight", None, norm=True),
-    TensorName("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight", "blk.{i}.ffn_norm.weight", None, norm=True),
+    TensorName("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.wv.weight", "blk.{i}.attn_v.weight", 0, "v"),
+    TensorName("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.wo.weight", "blk.{i}.attn_output.weight", 1, "o"),
+    TensorName("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight", "blk.{i}.ffn_gate.weight", 0, "gate"),
+    TensorName("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight", "blk.{i}.ffn_down.weight", 1, "down"),
+    TensorName("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight", "blk.{i}.ffn_up.weight", 0, "up"),
+    TensorName("model.layers.{i}.input_layernorm.weight", "layers.{i}.attention_norm.weight", "blk.{i}.attn_norm.weight", None, "attn_norm"),
+    TensorName("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight", "blk.{i}.ffn_norm.weight", None, "ffn_norm"),
 )
 # Hugging Face's order within a layer (as save_pretrained and the merge write it).
 _HF_LAYER_ORDER = (7, 0, 1, 2, 3, 8, 4, 6, 5)  # input_layernorm, q, k, v, o, post_attn_norm, gate, up, down
@@ -94,16 +102,17 @@ DERIVED_META = re.compile(r"^(rope\.freqs|layers\.\d+\.attention\.inner_attentio
 META_SHARDS = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
 
 
-def meta_order(n_layers: int, with_output: bool = True) -> list[TensorName]:
-    """Every tensor in the order of Meta's consolidated files."""
-    out = [EMBED, NORM] + ([OUTPUT] if with_output else [])
+def meta_order(n_layers: int) -> list[TensorName]:
+    """Every tensor in the order of Meta's consolidated files (which always hold `output`)."""
+    out = [EMBED, NORM, OUTPUT]
     for i in range(n_layers):
         out += [t.at(i) for t in LAYER]
     return out
 
 
 def hf_order(n_layers: int, with_output: bool = True) -> list[TensorName]:
-    """Every tensor in Hugging Face's order (embeddings, layers, final norm, head)."""
+    """Every tensor in Hugging Face's order (embeddings, layers, final norm, head); with_output=False
+    leaves the head out (a model with tied embeddings stores none)."""
     out = [EMBED]
     for i in range(n_layers):
         out += [LAYER[k].at(i) for k in _HF_LAYER_ORDER]
@@ -125,20 +134,10 @@ def by_meta(n_layers: int) -> dict[str, TensorName]:
 # q/k permutation
 
 
-def permute_hf_to_meta(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of an HF q/k weight (rotary halves) into Meta/GGUF order (interleaved pairs), per head."""
-    rows = w.shape[0]
-    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def permute_meta_to_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of permute_hf_to_meta: Meta/GGUF q/k rows into Hugging Face order."""
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
 def permute_into(out: torch.Tensor, w: torch.Tensor, heads: int, to_meta: bool) -> torch.Tensor:
-    """permute_hf_to_meta / permute_meta_to_hf written into `out` (same shape), without a temporary."""
+    """The rows of a q/k weight `w` put in Meta/GGUF order (to_meta: HF's rotary halves -> interleaved
+    pairs, `w.view(heads, 2, head_dim // 2, in).transpose(1, 2)`) or back to Hugging Face order,
+    per head, written into `out` (same shape) without a temporary."""
     rows = w.shape[0]
     half = rows // heads // 2
     rest = tuple(w.shape[1:])
@@ -177,16 +176,12 @@ class LlamaDims:
     def shape_of(self, t: TensorName) -> tuple[int, ...]:
         """The full (unsplit) shape of a tensor, as Hugging Face, Meta and GGUF all store it (out, in)."""
         h, hd = self.hidden, self.hd
-        base = t.hf.split(".", 3)[-1] if t.hf.startswith("model.layers.") else t.hf
-        shapes = {
-            "model.embed_tokens.weight": (self.vocab, h), "model.norm.weight": (h,), "lm_head.weight": (self.vocab, h),
-            "self_attn.q_proj.weight": (self.n_heads * hd, h), "self_attn.k_proj.weight": (self.n_kv_heads * hd, h),
-            "self_attn.v_proj.weight": (self.n_kv_heads * hd, h), "self_attn.o_proj.weight": (h, self.n_heads * hd),
-            "mlp.gate_proj.weight": (self.intermediate, h), "mlp.up_proj.weight": (self.intermediate, h),
-            "mlp.down_proj.weight": (h, self.intermediate),
-            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-        }
-        return shapes[base]
+        return {
+            "embed": (self.vocab, h), "norm": (h,), "output": (self.vocab, h),
+            "q": (self.n_heads * hd, h), "k": (self.n_kv_heads * hd, h), "v": (self.n_kv_heads * hd, h),
+            "o": (h, self.n_heads * hd), "gate": (self.intermediate, h), "up": (self.intermediate, h),
+            "down": (h, self.intermediate), "attn_norm": (h,), "ffn_norm": (h,),
+        }[t.role]
 
 
 def _get(cfg: dict, *keys, default=None):
@@ -265,7 +260,7 @@ def shard_ranges(t: TensorName, shape: tuple[int, ...], n: int, path=None) -> li
     if t.split_dim is None or n == 1:
         return [None if t.split_dim is None else (0, shape[t.split_dim])] * n
     total = shape[t.split_dim]
-    uneven = t is OUTPUT or t.meta == OUTPUT.meta  # only the vocabulary may split unevenly
+    uneven = t == OUTPUT  # only the vocabulary may split unevenly
     try:
         sizes = split_sizes(total, n, uneven)
     except ValueError:
