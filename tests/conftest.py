@@ -48,6 +48,28 @@ def copy_workflow(dst: Path) -> Path:
     return dst
 
 
+# Runs a command from a freshly started, small Python and prints the command's own peak RSS. A
+# child forked straight from pytest would report pytest's resident size as its own ru_maxrss
+# (Linux carries the parent's high-water mark across fork and exec), hiding what it used.
+_PEAK_RSS = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+    "_, status, ru = os.wait4(p.pid, 0)\n"
+    "code = os.waitstatus_to_exitcode(status)\n"
+    "sys.stderr.write(p.stderr.read().decode(errors='replace') if code else '')\n"
+    "print(ru.ru_maxrss * 1024)\n"
+    "sys.exit(code)\n"
+)
+
+
+def peak_rss(cmd) -> int:
+    """Peak resident bytes of `cmd` alone (fails with its stderr when it fails)."""
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, *map(str, cmd)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{cmd[:3]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
 def run_script(name: str, *args, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """Run scripts/<name> as a user would, capturing its output."""
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)],

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import peak_rss
 
 from llamaforge.errors import LlamaforgeError
 
@@ -615,11 +616,7 @@ bm.synthesize(__import__('pathlib').Path({str(work)!r}), 't', 32000, 32000, 8)
         rss = []
         for script, args in (("export_pth.py", ["--output", work / "pth", "--num-shards", 2]),
                              ("export_gguf.py", ["--output", work / "m.gguf", "--outtype", "bf16"])):
-            p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / script), "--model", str(model),
-                                  *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            _, status, ru = os.wait4(p.pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0, p.stderr.read().decode()
-            rss.append(ru.ru_maxrss * 1024)
+            rss.append(peak_rss([sys.executable, ROOT / "scripts" / script, "--model", model, *args]))
         peaks.append((size, rss))
     (small, rss_small), (large, rss_large) = peaks
     assert large > 2.5 * small
