@@ -70,10 +70,20 @@ def peak_rss(cmd) -> int:
     return int(proc.stdout.strip().splitlines()[-1])
 
 
-def run_script(name: str, *args, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+def baseline_rss(*modules: str) -> int:
+    """Peak resident bytes of a Python that only imports `modules` (from this checkout's src/): the
+    floor a command's own peak is measured above. A CUDA build of torch adds ~400 MB to every
+    process that imports it, so absolute peaks say nothing about streaming; the peak above this does."""
+    code = f"import sys; sys.path.insert(0, {str(REPO / 'src')!r}); " + "; ".join(f"import {m}" for m in modules)
+    return peak_rss([sys.executable, "-c", code])
+
+
+def run_script(name: str, *args, check: bool = False, env_extra: dict | None = None,
+               **kwargs) -> subprocess.CompletedProcess:
     """Run scripts/<name> as a user would, capturing its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+                          capture_output=True, text=True, env=env, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

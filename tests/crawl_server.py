@@ -22,6 +22,10 @@ Failures:
   400      bad request (not retryable)                 drop    connection closed, no response
   timeout  answers only after `hang` seconds, after the client has given up
 A wrong key gets 401 with the key echoed in the message, as some servers do.
+200s that are no chat completion (a crawl must retry them, never record them as done):
+  html       an HTML page with Content-Type text/html, as a proxy or captive portal sends
+  nochoices  a JSON object without choices          empty   a completion whose message is empty
+  echo_key   a good reply (k items) whose text also quotes the request's API key
 
 Standalone, for the benchmark: `python tests/crawl_server.py --latency 0.2` prints its base URL
 on the first line and serves until killed.
@@ -190,6 +194,12 @@ class FakeChatServer:
                     content = items = None
                     if name in OK_BEHAVIOURS:
                         content, items = server._content(name, k)
+                    elif name == "empty":
+                        content, items = "", []
+                    elif name == "echo_key":
+                        content, items = server._content("json", k)
+                        content = f"Your key {server.api_key} was accepted.\n{content}"
+                    if items is not None:
                         server.served.extend(items)
                         server.prompts.append(prompt)
                     elif name == "timeout":
@@ -203,6 +213,15 @@ class FakeChatServer:
                     self._error(400, "bad request")
                 elif name == "drop":
                     self.close_connection = True  # hang up without an answer
+                elif name == "html":
+                    page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                elif name == "nochoices":
+                    self._send(200, {"id": "x", "object": "chat.completion", "model": "test"})
                 elif content is None:
                     raise ValueError(f"unknown behaviour {behaviour!r}")
                 else:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import peak_rss
+from conftest import baseline_rss, peak_rss
 
 from llamaforge.errors import LlamaforgeError
 
@@ -619,7 +619,9 @@ bm.synthesize(__import__('pathlib').Path({str(work)!r}), 't', 32000, 32000, 8)
             rss.append(peak_rss([sys.executable, ROOT / "scripts" / script, "--model", model, *args]))
         peaks.append((size, rss))
     (small, rss_small), (large, rss_large) = peaks
+    floor = baseline_rss("click", "gguf", "llamaforge.cli", "llamaforge.export")
     assert large > 2.5 * small
     for a, b in zip(rss_small, rss_large):
         assert b - a < 0.1 * (large - small), peaks
-        assert b < large, peaks
+        # above the interpreter with the same imports: well under the model itself
+        assert b - floor < 0.5 * large, (peaks, floor)

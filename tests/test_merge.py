@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, peak_rss, run_script
+from conftest import REPO, baseline_rss, peak_rss, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -320,9 +320,11 @@ bm.synthesize(__import__('pathlib').Path({str(work)!r}), 't', 8000, 9000, 8)
         size = sum(f.stat().st_size for f in (work / "out").glob("*.safetensors"))
         peaks.append((size, rss))
     (small, rss_small), (large, rss_large) = peaks
+    floor = baseline_rss("click", "tqdm", "llamaforge.cli", "llamaforge.merge")
     assert large > 5 * small
     assert rss_large - rss_small < 0.1 * (large - small), peaks
-    assert rss_large < large, peaks  # less than the model itself
+    # above the interpreter with the same imports: less than a quarter of the model itself
+    assert rss_large - floor < 0.25 * large, (peaks, floor)
 
 
 # --- bad input: one clear error, no output folder ---------------------------------------------
@@ -420,7 +422,7 @@ def test_corrupt_safetensors_is_refused(demo, tmp_path):
     shutil.copytree(demo / "base", base)
     f = base / "model-00001-of-00002.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
-    msg = _expect_error(tmp_path, "claims bytes", base, [demo / "lora_llama_plus"])
+    msg = _expect_error(tmp_path, "ends at byte [0-9]+ but the file has [0-9]+ data bytes", base, [demo / "lora_llama_plus"])
     assert str(f) in msg
 
 

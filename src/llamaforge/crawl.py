@@ -50,7 +50,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import LlamaforgeError
-from .fsutil import write_json
+from .fsutil import guard_output, write_json
 from .tokenizer import bundled_text
 
 log = logging.getLogger(__name__)
@@ -563,7 +563,10 @@ async def _complete(client, s: _Settings, index: int):
             completion = await client.chat.completions.create(
                 model=s.model, messages=[{"role": "user", "content": prompt}]
             )
-            return completion, attempt
+            problem = _not_a_completion(completion)
+            if problem is None:
+                return completion, attempt
+            problem, retryable = _redact(problem, s.api_key), True
         except openai.APIStatusError as e:
             problem = f"HTTP {e.status_code}: {_redact(str(e), s.api_key)[:300]}"
             if e.status_code in _FATAL_STATUS:  # would fail every request: stop the run
@@ -573,9 +576,9 @@ async def _complete(client, s: _Settings, index: int):
         except (openai.APITimeoutError, openai.APIConnectionError) as e:
             problem = "timed out" if isinstance(e, openai.APITimeoutError) else "connection error"
             retryable = True
-        except openai.APIError as e:  # e.g. a 200 whose body is not a chat completion
+        except openai.APIError as e:  # e.g. a 200 whose body is not valid JSON (a proxy's error page)
             problem = f"{type(e).__name__}: {_redact(str(e), s.api_key)[:300]}"
-            retryable = False
+            retryable = True
         if not retryable or attempt > s.max_retries:
             log.warning("request %d failed after %d attempt(s): %s", index, attempt, problem)
             return None, attempt
@@ -583,6 +586,19 @@ async def _complete(client, s: _Settings, index: int):
         delay = min(delay, MAX_RETRY_AFTER)
         log.info("request %d: %s; retry %d/%d in %.1f s", index, problem, attempt, s.max_retries, delay)
         await asyncio.sleep(delay)
+
+
+def _not_a_completion(completion) -> str | None:
+    """Why a 200 reply is no chat completion (a proxy's HTML page arrives as a str, a JSON error
+    object without choices, an empty message), or None when it is one."""
+    if isinstance(completion, (str, bytes)):
+        return f"the reply is not a chat completion but text: {str(completion)[:120]!r}"
+    if not getattr(completion, "choices", None):
+        return "the reply is not a chat completion (no choices)"
+    content, _, _ = _reply_fields(completion)
+    if not isinstance(content, str) or not content.strip():
+        return "the reply's message is empty"
+    return None
 
 
 def _reply_fields(completion) -> tuple[str, dict | None, str | None]:
@@ -622,7 +638,8 @@ async def _run(store: _Store, todo: list[int], s: _Settings, client_args: dict, 
                 store.totals.retried += attempts - 1
             else:
                 content, usage, finish_reason = _reply_fields(completion)
-                store.add_reply(index, content, usage, attempts, finish_reason)
+                # a server that echoes the key must not get it written into the raw file
+                store.add_reply(index, _redact(content, s.api_key), usage, attempts, finish_reason)
             progress.update(1)
             progress.set_postfix(items=store.totals.accepted, failed=store.totals.failed, refresh=False)
 
@@ -707,6 +724,9 @@ def crawl(
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     items_path, raw_path, default_json, stats_path = output_paths(output)
     alpaca_path = Path(alpaca_json) if alpaca_json else default_json
+    for path, kind in ((items_path, "crawl_items"), (raw_path, "crawl_raw"), (alpaca_path, "alpaca"),
+                       (stats_path, "json")):
+        guard_output(path, kind)
 
     store = _Store(items_path, raw_path, seed, items_per_request, dedup_threshold)
     settings = _Settings(model, seed, items_per_request, max_retries, backoff, api_key)
@@ -753,6 +773,7 @@ def _write_outputs(store: _Store, alpaca_path: Path, stats_path: Path, num_reque
     t = store.totals
     finished = len(store.done & set(range(num_requests)))
     stats = {
+        "llamaforge": "crawl",
         "model": model,
         "requests": {
             "total": num_requests,

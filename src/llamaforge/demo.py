@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, guard_output, write_json
 from .tokenizer import bundled_text, merge_protos, write_hf_tokenizer
 
 # hidden ~64, 2 layers: small enough to build and test in seconds, shaped like LLaMA.
@@ -151,8 +151,10 @@ def make_demo(output: str | os.PathLike, seed: int = 42, echo=print) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    guard_output(output, "demo")
     torch.set_num_threads(1)  # bit-identical weights whatever the machine's thread count
     with atomic_dir(output) as tmp:
+        write_json(tmp / "llamaforge.json", {"llamaforge": "demo", "seed": seed})
         (tmp / "sp").mkdir()
         base_sp, zh_sp = train_base_sp(), train_chinese_sp()
         (tmp / "sp" / "base.model").write_bytes(base_sp)

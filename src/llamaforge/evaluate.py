@@ -35,11 +35,17 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import LlamaforgeError
-from .fsutil import atomic_file, read_json, read_text, require_dir, require_file, write_json
+from .fsutil import atomic_file, guard_output, read_json, read_text, require_dir, require_file, write_json
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 1e-3
+
+
+def _guard(output, inputs) -> None:
+    """An evaluation output must not overwrite an input, nor a file llamaforge did not write."""
+    if output:
+        guard_output(output, "json", inputs)
 
 
 def _eval_text(path: str | os.PathLike | None, what: str) -> tuple[str, str]:
@@ -106,6 +112,7 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike | None = N
     the bundled sample)."""
     from .generate import load_model
 
+    _guard(output, [("model folder", model), ("text file", text_file), ("tokenizer folder", tokenizer)])
     text, text_name = _eval_text(text_file, "perplexity text")
     loaded = load_model(model, (), tokenizer, device, dtype, echo=echo)
     m, dev, dt, context = loaded.model, loaded.device, loaded.dtype, loaded.context_length
@@ -119,6 +126,7 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike | None = N
     chars = len(text.rstrip("\n"))
     mean = r["nll_sum"] / r["scored_tokens"]
     result = {
+        "llamaforge": "perplexity",
         "model": os.fspath(model),
         "tokenizer": loaded.sources["tokenizer"],
         "text": text_name,
@@ -206,6 +214,8 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
     from .generate import (apply_adapters, base_vocab_size, inspect_adapters, load_causal_lm, load_tokenizer,
                            plan_vocab, resolve_device)
 
+    _guard(output, [("merged model folder", merged), ("base model folder", base), ("tokenizer folder", tokenizer),
+                    ("prompts file", prompts_file)] + [("adapter folder", p) for p in loras])
     if not loras:
         raise LlamaforgeError("no adapter given: there is no merge to check", merged,
                               "give the adapters the model was merged from (--lora, in order)")
@@ -259,6 +269,7 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
     allowed = tolerance + 2 * floor
     passed = cmp["max_abs_diff"] <= allowed
     result = {
+        "llamaforge": "equivalence",
         "merged": os.fspath(merged), "base": os.fspath(base), "loras": [os.fspath(p) for p in loras],
         "tokenizer": os.fspath(tok_dir), "prompts": len(batch), "positions": cmp["positions"],
         "vocab": merged_vocab, "merged_dtypes": reduced or ["float32"], "compute_dtype": "float32",
@@ -327,6 +338,7 @@ def tokenizer_stats(tokenizer: str | os.PathLike, base_tokenizer: str | os.PathL
                     echo=print) -> dict:
     """Characters per token before (base) and after (merged) the vocabulary merge, line by line
     (default text: the bundled sample)."""
+    _guard(output, [("tokenizer folder", tokenizer), ("base tokenizer", base_tokenizer), ("text file", text_file)])
     text, text_name = _eval_text(text_file, "tokenizer-stats text")
     lines = [s for s in text.splitlines() if s.strip()]
     enc_m, vocab_m = _encoder(tokenizer)
@@ -343,6 +355,7 @@ def tokenizer_stats(tokenizer: str | os.PathLike, base_tokenizer: str | os.PathL
 
     overall = block(lines)
     result = {
+        "llamaforge": "tokenizer_stats",
         "tokenizer": os.fspath(tokenizer), "base_tokenizer": os.fspath(base_tokenizer), "text": text_name,
         "vocab": {"base": vocab_b, "merged": vocab_m},
         **overall,
@@ -366,7 +379,9 @@ def summarize(model: str, output: str | os.PathLike | None = None, predictions: 
               perplexity_json: str | os.PathLike | None = None, equivalence_json: str | os.PathLike | None = None,
               tokenizer_stats_json: str | os.PathLike | None = None, echo=print) -> dict:
     """One JSON per model with the headline numbers of each evaluation output."""
-    out: dict = {"model": model}
+    _guard(output, [("predictions file", predictions), ("perplexity file", perplexity_json),
+                    ("equivalence file", equivalence_json), ("tokenizer-stats file", tokenizer_stats_json)])
+    out: dict = {"llamaforge": "summary", "model": model}
     if predictions:
         preds = read_json(predictions, "predictions file")
         if not isinstance(preds, list):
@@ -413,6 +428,9 @@ def plot(summaries: Sequence[str | os.PathLike], tokens_per_char: str | os.PathL
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    for png in (tokens_per_char, perplexity_png, equivalence_png):
+        if png:
+            guard_output(png, "png", [("summary file", p) for p in summaries])
     data = [read_json(p, "summary file") for p in summaries]
     if not data:
         raise LlamaforgeError("no summary to plot", None, "evaluate at least one model (evaluate: true in config.yaml)")
@@ -423,7 +441,7 @@ def plot(summaries: Sequence[str | os.PathLike], tokens_per_char: str | os.PathL
         if layout:
             fig.tight_layout()
         with atomic_file(path, "wb") as f:
-            fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=120, metadata={"Software": None})
+            fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=120, metadata={"Software": "llamaforge"})
         plt.close(fig)
         written.append(os.fspath(path))
 

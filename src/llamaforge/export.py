@@ -48,7 +48,10 @@ import torch
 
 from .errors import LlamaforgeError
 from .formats import ModelSource, TensorInfo, read_hf_config
-from .fsutil import atomic_dir, atomic_file, read_json, read_text, require_dir, sha256_file
+from .fsutil import (
+    GGUF_OWN_KEY, atomic_dir, atomic_file, atomic_files, guard_output, read_json, read_text, require_dir, sha256_file,
+    sums_header,
+)
 from .names import (
     EMBED, OUTPUT, DERIVED_HF, LlamaDims, TensorName, by_hf, check_shardable, default_num_shards, dims_from_config,
     hf_order, meta_order, params_from_dims, permute_into, shard_ranges,
@@ -59,6 +62,9 @@ log = logging.getLogger(__name__)
 _BLOCK_BYTES = 16 << 20  # one block of rows, for column slices, q/k permutations and conversions
 SUMS = "SHA256SUMS"
 GGUF_TYPES = ("f16", "bf16", "q8_0")
+# Embedding rows beyond the tokenizer's pieces that are vocabulary padding (a multiple-of-64/128
+# vocab_size), filled with [PAD{id}] tokens as llama.cpp's converter does. More is a mismatch.
+MAX_VOCAB_PADDING = 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,10 +123,33 @@ def open_model(folder: str | os.PathLike) -> Model:
                 )
             if not info.dtype.is_floating_point:
                 raise LlamaforgeError(f"{t.hf} is {info.dtype}, not a float tensor", folder, "export float weights")
+        check_vocab_padding(tok, dims.vocab)
     except BaseException:
         src.close()
         raise
     return Model(folder, cfg, dims, src, tok, has_output)
+
+
+def check_vocab_padding(tokenizer: Path, rows: int) -> int:
+    """Pieces of `tokenizer` (tokenizer.model) against the model's embedding rows: more pieces, or
+    more than MAX_VOCAB_PADDING missing, is an error; a few missing rows are padding (a warning).
+    Returns the number of pieces."""
+    from .tokenizer import load_proto
+
+    pieces = len(load_proto(tokenizer, "tokenizer.model").pieces)
+    fix = ("merge with the tokenizer that belongs to the adapters: LLaMA has 32000 pieces, Chinese-LLaMA 49953, "
+           "Chinese-Alpaca 49954 (+[PAD]) (tokenizer: in config.yaml, or --tokenizer)")
+    if pieces > rows:
+        raise LlamaforgeError(f"tokenizer.model has {pieces} pieces but the model has only {rows} embedding rows",
+                              tokenizer, fix)
+    if rows - pieces > MAX_VOCAB_PADDING:
+        raise LlamaforgeError(
+            f"tokenizer.model has {pieces} pieces but the model has {rows} embedding rows ({rows - pieces} more, "
+            f"beyond the {MAX_VOCAB_PADDING} rows of vocabulary padding an export fills in)", tokenizer, fix)
+    if rows > pieces:
+        log.warning("%s: %d pieces for %d embedding rows: the %d rows beyond are vocabulary padding, exported "
+                    "as [PAD<id>] tokens", tokenizer, pieces, rows, rows - pieces)
+    return pieces
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,9 +375,9 @@ class HashingFile:
         return self._h.hexdigest()
 
 
-def sums_text(hashes: dict[str, str]) -> str:
-    """`sha256sum` format: '<hash>  <name>' per line, sorted by name."""
-    return "".join(f"{h}  {name}\n" for name, h in sorted(hashes.items()))
+def sums_text(hashes: dict[str, str], header: str = "") -> str:
+    """`sha256sum` format: '<hash>  <name>' per line, sorted by name, after an optional '#' line."""
+    return header + "".join(f"{h}  {name}\n" for name, h in sorted(hashes.items()))
 
 
 def parse_sums(path: str | os.PathLike) -> dict[str, str]:
@@ -356,7 +385,7 @@ def parse_sums(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     out = {}
     for n, line in enumerate(read_text(path, "checksum file").splitlines(), 1):
-        if not line.strip():
+        if not line.strip() or line.startswith("#"):  # sha256sum -c skips comment lines too
             continue
         parts = line.split(None, 1)
         if len(parts) != 2 or len(parts[0]) != 64:
@@ -489,6 +518,7 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
     All shards are written in one pass over the tensors: each tensor is read once and its slices go
     to every shard's file. Returns sha256 by file name.
     """
+    guard_output(output, "pth", [("model folder", model)])
     m = open_model(model)
     try:
         dims = m.dims
@@ -509,7 +539,8 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
                 plan.append(TensorInfo(j.t.meta, j.info.dtype, tuple(shape)))
         names = [f"consolidated.{s:02d}.pth" for s in range(n)]
         hashes: dict[str, str] = {}
-        with atomic_dir(output) as tmp:
+        need = sum(i.nbytes for plan in plans for i in plan)
+        with atomic_dir(output, need_bytes=need) as tmp:
             with contextlib.ExitStack() as stack:
                 files = []
                 for name in names:
@@ -529,7 +560,7 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
                                ("tokenizer.model", m.tokenizer.read_bytes())):
                 (tmp / name).write_bytes(data)
                 hashes[name] = hashlib.sha256(data).hexdigest()
-            (tmp / SUMS).write_text(sums_text(hashes), encoding="utf-8")
+            (tmp / SUMS).write_text(sums_text(hashes, sums_header("export_pth")), encoding="utf-8")
         echo(f"wrote {output}: {', '.join(sorted(hashes))}")
         return hashes
     finally:
@@ -664,6 +695,10 @@ def gguf_metadata(gguf, writer, model: Model, outtype: str, name: str) -> None:
     writer.add_add_bos_token(v["add_bos"])
     writer.add_add_eos_token(v["add_eos"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # by this key a later run knows the file as its own output (and may replace it)
+    from . import __version__
+
+    writer.add_string(GGUF_OWN_KEY, __version__)
 
 
 def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: str = "f16",
@@ -675,8 +710,11 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
     import numpy as np
 
     output = Path(output)
-    if output.is_dir():
+    if output.is_dir() and not output.is_symlink():
         raise LlamaforgeError("the GGUF output is a folder", output, "give a file name ending in .gguf")
+    sums = output.with_name(output.name + ".sha256")
+    guard_output(output, "gguf", [("model folder", model)])
+    guard_output(sums, "sha256", [("model folder", model)])
     m = open_model(model)
     try:
         # no output.weight for tied embeddings: llama.cpp then uses token_embd, as convert_hf_to_gguf.py writes it
@@ -692,32 +730,32 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
         echo(f"exporting {m.folder} to GGUF {outtype}: {len(jobs)} tensors, {sum(sizes) / 1e9:.2f} GB, "
              f"vocabulary {m.dims.vocab}")
         align = writer.data_alignment
-        with atomic_file(output, "wb") as raw:
-            f = HashingFile(raw)
-            # GGUFWriter writes the header, metadata and tensor infos into our (hashing) file; it
-            # never holds a tensor: the data is written below, one block of rows at a time.
-            writer.fout = [f]
-            writer.path = output
-            writer.state = gguf.gguf_writer.WriterState.EMPTY
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            writer.write_padding(f, f.tell(), align)
-            conv = _Converter(gguf)
-            try:
-                for (job, tensor), q, nb in zip(TensorStream(m, jobs), qtypes, sizes, strict=True):
-                    start = f.tell()
-                    conv.write(f, q, tensor, job.source)
-                    if f.tell() - start != nb:
-                        raise RuntimeError(f"{job.t.gguf}: wrote {f.tell() - start} bytes, planned {nb}")
-                    writer.write_padding(f, nb, align)
-            finally:
-                conv.close()
-                f.close()
-            digest = f.hexdigest
-        sums = output.with_name(output.name + ".sha256")
-        with atomic_file(sums, "w") as s:
-            s.write(sums_text({output.name: digest}))
+        # the GGUF and its .sha256 appear together: a kill in between leaves the .sha256 missing
+        with atomic_files([output, sums], need_bytes=sum(sizes)) as (tmp_gguf, tmp_sums):
+            with open(tmp_gguf, "wb") as raw:
+                f = HashingFile(raw)
+                # GGUFWriter writes the header, metadata and tensor infos into our (hashing) file; it
+                # never holds a tensor: the data is written below, one block of rows at a time.
+                writer.fout = [f]
+                writer.path = output
+                writer.state = gguf.gguf_writer.WriterState.EMPTY
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                writer.write_padding(f, f.tell(), align)
+                conv = _Converter(gguf)
+                try:
+                    for (job, tensor), q, nb in zip(TensorStream(m, jobs), qtypes, sizes, strict=True):
+                        start = f.tell()
+                        conv.write(f, q, tensor, job.source)
+                        if f.tell() - start != nb:
+                            raise RuntimeError(f"{job.t.gguf}: wrote {f.tell() - start} bytes, planned {nb}")
+                        writer.write_padding(f, nb, align)
+                finally:
+                    conv.close()
+                    f.close()
+                digest = f.hexdigest
+            tmp_sums.write_text(sums_text({output.name: digest}), encoding="utf-8")
         echo(f"wrote {output} ({output.stat().st_size / 1e9:.2f} GB) and {sums.name}")
         return digest
     finally:
@@ -817,6 +855,7 @@ def verify_sha256(expected: dict[str, str], sums_files: Iterable[str | os.PathLi
     return lines
 
 
-def write_verify_report(lines: list[str], output: str | os.PathLike) -> None:
+def write_verify_report(lines: list[str], output: str | os.PathLike, inputs=()) -> None:
+    guard_output(output, "text", [("checked file", p) for p in inputs])
     with atomic_file(output, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
+        f.write("# llamaforge verify\n" + "".join(line + "\n" for line in lines))

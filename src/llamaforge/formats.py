@@ -18,6 +18,7 @@ import json
 import math
 import mmap
 import os
+import pickle
 import queue
 import re
 import struct
@@ -36,6 +37,10 @@ ST_TO_TORCH = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        ST_TO_TORCH[_code] = getattr(torch, _attr)
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -85,7 +90,11 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
             "give it as the model's base in config.yaml (the pipeline converts it) or run scripts/import_pth.py"
             if meta else "point to a Hugging Face model folder (config.json + weights)",
         )
-    return read_json(folder / "config.json", "config.json")
+    cfg = read_json(folder / "config.json", "config.json")
+    if not isinstance(cfg, dict):
+        raise LlamaforgeError(f"config.json holds a JSON {type(cfg).__name__}, not an object", folder / "config.json",
+                              "restore the model's config.json (save_pretrained writes an object)")
+    return cfg
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -136,25 +145,14 @@ class SafetensorsFile:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise LlamaforgeError("corrupt safetensors header (not JSON)", self.path, fix) from None
         if not isinstance(header, dict):
-            raise LlamaforgeError("corrupt safetensors header", self.path, fix)
-        self.metadata = header.pop("__metadata__", None) or {}
+            raise LlamaforgeError("corrupt safetensors header (not a JSON object)", self.path, fix)
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise LlamaforgeError("corrupt safetensors header (__metadata__ is not a map of strings)", self.path, fix)
+        self.metadata = metadata
         self._base = 8 + n
         self._mm: mmap.mmap | None = None
-        self._entries: dict[str, tuple[TensorInfo, int, int]] = {}
-        data_len = size - self._base
-        for name, e in header.items():
-            try:
-                dtype = ST_TO_TORCH[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                start, end = (int(x) for x in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise LlamaforgeError(f"corrupt safetensors header entry {name!r}", self.path, fix) from None
-            info = TensorInfo(name, dtype, shape)
-            if end - start != info.nbytes or start < 0 or end > data_len:
-                raise LlamaforgeError(
-                    f"tensor {name} claims bytes {start}..{end} but the file has {data_len} data bytes", self.path, fix
-                )
-            self._entries[name] = (info, start, end)
+        self._entries = _check_entries(header, size - self._base, self.path, fix)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -223,6 +221,53 @@ def _nothing() -> None:
     pass
 
 
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entries(header: dict, data_len: int, path: Path, fix: str) -> dict[str, tuple[TensorInfo, int, int]]:
+    """The tensor entries of a safetensors header, validated as strictly as the safetensors library
+    does: a known dtype, a shape of non-negative integers, data offsets that match it, and tensors
+    that tile the data section exactly (no overlap, no gap, nothing past the end)."""
+    entries: dict[str, tuple[TensorInfo, int, int]] = {}
+    for name, e in header.items():
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+            raise LlamaforgeError(f"corrupt safetensors header entry {name!r} (needs dtype, shape, data_offsets)",
+                                  path, fix)
+        code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if code not in ST_TO_TORCH:
+            known = ", ".join(ST_TO_TORCH)
+            raise LlamaforgeError(f"tensor {name} has dtype {code!r}, which llamaforge cannot read (it reads {known})",
+                                  path, "convert the weights to F16, BF16 or F32 (e.g. with transformers) first")
+        if not isinstance(shape, list) or not all(_int(d) for d in shape):
+            raise LlamaforgeError(f"tensor {name} has the shape {shape!r}, not a list of integers", path, fix)
+        if any(d < 0 for d in shape):
+            raise LlamaforgeError(f"tensor {name} has a negative dimension in its shape {shape}", path, fix)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(x) for x in offsets)):
+            raise LlamaforgeError(f"tensor {name} has data_offsets {offsets!r}, not two integers", path, fix)
+        start, end = offsets
+        info = TensorInfo(name, ST_TO_TORCH[code], tuple(shape))
+        if start < 0 or end < start:
+            raise LlamaforgeError(f"tensor {name} has data_offsets [{start}, {end}] that run backwards", path, fix)
+        if end - start != info.nbytes:
+            raise LlamaforgeError(f"tensor {name} has {end - start} data bytes but its shape {shape} and dtype {code} "
+                                  f"need {info.nbytes}", path, fix)
+        entries[name] = (info, start, end)
+    pos, prev = 0, None
+    for name, (_, start, end) in sorted(entries.items(), key=lambda kv: (kv[1][1], kv[1][2])):
+        if start < pos:
+            raise LlamaforgeError(f"tensors {prev} and {name} overlap (bytes {start}..{pos})", path, fix)
+        if start > pos:
+            raise LlamaforgeError(f"a gap of {start - pos} bytes before tensor {name} (the data offsets must tile "
+                                  "the data section)", path, fix)
+        pos, prev = end, name
+    if pos != data_len:
+        what = (f"tensor {prev} ends at byte {pos} but the file has {data_len} data bytes" if pos > data_len else
+                f"the tensors cover {pos} of the file's {data_len} data bytes")
+        raise LlamaforgeError(what, path, fix)
+    return entries
+
+
 def torch_load(path: str | os.PathLike, what: str = "checkpoint"):
     """`torch.load` with weights_only=True (no pickle code runs) and mmap where the format allows."""
     path = Path(path)
@@ -236,11 +281,19 @@ def torch_load(path: str | os.PathLike, what: str = "checkpoint"):
                 raise
             # legacy (pre-zipfile) torch.save format: cannot be memory-mapped
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for disallowed globals, zip errors for damage
+    except pickle.UnpicklingError as e:  # a global the weights-only unpickler does not allow
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)) or re.search(r"GLOBAL ([\w.]+)", str(e))
+        what_obj = f" ({m.group(1)})" if m else ""
+        raise LlamaforgeError(
+            f"the {what} holds pickled objects that are not tensors{what_obj}; llamaforge reads weights with "
+            "weights_only=True and will not run them", path,
+            "use the model's .safetensors files, or convert the checkpoint to safetensors where you trust it",
+        ) from None
+    except Exception as e:  # zip and storage errors for a damaged file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LlamaforgeError(
-            f"cannot read {what} with torch.load(weights_only=True): {msg}", path,
-            "the file is damaged, or it pickles objects other than tensors (convert it to safetensors)",
+            f"cannot read the {what} as a torch checkpoint: {msg[:200]}", path,
+            "the file is damaged or incomplete: download or build it again",
         ) from None
 
 
@@ -322,9 +375,13 @@ class ModelSource:
             index = d / index_name
             if index.is_file():
                 try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                     raise LlamaforgeError("corrupt index file (no weight_map)", index, "download it again") from None
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(v, str) and "/" not in v and v not in ("", ".", "..") for v in weight_map.values()):
+                    raise LlamaforgeError("corrupt index file (weight_map must map tensor names to file names in "
+                                          "the folder)", index, "download it again")
                 files = sorted(set(weight_map.values()))
                 for f in files:
                     if not (d / f).is_file():

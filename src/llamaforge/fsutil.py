@@ -8,11 +8,13 @@ nothing the user made is ever overwritten by a half-written file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -46,15 +48,15 @@ def _cache_file() -> Path:
 
 
 def sha256_cached(path: str | os.PathLike) -> str:
-    """sha256 of a file, remembered by (real path, size, mtime, inode) in ~/.cache/llamaforge.
+    """sha256 of a file, remembered by (real path, size, mtime, ctime, inode) in ~/.cache/llamaforge.
 
     A 13 GB base is then hashed once, not at every merge that reads it. Set LLAMAFORGE_NO_HASH_CACHE=1
-    to always hash. A file changed in place without a new mtime would be missed: tools that write
-    weights always set one.
+    to always hash. The ctime is part of the key because a write cannot preserve it: a file
+    rewritten in place with its old mtime put back (`touch -d`, `cp -p`, rsync) is hashed again.
     """
     p = Path(path)
     st = p.stat()
-    key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
     use = not os.environ.get("LLAMAFORGE_NO_HASH_CACHE")
     cache_path = _cache_file()
     cache = {}
@@ -118,7 +120,8 @@ def _tmp_prefix(target: Path) -> str:
 
 
 def _remove_stale(target: Path) -> None:
-    """Remove temporary siblings of `target` left by a killed writer on this host (SIGKILL, OOM)."""
+    """Remove temporary siblings of `target` left by a killed writer on this host (SIGKILL, OOM):
+    half-written outputs and the previous output a replacement had moved aside."""
     for p in target.parent.glob(f".{glob.escape(target.name)}.tmp-{glob.escape(_HOST)}-*"):
         try:
             pid = int(p.name[len(f".{target.name}.tmp-{_HOST}-"):].split("-", 1)[0])
@@ -137,21 +140,52 @@ def _remove_stale(target: Path) -> None:
         _clear(p)
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_space(folder: Path, need: int) -> LlamaforgeError:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    what = f"{need} bytes needed" if need else "more space needed"
+    if free is not None:
+        what += f", {free} free"
+    return LlamaforgeError(f"no space left on the device ({what})", folder,
+                           "free space there, or write the output to another disk")
+
+
+def _check_space(folder: Path, need: int) -> None:
+    """Refuse to start an output of `need` bytes in `folder` when the disk cannot hold it."""
+    if need <= 0:
+        return
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if need > free:
+        raise _no_space(folder, need)
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, need_bytes: int = 0) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; rename it to `target` on success.
 
-    On any exception the temporary folder is removed and `target` is left as it was.
+    On any exception the temporary folder is removed and `target` is left as it was. A previous
+    `target` is moved aside under a temporary name (which a later run removes if this one is
+    killed before it could) and deleted once the new one is in place. `need_bytes`: the output's
+    size, checked against the free space first; running out of space midway is one clear error.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
+    _check_space(target.parent, need_bytes)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are ordinary folders
     try:
         yield tmp
         if target.exists() or target.is_symlink():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            old = target.parent / (_tmp_prefix(target) + "old")
             _clear(old)
             os.replace(target, old)
             os.replace(tmp, target)
@@ -159,31 +193,60 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise _no_space(target.parent, need_bytes) from None
         raise
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """Open a temporary file beside `target` for writing; rename it into place on success."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(target)
-    fd, tmpname = tempfile.mkstemp(prefix=_tmp_prefix(target), dir=target.parent)
-    tmp = Path(tmpname)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
+def atomic_files(targets: list[str | os.PathLike], need_bytes: int = 0) -> Iterator[list[Path]]:
+    """Temporary files beside `targets` (written by the caller); renamed into place together.
+
+    The previous targets are removed first and the new ones renamed in order, so a process killed
+    midway leaves the last target missing (a build tool then reruns the job), never a new first
+    file beside an old last one (a GGUF beside the .sha256 of its predecessor).
+    """
+    targets = [Path(t) for t in targets]
+    tmps: list[Path] = []
     try:
+        for t in targets:
+            t.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(t)
+        _check_space(targets[0].parent, need_bytes)
+        for t in targets:
+            fd, name = tempfile.mkstemp(prefix=_tmp_prefix(t), dir=t.parent)
+            os.close(fd)
+            tmps.append(Path(name))
+            os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
+        yield tmps
+        for tmp in tmps:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for t in reversed(targets):
+            if t.is_symlink() or t.exists():
+                _clear(t)
+        for tmp, t in zip(tmps, targets):
+            os.replace(tmp, t)
+        _fsync_dir(targets[0].parent)
+    except BaseException as e:
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise _no_space(targets[0].parent, need_bytes) from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, mode: str = "wb", need_bytes: int = 0) -> Iterator:
+    """Open a temporary file beside `target` for writing; rename it into place on success."""
+    with atomic_files([target], need_bytes) as (tmp,):
         encoding = None if "b" in mode else "utf-8"
-        with os.fdopen(fd, mode, encoding=encoding) as f:
+        with open(tmp, mode, encoding=encoding) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def require_file(path: str | os.PathLike, what: str, fix: str | None = None) -> Path:
@@ -237,3 +300,178 @@ def hash_files(folder: Path, known: dict[str, str]) -> dict[str, str]:
         if f.is_file() and f.name not in out:
             out[f.name] = sha256_file(f)
     return dict(sorted(out.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# output safety: nothing a user has is ever destroyed
+
+_OWN_MANIFEST = "llamaforge.json"
+
+
+def _json_of(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _manifest_kind(folder: Path, name: str = _OWN_MANIFEST):
+    data = _json_of(folder / name)
+    return data.get("llamaforge") if isinstance(data, dict) else None
+
+
+def sums_header(kind: str) -> str:
+    """The comment line llamaforge puts first in the SHA256SUMS it writes (`sha256sum -c` skips
+    lines starting with '#'), by which a later run recognises the folder as its own output."""
+    return f"# llamaforge {kind}\n"
+
+
+def _sums_kind(folder: Path) -> str | None:
+    try:
+        with open(folder / "SHA256SUMS", encoding="utf-8") as f:
+            first = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return first[len("# llamaforge "):].strip() if first.startswith("# llamaforge ") else None
+
+
+_SUM_LINE = re.compile(r"[0-9a-f]{64} [ *]\S.*")
+
+
+def _is_sidecar(path: Path) -> bool:
+    """A `<file>.sha256` as llamaforge writes it: one '<sha256>  <name>' line."""
+    try:
+        if path.stat().st_size > 4096:
+            return False
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return len(lines) == 1 and bool(_SUM_LINE.fullmatch(lines[0]))
+
+
+def _gguf_is_own(path: Path) -> bool:
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path, "r")
+        return GGUF_OWN_KEY in reader.fields
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
+def _png_is_own(path: Path) -> bool:
+    """A PNG whose `Software` text chunk names llamaforge (set by its plots)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 16)
+    except OSError:
+        return False
+    return data.startswith(b"\x89PNG\r\n\x1a\n") and b"Software\x00llamaforge" in data
+
+
+def _json_is_own(path: Path) -> bool:
+    data = _json_of(path)
+    return isinstance(data, dict) and isinstance(data.get("llamaforge"), str)
+
+
+def _records_are(path: Path, keys: set[str]) -> bool:
+    """A JSON list of records whose fields are among `keys` (llamaforge's Alpaca data, predictions)."""
+    data = _json_of(path)
+    return isinstance(data, list) and all(isinstance(x, dict) and set(x) <= keys for x in data)
+
+
+def _first_record(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+
+
+def _text_is_own(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith("# llamaforge ")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+GGUF_OWN_KEY = "llamaforge.version"
+# How llamaforge recognises its own earlier output of each kind (what it wrote into it).
+_OWN: dict[str, tuple[str, object]] = {
+    "merge": ("merged model folder", lambda p: p.is_dir() and _manifest_kind(p) == "merge"),
+    "import": ("imported model folder", lambda p: p.is_dir() and _manifest_kind(p) == "import_pth"),
+    "tokenizer": ("merged tokenizer folder",
+                  lambda p: p.is_dir() and _manifest_kind(p, "merge_report.json") == "merge_tokenizers"),
+    "pth": ("Meta export folder", lambda p: p.is_dir() and _sums_kind(p) == "export_pth"),
+    "demo": ("demo folder", lambda p: p.is_dir() and _manifest_kind(p) == "demo"),
+    "gguf": ("GGUF file", lambda p: p.is_file() and _gguf_is_own(p)),
+    "sha256": ("checksum file", lambda p: p.is_file() and _is_sidecar(p)),
+    "json": ("llamaforge JSON file", lambda p: p.is_file() and _json_is_own(p)),
+    "alpaca": ("instruction data file",
+               lambda p: p.is_file() and _records_are(p, {"instruction", "input", "output"})),
+    "predictions": ("predictions file",
+                    lambda p: p.is_file() and _records_are(p, {"instruction", "input", "prompt", "output"})),
+    # the crawl's append-only files: judged by their first line (a later one may be torn by a kill)
+    "crawl_raw": ("crawl reply file", lambda p: p.is_file() and isinstance(r := _first_record(p), dict)
+                  and {"index", "seed", "items_per_request", "content"} <= r.keys()),
+    "crawl_items": ("crawl items file", lambda p: p.is_file() and isinstance(r := _first_record(p), dict)
+                    and set(r) <= {"instruction", "input", "output"}),
+    "png": ("llamaforge plot", lambda p: p.is_file() and _png_is_own(p)),
+    "text": ("llamaforge report", lambda p: p.is_file() and _text_is_own(p)),
+}
+
+
+def _is_empty(p: Path) -> bool:
+    """An empty file, or a folder with no file at any depth (Snakemake makes the folders of a
+    job's outputs before the job runs): replacing it loses nothing."""
+    try:
+        if p.is_dir() and not p.is_symlink():
+            return all(c.is_dir() and not c.is_symlink() and _is_empty(c) for c in p.iterdir())
+        return p.is_file() and not p.is_symlink() and p.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def _overlap(out: Path, inp: Path) -> str | None:
+    if out == inp:
+        return "is"
+    if inp.is_relative_to(out):
+        return "holds"
+    if out.is_relative_to(inp):
+        return "lies inside"
+    return None
+
+
+def guard_output(output: str | os.PathLike, kind: str,
+                 inputs: "list[tuple[str, str | os.PathLike | None]]" = ()) -> Path:
+    """Refuse, before anything is read or written, an output that would destroy what a user has.
+
+    * An output that is, holds or lies inside any input (symlinks resolved) is refused.
+    * An existing output is replaced only when it is llamaforge's own earlier output of the same
+      `kind`, recognised by what llamaforge wrote into it (a manifest, the SHA256SUMS header, the
+      GGUF key `llamaforge.version`, ...); an empty file or folder may go too. Anything else is
+      refused with one line naming it.
+
+    `inputs`: (description, path) pairs; a None path is skipped. Returns `output` as a Path.
+    """
+    out = Path(output)
+    what, own = _OWN[kind]
+    resolved = out.resolve()
+    for desc, p in inputs:
+        if p is None:
+            continue
+        rel = _overlap(resolved, Path(p).resolve())
+        if rel is not None:
+            raise LlamaforgeError(
+                f"the output {rel} the {desc} {os.fspath(p)}; writing it would destroy that input", out,
+                "choose an output path outside every input (e.g. merged/NAME, exports/NAME)")
+    if out.is_symlink() or out.exists():
+        target = resolved if out.is_symlink() else out
+        if not (_is_empty(target) or own(target)):
+            kind_of = "folder" if target.is_dir() else "file"
+            raise LlamaforgeError(
+                f"the output exists and is not a {what} that llamaforge wrote (an existing {kind_of} is only "
+                "replaced when it is llamaforge's own earlier output of the same kind)", out,
+                "choose another output path, or move that one away yourself if it may go")
+    return out

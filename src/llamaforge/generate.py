@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import LlamaforgeError
-from .fsutil import atomic_file, read_text, require_dir, write_json
+from .fsutil import atomic_file, guard_output, read_text, require_dir, write_json
 from .tokenizer import HF_FILES
 
 log = logging.getLogger(__name__)
@@ -352,9 +352,12 @@ def load_causal_lm(folder: str | os.PathLike, dtype, device: str = "cpu"):
     """AutoModelForCausalLM in `dtype` on `device`, in eval mode, never trusting remote code."""
     from transformers import AutoModelForCausalLM
 
-    from .formats import read_hf_config
+    from .formats import ModelSource, read_hf_config
 
     read_hf_config(folder)  # the clear error for a Meta checkpoint or a folder without config.json
+    # every weight file checked first, pickles with weights_only=True: a hostile .bin is one clear
+    # error here, not a traceback from transformers
+    ModelSource(folder).close()
     model = AutoModelForCausalLM.from_pretrained(os.fspath(folder), trust_remote_code=False, **_dtype_kwarg(dtype))
     if device != "cpu":
         model = model.to(device)
@@ -439,6 +442,7 @@ def load_model(model: str | os.PathLike, loras: Sequence[str | os.PathLike] = ()
                echo: Callable[[str], None] | None = None) -> Loaded:
     """Tokenizer + model (+ adapters on the fly), checked before any weight is read."""
     echo = echo or log.info
+    require_dir(model, "model folder")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     tok_dir = Path(tokenizer) if tokenizer else default_tokenizer_dir(model, loras)
@@ -612,6 +616,10 @@ def predict(model: str | os.PathLike, predictions_file: str | os.PathLike, data_
     if out.name == gen_config.name:
         raise LlamaforgeError("the predictions file would be overwritten by generation_config.json", out,
                               "choose another name for the predictions file, e.g. predictions.json")
+    inputs = [("model folder", model), ("prompts file", data_file), ("tokenizer folder", tokenizer)]
+    inputs += [("adapter folder", p) for p in loras]
+    guard_output(out, "predictions", inputs)
+    guard_output(gen_config, "json", inputs)
     if out.suffix.lower() != ".json":
         log.warning("%s: predictions are written as JSON", out)
     if data_file:
@@ -630,7 +638,7 @@ def predict(model: str | os.PathLike, predictions_file: str | os.PathLike, data_
         echo(f"Input: {ex.instruction}" + (f"\n{ex.input}" if ex.input else "") + "\n")
         echo(f"Output: {g.text}\n")
         records.append({"instruction": ex.instruction, "input": ex.input, "prompt": g.prompt, "output": g.text})
-    config = {**settings.to_json(), "template": tpl.name, "with_prompt": with_prompt, "batch_size": batch_size,
+    config = {"llamaforge": "predict", **settings.to_json(), "template": tpl.name, "with_prompt": with_prompt, "batch_size": batch_size,
               "dtype": str(loaded.dtype).replace("torch.", ""), "device": loaded.device, **loaded.sources}
     # write_json would sort the keys; the records keep inference_hf.py's field order
     with atomic_file(out, "w") as f:

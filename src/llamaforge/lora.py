@@ -118,10 +118,15 @@ def read_adapter_config(folder: Path) -> dict:
         raise LlamaforgeError("no adapter_config.json in the adapter folder", folder,
                               "point to a PEFT adapter folder (adapter_config.json + adapter_model.safetensors/.bin)")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise LlamaforgeError("adapter_config.json is not UTF-8 text", path, "repair or re-download it") from None
     except json.JSONDecodeError as e:
         raise LlamaforgeError(f"adapter_config.json is not valid JSON ({e.msg}, line {e.lineno})", path,
                               "repair or re-download it") from None
+    if not isinstance(cfg, dict):
+        raise LlamaforgeError(f"adapter_config.json holds a JSON {type(cfg).__name__}, not an object", path,
+                              "save the adapter with PEFT (save_pretrained writes an object)")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise LlamaforgeError(f"peft_type is {peft_type}; only LoRA adapters can be merged", path,
@@ -129,7 +134,24 @@ def read_adapter_config(folder: Path) -> dict:
     for key in ("r", "lora_alpha"):
         if key not in cfg:
             raise LlamaforgeError(f"adapter_config.json lacks {key!r}", path, "save the adapter with PEFT")
+        _check_number(cfg[key], key, path)
+    if not cfg["r"] > 0:
+        raise LlamaforgeError(f"r is {cfg['r']}; a LoRA rank must be positive", path, "save the adapter with PEFT")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise LlamaforgeError(f"{key} is not an object", path, "save the adapter with PEFT")
+        for module, value in patterns.items():
+            _check_number(value, f"{key}[{module!r}]", path)
     return cfg
+
+
+def _check_number(value, key: str, path: Path) -> None:
+    """A finite number (not a bool, string, null, list, NaN or Inf: PEFT would multiply by it)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise LlamaforgeError(f"{key} is {json.dumps(value)}, not a finite number", path,
+                              f"set {key} to the value the adapter was trained with (e.g. r: 8, lora_alpha: 32)")
 
 
 def open_adapter(folder: str | os.PathLike, base_names) -> Adapter:

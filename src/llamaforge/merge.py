@@ -13,7 +13,6 @@ the adapter list, the tokenizer) is checked before the first byte is written.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -38,7 +37,7 @@ from .formats import (
     read_hf_config,
     torch_dtype,
 )
-from .fsutil import atomic_dir, hash_files, require_dir, sha256_cached, write_json
+from .fsutil import atomic_dir, guard_output, hash_files, require_dir, sha256_cached, write_json
 from .lora import Adapter, LoraUpdate, open_adapter
 
 log = logging.getLogger(__name__)
@@ -66,19 +65,25 @@ def tensor_order(name: str):
 def tokenizer_length(folder: Path) -> int:
     """Tokens of a tokenizer folder without importing transformers: its SentencePiece pieces, or
     more when tokenizer.json or added_tokens.json give ids beyond them."""
-    from .tokenizer import load_proto
+    from .fsutil import read_json
+    from .tokenizer import check_tokenizer_json, load_proto
 
+    check_tokenizer_json(folder)
     ids = [len(load_proto(folder / "tokenizer.model", "tokenizer.model").pieces) - 1]
     tj = folder / "tokenizer.json"
-    if tj.is_file():
-        data = json.loads(tj.read_text(encoding="utf-8"))
-        ids += [t["id"] for t in data.get("added_tokens", [])]
-        vocab = (data.get("model") or {}).get("vocab")
-        if isinstance(vocab, dict):
-            ids += vocab.values()
-    at = folder / "added_tokens.json"
-    if at.is_file():
-        ids += json.loads(at.read_text(encoding="utf-8")).values()
+    try:
+        if tj.is_file():
+            data = read_json(tj, "tokenizer.json")
+            ids += [int(t["id"]) for t in data.get("added_tokens", [])]
+            vocab = (data.get("model") or {}).get("vocab")
+            if isinstance(vocab, dict):
+                ids += [int(i) for i in vocab.values()]
+        at = folder / "added_tokens.json"
+        if at.is_file():
+            ids += [int(i) for i in read_json(at, "added_tokens.json").values()]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise LlamaforgeError("the tokenizer's token ids are malformed (an id that is not a number, or an added "
+                              "token without one)", folder, "restore the tokenizer files from its release") from None
     return max(ids) + 1
 
 
@@ -403,7 +408,16 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
 
     Returns the manifest written as `output/llamaforge.json`.
     """
+    guard_output(output, "merge", [("base model folder", base), ("tokenizer folder", tokenizer)]
+                 + [("adapter folder", p) for p in loras])
     base = require_dir(base, "base model folder")
+    seen: dict[Path, str] = {}
+    for p in loras:
+        key = Path(p).resolve()
+        if key in seen:
+            raise LlamaforgeError(f"the same adapter is listed twice (also as {seen[key]})", p,
+                                  "list each adapter once, in merge order")
+        seen[key] = os.fspath(p)
     out_dtype = torch_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     if device == "cuda" and not torch.cuda.is_available():
@@ -454,7 +468,7 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
             echo(f"  adapter {i + 1}: {ad.folder} (r={ad.config['r']}, alpha={ad.config['lora_alpha']}, "
                  f"{len(ad.updates)} LoRA updates, {len(ad.full)} full tensors)")
 
-        with atomic_dir(output) as tmp:
+        with atomic_dir(output, need_bytes=total) as tmp:
             writer = ShardedSafetensorsWriter(tmp, plan_shards([p.out for p in plans], shard_bytes))
             bar = None
             if progress:

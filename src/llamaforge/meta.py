@@ -27,7 +27,7 @@ import torch
 
 from .errors import LlamaforgeError
 from .formats import ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards, pread_into
-from .fsutil import atomic_dir, hash_files, require_dir, write_json
+from .fsutil import atomic_dir, guard_output, hash_files, require_dir, write_json
 from .names import DERIVED_META, EMBED, by_meta, config_from_dims, dims_from_params, hf_order, permute_into
 from .tokenizer import load_proto, special_ids, tokenizer_folder_model, write_hf_tokenizer
 
@@ -148,6 +148,7 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
                max_shard_size: str | int = "5GB", max_positions: int | None = None,
                echo: Callable[[str], None] = print) -> dict:
     """Convert a Meta folder into a Hugging Face folder at `output` (atomically). Returns the manifest."""
+    guard_output(output, "import", [("Meta model folder", input), ("tokenizer", tokenizer)])
     folder = require_dir(input, "Meta model folder")
     params = _read_params(folder)
     paths = meta_shards(folder)
@@ -198,6 +199,14 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
                 if heads is not None and any(sh[0] % dims.hd for sh in shapes):
                     raise LlamaforgeError(f"{t.meta} is split inside a head", paths[0], "use Meta's own shards")
             want = dims.shape_of(t)
+            d = t.split_dim
+            if (shape != want and d is not None and len(shape) == len(want) and shape[d] and want[d] % shape[d] == 0
+                    and all(a == b for i, (a, b) in enumerate(zip(shape, want)) if i != d)):
+                total = n * want[d] // shape[d]
+                raise LlamaforgeError(
+                    f"{t.meta} holds {shape[d]} of the {want[d]} rows/columns params.json implies: the checkpoint "
+                    f"is split into {total} shards but only {n} consolidated.NN.pth found "
+                    f"(consolidated.{n:02d}.pth is missing)", folder, "the download is incomplete: fetch every shard")
             if shape != want:
                 raise LlamaforgeError(f"{t.meta} has shape {list(shape)} but params.json implies {list(want)}",
                                       folder / "params.json", "use the params.json of this checkpoint")
@@ -213,7 +222,7 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
              f"hidden {dims.hidden}, FFN {dims.intermediate}, heads {dims.n_heads}/{dims.n_kv_heads}, "
              f"vocabulary {dims.vocab}, context {dims.max_positions}")
 
-        with atomic_dir(output) as tmp:
+        with atomic_dir(output, need_bytes=total) as tmp:
             writer = ShardedSafetensorsWriter(tmp, plan_shards([info for _, info in plan], shard_bytes))
             try:
                 _stream(shards, plan, dims, n, writer)

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import LlamaforgeError
-from .fsutil import atomic_dir, require_file
+from .fsutil import atomic_dir, guard_output, require_file
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,12 @@ def merge_protos(base, extra, add_tokens=(), base_path="base", extra_path="extra
             merged.pieces.append(new)
             present.add(p.piece)
             result.added.append(p.piece)
-    for tok in add_tokens:
+    for i, tok in enumerate(add_tokens):
         if not tok:
-            raise LlamaforgeError("--add-token is empty", extra_path, "give the token text, e.g. --add-token '[PAD]'")
+            raise LlamaforgeError("--add-token is empty", None, "give the token text, e.g. --add-token '[PAD]'")
+        if tok in add_tokens[:i]:
+            raise LlamaforgeError(f"--add-token {tok!r} is given twice", None,
+                                  "give each added token once (add_tokens in config.yaml, or --add-token)")
         if tok in present:
             raise LlamaforgeError(
                 f"--add-token {tok!r} is already a piece of the merged vocabulary",
@@ -129,7 +132,12 @@ def special_ids(proto, folder: str | os.PathLike | None = None) -> dict[str, int
     index = {p.piece: i for i, p in enumerate(proto.pieces)}
     stm = Path(folder) / "special_tokens_map.json" if folder is not None else None
     if stm is not None and stm.is_file():
-        data = json.loads(stm.read_text(encoding="utf-8"))
+        from .fsutil import read_json
+
+        data = read_json(stm, "special_tokens_map.json")
+        if not isinstance(data, dict):
+            raise LlamaforgeError("special_tokens_map.json is not a JSON object", stm,
+                                  "restore it from the tokenizer's release")
         for key in ("unk", "bos", "eos", "pad"):
             tok = data.get(f"{key}_token")
             tok = tok.get("content") if isinstance(tok, dict) else tok
@@ -279,11 +287,34 @@ def tokenizer_folder_model(folder: str | os.PathLike) -> Path:
     return m
 
 
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def check_tokenizer_json(folder: str | os.PathLike) -> None:
+    """Each JSON file of a tokenizer folder that exists must be a JSON object (one clear error
+    instead of a traceback from transformers or tokenizers)."""
+    from .fsutil import read_json
+
+    for name in TOKENIZER_JSON_FILES:
+        p = Path(folder) / name
+        if p.is_file():
+            data = read_json(p, name)
+            if not isinstance(data, dict):
+                raise LlamaforgeError(f"{name} holds a JSON {type(data).__name__}, not an object", p,
+                                      "restore it from the tokenizer's release, or rebuild the tokenizer")
+
+
 def load_hf_tokenizer(folder: str | os.PathLike):
     """AutoTokenizer for a folder, never trusting remote code."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.fspath(folder), trust_remote_code=False)
+    check_tokenizer_json(folder)
+    try:
+        return AutoTokenizer.from_pretrained(os.fspath(folder), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LlamaforgeError(f"cannot load the tokenizer: {msg[:200]}", folder,
+                              "restore the tokenizer files, or rebuild them with scripts/merge_tokenizers.py") from None
 
 
 def check_hf_tokenizer(folder: str | os.PathLike, samples=(TEST_SENTENCE,)) -> dict:
@@ -339,10 +370,11 @@ def merge_tokenizers(base: str | os.PathLike, extra: str | os.PathLike, output: 
     """
     import sentencepiece as spm
 
+    guard_output(output, "tokenizer", [("base SentencePiece model", base), ("extra SentencePiece model", extra)])
     base_path, extra_path = Path(base), Path(extra)
     base_proto = load_proto(base_path, "base SentencePiece model")
     extra_proto = load_proto(extra_path, "extra SentencePiece model")
-    merged, res = merge_protos(base_proto, extra_proto, add_tokens, base_path, extra_path)
+    merged, res = merge_protos(base_proto, extra_proto, list(add_tokens), base_path, extra_path)
     base_sp = spm.SentencePieceProcessor(model_proto=base_path.read_bytes())
 
     echo(f"base: {base_path} ({res.base_pieces} pieces), extra: {extra_path} ({res.extra_pieces} pieces)")
@@ -362,6 +394,7 @@ def merge_tokenizers(base: str | os.PathLike, extra: str | os.PathLike, output: 
     merged_sp = spm.SentencePieceProcessor(model_proto=model_bytes)
     chinese = bundled_text("chinese.txt")
     summary = {
+        "llamaforge": "merge_tokenizers",
         "base": os.fspath(base_path),
         "extra": os.fspath(extra_path),
         "base_pieces": res.base_pieces,

@@ -1,0 +1,411 @@
+"""Bad input, as a careless user or an adversary gives it: every row runs one command as a user
+would (a subprocess) and asserts exit status 1, exactly one `llamaforge: error:` line that names
+what is wrong, no traceback, and every file of the test's world byte-identical afterwards (the
+whole tree is hashed before and after: nothing created, changed or removed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_script
+
+# --- the world: a user's folders, and llamaforge's own outputs beside them ---------------------
+
+
+@pytest.fixture(scope="module")
+def world(demo, tmp_path_factory) -> Path:
+    from llamaforge.export import export_gguf, export_pth
+    from llamaforge.merge import merge_lora
+
+    w = tmp_path_factory.mktemp("world")
+    shutil.copytree(demo / "base", w / "base")
+    shutil.copytree(demo / "lora_llama_plus", w / "lora")
+    shutil.copytree(demo / "sp", w / "sp")
+    quiet = dict(echo=lambda *a: None)
+    merge_lora(w / "base", [w / "lora"], w / "merged", progress=False, **quiet)
+    export_gguf(w / "merged", w / "out" / "m-f16.gguf", "f16", **quiet)
+    export_pth(w / "merged", w / "pth", **quiet)
+    (w / "thesis").mkdir()
+    (w / "thesis" / "chapter1.txt").write_text("Five years of work.\n")
+    (w / "thesis" / "notes.json").write_text('{"draft": 3}\n')
+    (w / "thesis" / "data.jsonl").write_text('{"id": 1, "text": "my own data"}\n{"id": 2, "text": "partial')
+    (w / "thesis" / "model.safetensors").write_bytes((w / "base" / "model-00001-of-00002.safetensors").read_bytes())
+    (w / "cases").mkdir()
+    return w
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file (and folder) under root: sha256 of files, 'dir' for folders."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+# --- helpers that make one broken input from a sound one ---------------------------------------
+
+
+def edit_safetensors(path: Path, edit) -> None:
+    """Rewrite a safetensors file's header with edit(header) (its data bytes unchanged)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    data = json.dumps(header).encode()
+    data += b" " * (-len(data) % 8)
+    path.write_bytes(struct.pack("<Q", len(data)) + data + raw[8 + n:])
+
+
+def base_with(case: Path, world: Path, edit) -> Path:
+    """A copy of the base whose first shard's header is edited."""
+    base = case / "base"
+    shutil.copytree(world / "base", base)
+    edit_safetensors(base / "model-00001-of-00002.safetensors", edit)
+    return base
+
+
+def _two_tensors(header):
+    """Two tensors of the same shape (the first two in the file that share one)."""
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    for k in names:
+        same = [n for n in names if header[n]["shape"] == header[k]["shape"]]
+        if len(same) > 1:
+            return header[same[0]], header[same[1]]
+    raise AssertionError("no two tensors share a shape")
+
+
+def overlap(header):
+    a, b = _two_tensors(header)
+    b["data_offsets"] = list(a["data_offsets"])
+
+
+def unknown_dtype(header):
+    a, _ = _two_tensors(header)
+    a["dtype"] = "F4"
+
+
+def negative_shape(header):
+    a, _ = _two_tensors(header)
+    a["shape"] = [-a["shape"][0]] + a["shape"][1:]
+
+
+def gap(header):
+    # every tensor moved 8 bytes on: a gap before the first, the last runs past the end
+    for k, v in header.items():
+        if k != "__metadata__":
+            v["data_offsets"] = [v["data_offsets"][0] + 8, v["data_offsets"][1] + 8]
+
+
+def adapter_with(case: Path, world: Path, **changes) -> Path:
+    """A copy of the adapter whose adapter_config.json has `changes` (raw JSON text per value)."""
+    lora = case / "lora"
+    shutil.copytree(world / "lora", lora)
+    cfg = json.loads((lora / "adapter_config.json").read_text())
+    text = json.dumps({k: v for k, v in cfg.items() if k not in changes})[:-1]
+    text += "".join(f', "{k}": {v}' for k, v in changes.items()) + "}"
+    (lora / "adapter_config.json").write_text(text)
+    return lora
+
+
+def folder_with(case: Path, src: Path, name: str, files: dict[str, bytes | str]) -> Path:
+    d = case / name
+    shutil.copytree(src, d)
+    for f, content in files.items():
+        (d / f).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return d
+
+
+def evil_bin_model(case: Path, world: Path) -> Path:
+    """A model folder whose pytorch_model.bin runs a shell command when unpickled naively."""
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {case / 'PWNED'}",))
+
+    d = case / "evil"
+    d.mkdir()
+    shutil.copy(world / "base" / "config.json", d / "config.json")
+    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(world / "base" / f, d / f)
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "x": Evil()}, d / "pytorch_model.bin")
+    return d
+
+
+def meta_missing_shard(case: Path, world: Path) -> Path:
+    from llamaforge.export import export_pth
+
+    d = case / "meta"
+    export_pth(world / "merged", d, num_shards=2, echo=lambda *a: None)
+    (d / "consolidated.01.pth").unlink()
+    return d
+
+
+def merge_args(base, loras, output, *extra):
+    return ["merge_lora.py", "--base", base, *[a for lo in loras for a in ("--lora", lo)], "--output", output,
+            "--no-progress", *extra]
+
+
+# --- the table: (id, setup(world, case) -> command, fragments the error line must hold) --------
+
+CASES = [
+    # outputs that would destroy an input or a user's folder
+    ("merge-output-is-base", lambda w, c: merge_args(w / "base", [w / "lora"], w / "base"),
+     ["the output is the base model folder"]),
+    ("merge-output-is-adapter", lambda w, c: merge_args(w / "base", [w / "lora"], w / "lora"),
+     ["the output is the adapter folder"]),
+    ("merge-output-holds-both", lambda w, c: merge_args(w / "base", [w / "lora"], w),
+     ["the output holds the base model folder"]),
+    ("merge-output-inside-base", lambda w, c: merge_args(w / "base", [w / "lora"], w / "base" / "merged"),
+     ["the output lies inside the base model folder"]),
+    ("merge-output-unrelated-folder", lambda w, c: merge_args(w / "base", [w / "lora"], w / "thesis"),
+     ["not a merged model folder that llamaforge wrote"]),
+    ("merge-output-is-an-export", lambda w, c: merge_args(w / "base", [w / "lora"], w / "pth"),
+     ["not a merged model folder that llamaforge wrote"]),
+    ("pth-into-model-folder", lambda w, c: ["export_pth.py", "--model", w / "merged", "--output", w / "merged"],
+     ["the output is the model folder"]),
+    ("pth-inside-model-folder", lambda w, c: ["export_pth.py", "--model", w / "merged", "--output", w / "merged" / "pth"],
+     ["the output lies inside the model folder"]),
+    ("pth-over-unrelated-folder", lambda w, c: ["export_pth.py", "--model", w / "merged", "--output", w / "thesis"],
+     ["not a Meta export folder that llamaforge wrote"]),
+    ("gguf-over-weight-file", lambda w, c: ["export_gguf.py", "--model", w / "merged", "--output",
+                                            w / "merged" / "model.safetensors"],
+     ["the output lies inside the model folder"]),
+    ("gguf-over-foreign-file", lambda w, c: ["export_gguf.py", "--model", w / "merged", "--output",
+                                             w / "thesis" / "model.safetensors"],
+     ["not a GGUF file that llamaforge wrote"]),
+    ("tokenizer-into-input-folder", lambda w, c: ["merge_tokenizers.py", "--base", w / "sp" / "base.model", "--extra",
+                                                  w / "sp" / "chinese.model", "--output", w / "sp"],
+     ["the output holds the base SentencePiece model"]),
+    ("import-into-meta-folder", lambda w, c: ["import_pth.py", "--input", w / "pth", "--output", w / "pth"],
+     ["the output is the Meta model folder"]),
+    ("predictions-over-user-file", lambda w, c: ["inference.py", "--model", w / "merged", "--predictions-file",
+                                                 w / "thesis" / "notes.json"],
+     ["not a predictions file that llamaforge wrote"]),
+    ("predictions-inside-model", lambda w, c: ["inference.py", "--model", w / "merged", "--predictions-file",
+                                               w / "merged" / "p.json"],
+     ["lies inside the model folder"]),
+    ("perplexity-over-user-json", lambda w, c: ["evaluate.py", "perplexity", "--model", w / "merged", "--output",
+                                                w / "thesis" / "notes.json"],
+     ["not a llamaforge JSON file that llamaforge wrote"]),
+    ("crawl-over-user-jsonl", lambda w, c: ["crawl_prompts.py", "--output", w / "thesis" / "data.jsonl",
+                                            "--num-requests", "1", "--base-url", "http://127.0.0.1:9/v1"],
+     ["not a crawl items file that llamaforge wrote"]),
+    ("verify-report-over-user-file", lambda w, c: ["verify_sha256.py", "--sums", w / "pth" / "SHA256SUMS",
+                                                   "--output", w / "thesis" / "chapter1.txt"],
+     ["not a llamaforge report that llamaforge wrote"]),
+    # inputs that would give a silently wrong result
+    ("safetensors-overlap", lambda w, c: merge_args(base_with(c, w, overlap), [w / "lora"], c / "out"),
+     ["overlap"]),
+    ("safetensors-unknown-dtype", lambda w, c: merge_args(base_with(c, w, unknown_dtype), [w / "lora"], c / "out"),
+     ["has dtype 'F4', which llamaforge cannot read"]),
+    ("safetensors-negative-shape", lambda w, c: merge_args(base_with(c, w, negative_shape), [w / "lora"], c / "out"),
+     ["negative dimension"]),
+    ("safetensors-gap", lambda w, c: merge_args(base_with(c, w, gap), [w / "lora"], c / "out"),
+     ["a gap of 8 bytes"]),
+    ("lora-alpha-nan", lambda w, c: merge_args(w / "base", [adapter_with(c, w, lora_alpha="NaN")], c / "out"),
+     ["lora_alpha is NaN, not a finite number"]),
+    ("lora-alpha-inf", lambda w, c: merge_args(w / "base", [adapter_with(c, w, lora_alpha="Infinity")], c / "out"),
+     ["lora_alpha is Infinity, not a finite number"]),
+    ("lora-r-string", lambda w, c: merge_args(w / "base", [adapter_with(c, w, r='"8"')], c / "out"),
+     ['r is "8", not a finite number']),
+    ("lora-r-null", lambda w, c: merge_args(w / "base", [adapter_with(c, w, r="null")], c / "out"),
+     ["r is null, not a finite number"]),
+    ("lora-alpha-list", lambda w, c: merge_args(w / "base", [adapter_with(c, w, lora_alpha="[32]")], c / "out"),
+     ["lora_alpha is [32], not a finite number"]),
+    ("adapter-config-list", lambda w, c: merge_args(
+        w / "base", [folder_with(c, w / "lora", "lora", {"adapter_config.json": "[1, 2]"})], c / "out"),
+     ["adapter_config.json holds a JSON list"]),
+    ("config-json-list", lambda w, c: merge_args(
+        folder_with(c, w / "base", "base", {"config.json": "[]"}), [w / "lora"], c / "out"),
+     ["config.json holds a JSON list, not an object"]),
+    ("same-adapter-twice", lambda w, c: merge_args(w / "base", [w / "lora", w / "lora"], c / "out"),
+     ["the same adapter is listed twice"]),
+    ("corrupt-tokenizer-json", lambda w, c: merge_args(
+        w / "base", [w / "lora"], c / "out", "--tokenizer",
+        folder_with(c, w / "lora", "tok", {"tokenizer.json": '{"version": "1.0", "model": '})),
+     ["tokenizer.json is not valid JSON"]),
+    ("corrupt-special-tokens-map", lambda w, c: merge_args(
+        w / "base", [w / "lora"], c / "out", "--tokenizer",
+        folder_with(c, w / "lora", "tok", {"special_tokens_map.json": "<html>"})),
+     ["special_tokens_map.json is not valid JSON"]),
+    ("gguf-tokenizer-far-too-short", lambda w, c: ["export_gguf.py", "--output", c / "m.gguf", "--model", folder_with(
+        c, w / "merged", "m", {"tokenizer.model": (w / "sp" / "base.model").read_bytes()})],
+     ["tokenizer.model has 512 pieces but the model has 1189 embedding rows", "32000", "49953", "49954"]),
+    ("pth-tokenizer-far-too-short", lambda w, c: ["export_pth.py", "--output", c / "pth", "--model", folder_with(
+        c, w / "merged", "m", {"tokenizer.model": (w / "sp" / "base.model").read_bytes()})],
+     ["tokenizer.model has 512 pieces but the model has 1189 embedding rows"]),
+    ("inference-malicious-bin", lambda w, c: ["inference.py", "--model", evil_bin_model(c, w), "--predictions-file",
+                                              c / "p.json"],
+     ["holds pickled objects that are not tensors", "will not run them"]),
+    ("inference-missing-model", lambda w, c: ["inference.py", "--model", w / "no-such-model", "--predictions-file",
+                                              c / "p.json"],
+     ["model folder not found"]),
+    ("duplicate-add-token", lambda w, c: ["merge_tokenizers.py", "--base", w / "sp" / "base.model", "--extra",
+                                          w / "sp" / "chinese.model", "--add-token", "[PAD]", "--add-token", "[PAD]",
+                                          "--output", c / "tok"],
+     ["--add-token '[PAD]' is given twice"]),
+    ("import-missing-shard", lambda w, c: ["import_pth.py", "--input", meta_missing_shard(c, w), "--output", c / "hf"],
+     ["consolidated.01.pth is missing"]),
+]
+
+
+@pytest.mark.parametrize("setup,fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_touches_nothing(world, tmp_path, setup, fragments):
+    case = world / "cases" / tmp_path.name
+    case.mkdir()
+    cmd = setup(world, case)
+    before = tree(world)
+    env = {"OPENAI_API_KEY": "sk-test-not-sent"}
+    proc = run_script(cmd[0], *cmd[1:], cwd=tmp_path, env_extra=env)
+    after = tree(world)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llamaforge: error:")]
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for f in fragments:
+        assert f in errors[0], errors[0]
+    assert "Fix:" in errors[0]
+    assert "weights_only=False" not in proc.stderr
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))[:10]
+
+
+# --- out of disk space: a real full file system (a small tmpfs; root only) ---------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_out_of_space_is_one_line_with_the_bytes_needed(world, small_disk, tmp_path):
+    proc = run_script(*merge_args(world / "base", [world / "lora"], small_disk / "merged"), cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llamaforge: error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert errors[0].startswith(f"llamaforge: error: {small_disk}: no space left on the device (")
+    need = sum(f.stat().st_size for f in (world / "merged").glob("*.safetensors"))
+    import re
+
+    m = re.search(r"\((\d+) bytes needed, (\d+) free\)", errors[0])
+    assert m and int(m.group(1)) >= 0.99 * need and int(m.group(2)) < int(m.group(1)), errors[0]
+    assert list(small_disk.iterdir()) == []  # the temp output is gone
+
+
+def test_running_out_of_space_midway_removes_the_temp_output(tmp_path):
+    import errno
+
+    from llamaforge.errors import LlamaforgeError
+    from llamaforge.fsutil import atomic_dir
+
+    with pytest.raises(LlamaforgeError, match=r"no space left on the device \(1234 bytes needed"):
+        with atomic_dir(tmp_path / "out", need_bytes=1234) as tmp:
+            (tmp / "a").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- replacing llamaforge's own earlier outputs still works ------------------------------------
+
+
+def test_own_earlier_outputs_are_replaced(world, tmp_path):
+    cases = world / "cases" / "replace"
+    cases.mkdir()
+    for args, target in (
+        (merge_args(world / "base", [world / "lora"], cases / "merged"), cases / "merged"),
+        (["export_pth.py", "--model", world / "merged", "--output", cases / "pth"], cases / "pth" / "SHA256SUMS"),
+        (["export_gguf.py", "--model", world / "merged", "--output", cases / "m.gguf"], cases / "m.gguf"),
+        (["merge_tokenizers.py", "--base", world / "sp" / "base.model", "--extra", world / "sp" / "chinese.model",
+          "--output", cases / "tok"], cases / "tok" / "merge_report.json"),
+    ):
+        run_script(*args, check=True, cwd=tmp_path)
+        first = target.stat().st_mtime_ns
+        run_script(*args, check=True, cwd=tmp_path)  # the second run replaces the first's output
+        assert target.stat().st_mtime_ns != first
+    assert (cases / "m.gguf.sha256").read_text().split()[1] == "m.gguf"
+    # nothing hidden is left beside them
+    assert sorted(p.name for p in cases.iterdir()) == ["m.gguf", "m.gguf.sha256", "merged", "pth", "tok"]
+
+
+# --- no leftovers a later run keeps -------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_replacement_killed_midway_leaves_nothing_after_the_next_run(tmp_path):
+    from llamaforge.fsutil import _HOST, atomic_dir
+
+    target = tmp_path / "merged"
+    # what a writer killed between moving the old output aside and renaming the new one leaves
+    old = tmp_path / f".merged.tmp-{_HOST}-{_dead_pid()}-old"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"old")
+    with atomic_dir(target) as tmp:
+        (tmp / "x").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_gguf_and_its_sha256_never_disagree_when_killed_between_renames(world, tmp_path, monkeypatch):
+    """A kill (here: an interrupt at the second rename) leaves the .sha256 missing, so Snakemake reruns
+    the job; never a new GGUF beside its predecessor's hash."""
+    import llamaforge.fsutil as fsutil
+    from llamaforge.export import export_gguf
+
+    out = tmp_path / "m.gguf"
+    export_gguf(world / "merged", out, "f16", echo=lambda *a: None)
+    old_sums = (tmp_path / "m.gguf.sha256").read_text()
+    real = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies here
+        return real(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(world / "merged", out, "q8_0", echo=lambda *a: None)
+    monkeypatch.undo()
+    assert [Path(c).name for c in calls] == ["m.gguf", "m.gguf.sha256"]
+    sums = tmp_path / "m.gguf.sha256"
+    assert not sums.exists() or sums.read_text().split()[0] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert not sums.exists() and old_sums  # this interruption: the hash is missing, the job reruns
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+# --- the hash cache sees a file rewritten with its mtime put back -------------------------------
+
+
+def test_hash_cache_keys_on_ctime(tmp_path, monkeypatch):
+    import llamaforge.fsutil as fsutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(fsutil, "_CACHE_MIN", 0)
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 100)
+    st = f.stat()
+    first = fsutil.sha256_cached(f)
+    with open(f, "r+b") as fh:  # rewritten in place, same size, mtime put back
+        fh.write(b"b")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_mtime_ns == st.st_mtime_ns
+    assert fsutil.sha256_cached(f) == hashlib.sha256(b"b" + b"a" * 99).hexdigest() != first
