@@ -55,6 +55,55 @@ def folder_files(folder):
     return files or [folder]
 
 
+def produced_by_workflow(path):
+    """True when the workflow builds `path` (or the folder holding it), as the demo's files, a configured
+    tokenizer, a merge or an import do. Such paths need not exist when the workflow is parsed."""
+    path = str(path).rstrip("/")
+    if path in DEMO_OUTPUTS or any(f.startswith(f"{path}/") for f in DEMO_OUTPUTS):
+        return True
+    parts = Path(path).parts
+    if len(parts) >= 2 and parts[0] == "tokenizers":
+        return parts[1] in config["tokenizers"]
+    return len(parts) >= 2 and parts[0] in ("merged", "imported") and parts[1] in config["models"]
+
+
+def configured_inputs():
+    """(config key, path, 'file' or 'folder') of every user input that config.yaml names."""
+    found = []
+    for name, t in config["tokenizers"].items():
+        found += [(f"tokenizers.{name}.base", t["base"], "file"), (f"tokenizers.{name}.extra", t["extra"], "file")]
+    for name, m in config["models"].items():
+        found.append((f"models.{name}.base", m["base"], "folder"))
+        found += [(f"models.{name}.loras[{i}]", p, "folder") for i, p in enumerate(m["loras"])]
+        if m["tokenizer"]:
+            found.append((f"models.{name}.tokenizer", m["tokenizer"], "folder"))
+    ev = config["eval"]
+    for key, value in (("eval.prompts", ev["prompts"]), ("eval.text", ev["text"]),
+                       ("eval.equivalence.prompts", ev["equivalence"]["prompts"])):
+        if value:
+            found.append((key, value, "file"))
+    return found
+
+
+def check_config_paths():
+    """Stop, while the workflow is parsed (also for -n, and when the outputs exist already), at the
+    first configured input that is missing: Snakemake deletes a job's outputs before it runs, so a
+    job that then fails on a bad input would cost the user the previous good output."""
+    for key, path, kind in configured_inputs():
+        if produced_by_workflow(path):
+            continue
+        p = Path(path)
+        ok = p.is_dir() if kind == "folder" else p.is_file()
+        if not ok:
+            what = "does not exist" if not p.exists() else f"is not a {kind}"
+            sys.exit(f"llamaforge: error: config.yaml: {key}: {path} {what}. "
+                     f"Fix: correct the path under {key.split('.')[0]}: in config.yaml (paths are relative to "
+                     f"{Path.cwd()}), or create the {kind}.")
+
+
+check_config_paths()
+
+
 def tokenizer_cfg(name):
     try:
         return config["tokenizers"][name]

@@ -61,9 +61,9 @@ rule crawl_prompts:
     conda:
         "../envs/crawl.yaml"
     shell:
-        "python {input.script} --output {params.jsonl:q} --alpaca-json {output.json:q}"
+        "python {input.script:q} --output {params.jsonl:q} --alpaca-json {output.json:q}"
         " --num-requests {params.num_requests} --concurrency {params.concurrency}"
         " --model {params.model:q} {params.base_url} --items-per-request {params.items_per_request}"
         " --seed {params.seed} --max-retries {params.max_retries} --timeout {params.timeout}"
         " --dedup-threshold {params.dedup_threshold} --price-in {params.price_in} --price-out {params.price_out}"
-        " > {log} 2>&1"
+        " > {log:q} 2>&1"

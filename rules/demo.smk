@@ -21,4 +21,4 @@ rule make_demo:
     conda:
         "../envs/demo.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} --output {params.outdir} --seed {params.seed} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python {input.script:q} --output {params.outdir:q} --seed {params.seed} > {log:q} 2>&1"

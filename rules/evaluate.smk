@@ -84,8 +84,8 @@ rule eval_predictions:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} --model {params.model:q} --data-file {input.prompts:q} "
-        "--predictions-file {output.predictions:q} {params.flags} --device {params.device} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python {input.script:q} --model {params.model:q} --data-file {input.prompts:q} "
+        "--predictions-file {output.predictions:q} {params.flags} --device {params.device} > {log:q} 2>&1"
 
 
 rule eval_perplexity:
@@ -124,9 +124,9 @@ rule eval_perplexity:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} perplexity --model {params.model:q} --text {input.text:q} "
+        "OMP_NUM_THREADS={threads} python {input.script:q} perplexity --model {params.model:q} --text {input.text:q} "
         "{params.max_length} --stride {params.stride} --dtype {params.dtype} --device {params.device} "
-        "--output {output:q} > {log} 2>&1"
+        "--output {output:q} > {log:q} 2>&1"
 
 
 rule eval_equivalence:
@@ -164,9 +164,9 @@ rule eval_equivalence:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} equivalence --merged {params.merged:q} --base {params.base} "
+        "OMP_NUM_THREADS={threads} python {input.script:q} equivalence --merged {params.merged:q} --base {params.base} "
         "{params.loras} --prompts {input.prompts:q} --tolerance {params.tolerance} --device {params.device} "
-        "--output {output:q} > {log} 2>&1"
+        "--output {output:q} > {log:q} 2>&1"
 
 
 rule eval_tokenizer_stats:
@@ -198,8 +198,8 @@ rule eval_tokenizer_stats:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} tokenizer-stats --tokenizer {params.tokenizer:q} --base-tokenizer {params.base} "
-        "--text {input.text:q} --output {output:q} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python {input.script:q} tokenizer-stats --tokenizer {params.tokenizer:q} --base-tokenizer {params.base} "
+        "--text {input.text:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule eval_summary:
@@ -234,7 +234,7 @@ rule eval_summary:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "python {input.script} summary --model {wildcards.model} {params.flags} --output {output:q} > {log} 2>&1"
+        "python {input.script:q} summary --model {wildcards.model:q} {params.flags} --output {output:q} > {log:q} 2>&1"
 
 
 rule eval_plots:
@@ -275,5 +275,5 @@ rule eval_plots:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "python {input.script} plot {params.summaries} --tokens-per-char {output.tokens_per_char:q} "
-        "--perplexity {output.perplexity:q} --equivalence {output.equivalence:q} > {log} 2>&1"
+        "python {input.script:q} plot {params.summaries} --tokens-per-char {output.tokens_per_char:q} "
+        "--perplexity {output.perplexity:q} --equivalence {output.equivalence:q} > {log:q} 2>&1"

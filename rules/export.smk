@@ -75,8 +75,8 @@ rule import_pth:
     conda:
         "../envs/export.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} --input {params.base:q} --tokenizer {input.tokenizer:q} --output {output:q} "
-        "--max-shard-size '{params.max_shard_size}' > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python {input.script:q} --input {params.base:q} --tokenizer {input.tokenizer:q} --output {output:q} "
+        "--max-shard-size '{params.max_shard_size}' > {log:q} 2>&1"
 
 
 rule export_pth:
@@ -102,8 +102,8 @@ rule export_pth:
     conda:
         "../envs/export.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} --model {params.model:q} --output {output:q} "
-        "{params.shards} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python {input.script:q} --model {params.model:q} --output {output:q} "
+        "{params.shards} > {log:q} 2>&1"
 
 
 rule export_gguf:
@@ -129,8 +129,8 @@ rule export_gguf:
     conda:
         "../envs/export.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} --model {params.model:q} --output {output.gguf:q} "
-        "--outtype {wildcards.outtype} --name {wildcards.model:q} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python {input.script:q} --model {params.model:q} --output {output.gguf:q} "
+        "--outtype {wildcards.outtype} --name {wildcards.model:q} > {log:q} 2>&1"
 
 
 rule verify:
@@ -156,4 +156,4 @@ rule verify:
     conda:
         "../envs/export.yaml"
     shell:
-        "python {input.script} {params.expect} {params.sums} --output {output:q} > {log} 2>&1"
+        "python {input.script:q} {params.expect} {params.sums} --output {output:q} > {log:q} 2>&1"

@@ -37,6 +37,6 @@ rule merge_lora:
     conda:
         "../envs/merge.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} --base {params.base:q} {params.loras} {params.tokenizer} "
+        "OMP_NUM_THREADS={threads} python {input.script:q} --base {params.base:q} {params.loras} {params.tokenizer} "
         "--output {output:q} --dtype {params.dtype} --max-shard-size '{params.max_shard_size}' "
-        "--device {params.device} > {log} 2>&1"
+        "--device {params.device} > {log:q} 2>&1"

@@ -22,5 +22,5 @@ rule merge_tokenizers:
     conda:
         "../envs/tokenizer.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script} --base {input.base} --extra {input.extra} {params.add_tokens} "
-        "--output {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python {input.script:q} --base {input.base:q} --extra {input.extra:q} "
+        "{params.add_tokens} --output {output:q} > {log:q} 2>&1"

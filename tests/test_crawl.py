@@ -421,3 +421,44 @@ def test_sigterm_stops_between_replies_and_writes_outputs(tmp_path):
     assert 2 <= done < 20
     assert stats["requests"]["ok"] == done and stats["requests"]["remaining"] == 20 - done
     assert len(read_jsonl(out)) == 2 * done == len(json.loads((tmp_path / "term.json").read_text("utf-8")))
+
+
+# --------------------------------------------------------------------------------------------
+# 200 replies that are no chat completion
+
+
+def test_non_completion_200s_are_retried_and_never_recorded_as_done(tmp_path):
+    out = tmp_path / "h.jsonl"
+    # a proxy's HTML page, a JSON object without choices, an empty message: each a failed attempt
+    with FakeChatServer(api_key=KEY, script=["html", "nochoices", "empty"]) as server:
+        stats = run(server, out, 2, concurrency=1, items_per_request=3, max_retries=5)
+        assert server.requests == 5
+    assert stats["requests"] == {"total": 2, "ok": 2, "failed": 0, "retried": 3, "remaining": 0}
+    assert [r["attempts"] for r in read_jsonl(tmp_path / "h.raw.jsonl")] == [4, 1]
+    assert all(r["content"] for r in read_jsonl(tmp_path / "h.raw.jsonl"))
+    assert stats["items"]["accepted"] == 6
+
+
+def test_a_crawl_against_an_html_server_then_a_good_one_answers_every_request(tmp_path):
+    out = tmp_path / "p.jsonl"
+    with FakeChatServer(api_key=KEY, script=["html"] * 12) as server:  # every answer an HTML page
+        with pytest.raises(LlamaforgeError, match="3 of 3 requests have no reply"):
+            run(server, out, 3, concurrency=2, items_per_request=2, max_retries=3)
+        assert server.requests == 12
+    assert read_jsonl(tmp_path / "p.raw.jsonl") == []  # nothing recorded as done
+    with FakeChatServer(api_key=KEY) as server:
+        stats = run(server, out, 3, concurrency=2, items_per_request=2)
+        assert server.requests == 3  # the rerun sends all three again
+    assert stats["requests"]["remaining"] == 0
+    assert sorted(r["index"] for r in read_jsonl(tmp_path / "p.raw.jsonl")) == [0, 1, 2]
+    assert len(read_jsonl(out)) == 6
+
+
+def test_a_reply_that_echoes_the_key_is_stored_redacted(tmp_path):
+    out = tmp_path / "k.jsonl"
+    with FakeChatServer(api_key=KEY, script=["echo_key"]) as server:
+        stats = run(server, out, 1, items_per_request=2)
+    assert stats["items"]["accepted"] == 2
+    for path in tmp_path.iterdir():
+        assert KEY.encode() not in path.read_bytes(), path
+    assert "Your key *** was accepted" in read_jsonl(tmp_path / "k.raw.jsonl")[0]["content"]

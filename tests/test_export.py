@@ -625,3 +625,22 @@ bm.synthesize(__import__('pathlib').Path({str(work)!r}), 't', 32000, 32000, 8)
         assert b - a < 0.1 * (large - small), peaks
         # above the interpreter with the same imports: well under the model itself
         assert b - floor < 0.5 * large, (peaks, floor)
+
+
+def test_vocabulary_padding_is_at_most_128_rows(demo, caplog):
+    """Up to 128 embedding rows beyond the tokenizer's pieces are padding (a warning, [PAD{id}] in
+    GGUF); more is a mismatch that names both counts and the LLaMA/Chinese vocabulary sizes."""
+    import logging
+
+    from llamaforge.export import check_vocab_padding
+
+    tok = demo / "base" / "tokenizer.model"  # 512 pieces
+    assert check_vocab_padding(tok, 512) == 512
+    with caplog.at_level(logging.WARNING, logger="llamaforge.export"):
+        assert check_vocab_padding(tok, 640) == 512
+    assert "512 pieces for 640 embedding rows" in caplog.text
+    with pytest.raises(LlamaforgeError, match=r"512 pieces but the model has 641 embedding rows \(129 more.*32000.*"
+                                              r"49953.*49954"):
+        check_vocab_padding(tok, 641)
+    with pytest.raises(LlamaforgeError, match="512 pieces but the model has only 511 embedding rows"):
+        check_vocab_padding(tok, 511)

@@ -159,3 +159,77 @@ def test_verify_target_checks_published_hashes(built, tmp_path):
     log = (built / "logs/verify/demo.log").read_text()
     assert target in log and wrong in log and good in log
     assert not (built / "verify/demo").exists()
+
+
+# --- config paths are checked when the workflow is parsed --------------------------------------
+
+
+def _with_config(wf, edit):
+    import yaml
+
+    path = wf / "config.yaml"
+    original = path.read_text()
+    cfg = yaml.safe_load(original)
+    edit(cfg)
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return original
+
+
+def _set(*keys):
+    def edit(cfg, value):
+        d = cfg
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("key,path,edit", [
+    ("models.demo.loras[1]", "resources/demo/lora_gone", _set("models", "demo", "loras", 1)),
+    ("models.demo-llama.base", "no such/base ü", _set("models", "demo-llama", "base")),
+    ("tokenizers.demo-llama.extra", "sp/missing.model", _set("tokenizers", "demo-llama", "extra")),
+    ("eval.text", "eval texts/missing.txt", _set("eval", "text")),
+])
+def test_a_missing_config_path_stops_the_dry_run_with_its_key(built, key, path, edit):
+    """After a build, a config naming a missing input stops `snakemake -n` (and any run) at parse
+    time with one line naming the key and the path, and the built outputs stay as they were."""
+    merged = {p.name: p.stat().st_mtime_ns for p in (built / "merged" / "demo").iterdir()}
+    original = _with_config(built, lambda c: edit(c, path))
+    try:
+        for args in (["-n"], ["--cores", "1"]):
+            proc = snakemake(built, *args, check=False)
+            errors = [line for line in proc.stderr.splitlines() if line.startswith("llamaforge: error:")]
+            assert proc.returncode != 0
+            assert errors == [f"llamaforge: error: config.yaml: {key}: {path} does not exist. Fix: correct the path "
+                              f"under {key.split('.')[0]}: in config.yaml (paths are relative to {built}), or create "
+                              f"the {'folder' if key.startswith('models') else 'file'}."], proc.stderr[-2000:]
+            assert "Traceback" not in proc.stderr
+    finally:
+        (built / "config.yaml").write_text(original)
+    assert {p.name: p.stat().st_mtime_ns for p in (built / "merged" / "demo").iterdir()} == merged
+
+
+def test_a_tokenizer_whose_paths_hold_spaces_and_non_ascii_builds(built, tmp_path):
+    """Every configurable path reaches its shell command quoted."""
+    import shutil
+
+    wf = copy_workflow(tmp_path / "work dir ü")
+    inputs = wf / "my inputs ü"
+    inputs.mkdir()
+    shutil.copy(built / "resources/demo/sp/base.model", inputs / "base model.model")
+    shutil.copy(built / "resources/demo/sp/chinese.model", inputs / "中文 extra.model")
+
+    def edit(c):
+        c["demo"]["enabled"] = False
+        c["models"] = {}
+        c["tokenizers"] = {"spaced": {"base": "my inputs ü/base model.model",
+                                      "extra": "my inputs ü/中文 extra.model", "add_tokens": ["[PAD]"]}}
+
+    _with_config(wf, edit)
+    snakemake(wf, "--cores", "1", "tokenizers/spaced")
+    report = json.loads((wf / "tokenizers/spaced/merge_report.json").read_text())
+    assert report["base"] == "my inputs ü/base model.model"
+    assert report["merged_pieces"] == json.loads(
+        (built / "tokenizers/demo-alpaca/merge_report.json").read_text())["merged_pieces"]
+    assert (wf / "tokenizers/spaced/tokenizer.model").read_bytes() == \
+        (built / "tokenizers/demo-alpaca/tokenizer.model").read_bytes()

@@ -45,6 +45,10 @@ class SlurmCluster:
 
 
 def _why_setup_not_allowed() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        return 'the slurm extra is not installed (pip install -e ".[slurm]")'
     if not sys.platform.startswith("linux"):
         return f"SLURM needs Linux (this is {sys.platform})"
     if os.geteuid() != 0:
