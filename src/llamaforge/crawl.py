@@ -725,7 +725,7 @@ def crawl(
     items_path, raw_path, default_json, stats_path = output_paths(output)
     alpaca_path = Path(alpaca_json) if alpaca_json else default_json
     for path, kind in ((items_path, "crawl_items"), (raw_path, "crawl_raw"), (alpaca_path, "alpaca"),
-                       (stats_path, "json")):
+                       (stats_path, "crawl_stats")):
         guard_output(path, kind)
 
     store = _Store(items_path, raw_path, seed, items_per_request, dedup_threshold)

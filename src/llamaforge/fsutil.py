@@ -327,12 +327,22 @@ def sums_header(kind: str) -> str:
 
 
 def _sums_kind(folder: Path) -> str | None:
+    """The kind named by SHA256SUMS' header line; 'export_pth' also for the header-less SHA256SUMS
+    of earlier llamaforge versions, which list exactly params.json, tokenizer.model and the
+    consolidated.NN.pth files of the folder."""
     try:
-        with open(folder / "SHA256SUMS", encoding="utf-8") as f:
-            first = f.readline()
+        lines = (folder / "SHA256SUMS").read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return None
-    return first[len("# llamaforge "):].strip() if first.startswith("# llamaforge ") else None
+    if lines and lines[0].startswith("# llamaforge "):
+        return lines[0][len("# llamaforge "):].strip()
+    if not lines or not all(_SUM_LINE.fullmatch(line) for line in lines):
+        return None
+    listed = {line[66:] for line in lines}
+    present = {p.name for p in folder.iterdir()} - {"SHA256SUMS"}
+    ok = listed == present and {"params.json", "consolidated.00.pth"} <= listed and all(
+        n in ("params.json", "tokenizer.model") or re.fullmatch(r"consolidated\.\d\d\.pth", n) for n in listed)
+    return "export_pth" if ok else None
 
 
 _SUM_LINE = re.compile(r"[0-9a-f]{64} [ *]\S.*")
@@ -357,6 +367,12 @@ def _gguf_is_own(path: Path) -> bool:
         return GGUF_OWN_KEY in reader.fields
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False
+
+
+def _legacy_tokenizer_report(folder: Path) -> bool:
+    """merge_report.json of a tokenizer merge by an earlier llamaforge (no "llamaforge" key)."""
+    data = _json_of(folder / "merge_report.json")
+    return isinstance(data, dict) and {"base_pieces", "extra_pieces", "merged_pieces", "added_pieces"} <= data.keys()
 
 
 def _png_is_own(path: Path) -> bool:
@@ -401,13 +417,15 @@ GGUF_OWN_KEY = "llamaforge.version"
 _OWN: dict[str, tuple[str, object]] = {
     "merge": ("merged model folder", lambda p: p.is_dir() and _manifest_kind(p) == "merge"),
     "import": ("imported model folder", lambda p: p.is_dir() and _manifest_kind(p) == "import_pth"),
-    "tokenizer": ("merged tokenizer folder",
-                  lambda p: p.is_dir() and _manifest_kind(p, "merge_report.json") == "merge_tokenizers"),
+    "tokenizer": ("merged tokenizer folder", lambda p: p.is_dir() and (
+        _manifest_kind(p, "merge_report.json") == "merge_tokenizers" or _legacy_tokenizer_report(p))),
     "pth": ("Meta export folder", lambda p: p.is_dir() and _sums_kind(p) == "export_pth"),
     "demo": ("demo folder", lambda p: p.is_dir() and _manifest_kind(p) == "demo"),
     "gguf": ("GGUF file", lambda p: p.is_file() and _gguf_is_own(p)),
     "sha256": ("checksum file", lambda p: p.is_file() and _is_sidecar(p)),
     "json": ("llamaforge JSON file", lambda p: p.is_file() and _json_is_own(p)),
+    "crawl_stats": ("crawl stats file", lambda p: p.is_file() and (_json_is_own(p) or (
+        isinstance(d := _json_of(p), dict) and {"requests", "items", "tokens", "cost_usd"} <= d.keys()))),
     "alpaca": ("instruction data file",
                lambda p: p.is_file() and _records_are(p, {"instruction", "input", "output"})),
     "predictions": ("predictions file",
