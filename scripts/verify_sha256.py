@@ -17,7 +17,7 @@ def main(expects, sums, output):
     setup_logging()
     with user_errors():
         from llamaforge.errors import LlamaforgeError
-        from llamaforge.export import verify_sha256, write_verify_report
+        from llamaforge.checksums import verify_sha256, write_verify_report
         from llamaforge.fsutil import guard_output
 
         expected = {}

@@ -278,7 +278,7 @@ def test_pth_is_torch_save_format(inputs, tmp_path):
 def test_kernel_copy_gives_the_same_bytes(inputs, tmp_path, monkeypatch, n):
     """Tensors that pass through unchanged are copied with copy_file_range (real models: >= 1 MB);
     lowering the threshold to 4 KB sends the demo's through that path: the files must not change."""
-    from llamaforge import export
+    from llamaforge import export, stream
 
     plain = {}
     export.export_pth(inputs["merged_odd"], tmp_path / "plain", num_shards=n, echo=lambda *a: None)
@@ -289,7 +289,7 @@ def test_kernel_copy_gives_the_same_bytes(inputs, tmp_path, monkeypatch, n):
 
     copies = []  # the bytes each in-kernel copy moved
     real = os.copy_file_range
-    monkeypatch.setattr(export.HashingFile, "_PARALLEL", 4096)
+    monkeypatch.setattr(stream.HashingWriter, "_PARALLEL", 4096)
     monkeypatch.setattr(os, "copy_file_range", lambda src, dst, count, offset_src=None, offset_dst=None:
                         copies.append(count) or real(src, dst, count, offset_src, offset_dst))
     export.export_pth(inputs["merged_odd"], tmp_path / "copy", num_shards=n, echo=lambda *a: None)
@@ -513,7 +513,8 @@ def test_tied_embeddings(inputs, tmp_path, n):
 
 
 def test_verify_sha256(inputs, tmp_path):
-    from llamaforge.export import export_pth, verify_sha256
+    from llamaforge.checksums import verify_sha256
+    from llamaforge.export import export_pth
 
     out = tmp_path / "exports" / "pth"
     hashes = export_pth(inputs["merged"], out, echo=lambda *a: None)

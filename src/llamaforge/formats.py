@@ -19,10 +19,8 @@ import math
 import mmap
 import os
 import pickle
-import queue
 import re
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -30,6 +28,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import LlamaforgeError
+from .stream import HashingWriter
 
 # safetensors dtype codes <-> torch dtypes
 ST_TO_TORCH = {
@@ -491,11 +490,9 @@ def _header(tensors: list[TensorInfo], metadata: dict[str, str]) -> bytes:
 class ShardedSafetensorsWriter:
     """Write planned tensors, in plan order, into `model(-0000i-of-0000n).safetensors` + index.
 
-    Each file's header is written first; `write_block()` then appends a tensor's bytes. The sha256
-    of every file is computed on the way, in a thread of its own, so that hashing overlaps with
-    writing (on two cores it is the largest single cost of a merge). A block passed with a `done`
-    callback is handed back through it once written and hashed; without one, `write_block`
-    returns only when the block is no longer needed.
+    Each file's header is written first; `write_block()` then appends a tensor's bytes, block by
+    block. Every file is hashed while it is written (`stream.HashingWriter`); `close()` returns the
+    sha256 of each file.
     """
 
     def __init__(self, folder: str | os.PathLike, shards: list[list[TensorInfo]], prefix: str = "model",
@@ -512,55 +509,31 @@ class ShardedSafetensorsWriter:
         self._current = -1
         self._tensor: TensorInfo | None = None
         self._written = 0
-        self._f = None
-        self._hashes: dict[str, hashlib._Hash] = {}
-        self._queue: queue.Queue = queue.Queue(maxsize=8)
-        self._hasher: threading.Thread | None = None
+        self._raw = None
+        self._f: HashingWriter | None = None
         self.sha256: dict[str, str] = {}
-
-    def _hash_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            h, data, done = item
-            try:
-                h.update(data)
-            finally:
-                del data
-                done()
-
-    def _put(self, data, done=None) -> None:
-        """Write `data` to the current shard; hash it in the hashing thread, then call `done`."""
-        self._f.write(data)
-        if self._hasher is None:
-            self._hasher = threading.Thread(target=self._hash_loop, name="llamaforge-sha256", daemon=True)
-            self._hasher.start()
-        h = self._hashes[self.names[self._current]]
-        if done is None:
-            hashed = threading.Event()
-            self._queue.put((h, data, hashed.set))
-            hashed.wait()
-        else:
-            self._queue.put((h, data, done))
 
     def _open_shard(self, i: int) -> None:
         self._close_shard()
         self._current = i
-        self._f = open(self.folder / self.names[i], "wb")
-        self._hashes[self.names[i]] = hashlib.sha256()
-        self._put(_header(self.shards[i], self.metadata))
+        self._raw = open(self.folder / self.names[i], "wb")
+        self._f = HashingWriter(self._raw)
+        self._f.write(_header(self.shards[i], self.metadata))
 
     def _close_shard(self) -> None:
         if self._f is not None:
             self._f.close()
+            self.sha256[self.names[self._current]] = self._f.hexdigest
             self._f = None
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
 
     def _finish_tensor(self) -> None:
         if self._tensor is not None and self._written != self._tensor.nbytes:
             raise RuntimeError(f"{self._tensor.name}: wrote {self._written} bytes of {self._tensor.nbytes}")
 
-    def write_block(self, name: str, block: torch.Tensor, done=None) -> None:
+    def write_block(self, name: str, block: torch.Tensor) -> None:
         """Append the next bytes of tensor `name` (a tensor's blocks, in order, then the next tensor)."""
         if self._tensor is None or self._tensor.name != name:
             self._finish_tensor()
@@ -578,9 +551,7 @@ class ShardedSafetensorsWriter:
         t = block.detach().to("cpu").contiguous()
         if t.numel():
             self._written += t.numel() * t.element_size()
-            self._put(memoryview(t.reshape(-1).view(torch.uint8).numpy()), done)
-        elif done is not None:
-            done()
+            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor."""
@@ -588,20 +559,12 @@ class ShardedSafetensorsWriter:
             raise RuntimeError(f"tensor {name} has shape {tuple(tensor.shape)}, the plan says {self._shapes.get(name)}")
         self.write_block(name, tensor)
 
-    def _stop_hasher(self) -> None:
-        if self._hasher is not None:
-            self._queue.put(None)
-            self._hasher.join()
-            self._hasher = None
-
     def close(self) -> dict[str, str]:
         """Finish the last shard, write the index (for several shards); return sha256 by file name."""
         self._finish_tensor()
         if next(self._order, None) is not None:
             raise RuntimeError("not every planned tensor was written")
         self._close_shard()
-        self._stop_hasher()
-        self.sha256.update({name: h.hexdigest() for name, h in self._hashes.items()})
         if len(self.names) > 1:
             weight_map = {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard}
             total = sum(t.nbytes for shard in self.shards for t in shard)
@@ -614,7 +577,6 @@ class ShardedSafetensorsWriter:
 
     def abort(self) -> None:
         self._close_shard()
-        self._stop_hasher()
 
 
 def largest_tensor_bytes(paths: Iterable[str | os.PathLike]) -> int:

@@ -213,7 +213,8 @@ def inspect_adapter(folder: str | os.PathLike, base_names) -> AdapterInfo:
     """Read an adapter folder's tensor directory (no weights), mapped onto the base's tensor names,
     and the length of the tokenizer stored with it (read without transformers)."""
     from .lora import open_adapter
-    from .merge import EMBED, LM_HEAD, tokenizer_length
+    from .names import EMBED_HF, LM_HEAD_HF
+    from .tokenizer import tokenizer_length
     from .tokenizer import load_proto, special_ids
 
     d = require_dir(folder, "adapter folder")
@@ -223,7 +224,7 @@ def inspect_adapter(folder: str | os.PathLike, base_names) -> AdapterInfo:
                               "and adapter_model.safetensors")
     ad = open_adapter(d, base_names)
     try:
-        embed, head = ad.full_rows(EMBED), ad.full_rows(LM_HEAD)
+        embed, head = ad.full_rows(EMBED_HF), ad.full_rows(LM_HEAD_HF)
     finally:
         ad.close()
     if embed is not None and head is not None and embed != head:
@@ -249,7 +250,7 @@ def inspect_adapters(model: str | os.PathLike, loras: Sequence[str | os.PathLike
     if not loras:
         return []
     from .formats import ModelSource, read_hf_config
-    from .merge import LM_HEAD
+    from .names import LM_HEAD_HF
 
     src = ModelSource(model)
     try:
@@ -257,7 +258,7 @@ def inspect_adapters(model: str | os.PathLike, loras: Sequence[str | os.PathLike
     finally:
         src.close()
     if read_hf_config(model).get("tie_word_embeddings", False):
-        names.add(LM_HEAD)
+        names.add(LM_HEAD_HF)
     return [inspect_adapter(p, names) for p in loras]
 
 

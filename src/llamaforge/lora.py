@@ -249,3 +249,42 @@ def open_adapter(folder: str | os.PathLike, base_names) -> Adapter:
             "check that the adapter was trained on this base architecture (LLaMA) and that the base folder is right",
         )
     return ad
+
+
+# ---------------------------------------------------------------------------------------------
+# the arithmetic, on blocks of rows
+
+
+@dataclass
+class Factors:
+    """One adapter's low-rank update of one tensor, ready to apply to any block of its rows:
+    W[r0:r1] += scale * L[r0:r1] @ R, then (DoRA) each row scaled to magnitude[row] / |row|."""
+
+    L: torch.Tensor  # out x r, float32
+    R: torch.Tensor  # r x in, float32
+    scale: float
+    magnitude: torch.Tensor | None = None  # out, float32
+
+
+def load_factors(ad: Adapter, up: LoraUpdate, device: str = "cpu") -> Factors:
+    """The factors of `up` from adapter `ad`, in float32 on `device`, oriented as rows x rank and
+    rank x columns of the tensor they update (transposed for embeddings and fan_in_fan_out)."""
+    A = ad.get(up.A).to(device, torch.float32)
+    B = ad.get(up.B).to(device, torch.float32)
+    L, R = (A.T.contiguous(), B.T.contiguous()) if (up.embedding or up.fan_in_fan_out) else (B, A)
+    mag = None if up.magnitude is None else ad.get(up.magnitude).to(device, torch.float32).reshape(-1)
+    return Factors(L, R, up.scale, mag)
+
+
+def apply_factors(block: torch.Tensor, r0: int, factors: list[Factors]) -> torch.Tensor:
+    """Apply `factors` in order, in place, to `block` = rows r0.. of a tensor (float32, rows x in).
+
+    Rows are independent (LoRA adds a row of L times R; DoRA rescales a row by its own norm), so
+    blocks of rows merge to exactly what PEFT's merge of the whole tensor gives in float32.
+    """
+    r1 = r0 + block.shape[0]
+    for f in factors:
+        block.addmm_(f.L[r0:r1], f.R, alpha=f.scale)
+        if f.magnitude is not None:
+            block.mul_((f.magnitude[r0:r1] / torch.linalg.norm(block, dim=1)).view(-1, 1))
+    return block

@@ -13,12 +13,11 @@ the adapter list, the tokenizer) is checked before the first byte is written.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
-import re
 import shutil
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,53 +37,18 @@ from .formats import (
     torch_dtype,
 )
 from .fsutil import atomic_dir, guard_output, hash_files, require_dir, sha256_cached, write_json
-from .lora import Adapter, LoraUpdate, open_adapter
+from .lora import Adapter, Factors, LoraUpdate, apply_factors, load_factors, open_adapter
+from .names import EMBED_HF, LM_HEAD_HF, hf_tensor_order
+from .stream import BLOCK_ELEMS, BlockReader, Read, Stage, block_rows, row_ranges
+from .tokenizer import tokenizer_length
 
 log = logging.getLogger(__name__)
 
-EMBED = "model.embed_tokens.weight"
-LM_HEAD = "lm_head.weight"
 VOCAB_EXPLAINED = (
     "LLaMA's vocabulary has 32000 tokens, Chinese-LLaMA's 49953 and Chinese-Alpaca's 49954 (+[PAD]); "
     "the rows for the added tokens come only from an adapter that stores full embed_tokens and lm_head "
     "(Chinese-LLaMA-Plus-LoRA, then Chinese-Alpaca-Plus-LoRA)"
 )
-_BLOCK_ELEMS = 2 << 20  # elements per block of rows (8 MB in float32)
-
-
-def _natural(name: str):
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def tensor_order(name: str):
-    """HF's own order: embeddings, layers by number, final norm, head."""
-    group = 0 if "embed_tokens" in name else 3 if name.startswith("lm_head") else 1 if ".layers." in name else 2
-    return (group, _natural(name))
-
-
-def tokenizer_length(folder: Path) -> int:
-    """Tokens of a tokenizer folder without importing transformers: its SentencePiece pieces, or
-    more when tokenizer.json or added_tokens.json give ids beyond them."""
-    from .fsutil import read_json
-    from .tokenizer import check_tokenizer_json, load_proto
-
-    check_tokenizer_json(folder)
-    ids = [len(load_proto(folder / "tokenizer.model", "tokenizer.model").pieces) - 1]
-    tj = folder / "tokenizer.json"
-    try:
-        if tj.is_file():
-            data = read_json(tj, "tokenizer.json")
-            ids += [int(t["id"]) for t in data.get("added_tokens", [])]
-            vocab = (data.get("model") or {}).get("vocab")
-            if isinstance(vocab, dict):
-                ids += [int(i) for i in vocab.values()]
-        at = folder / "added_tokens.json"
-        if at.is_file():
-            ids += [int(i) for i in read_json(at, "added_tokens.json").values()]
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise LlamaforgeError("the tokenizer's token ids are malformed (an id that is not a number, or an added "
-                              "token without one)", folder, "restore the tokenizer files from its release") from None
-    return max(ids) + 1
 
 
 @dataclass
@@ -123,11 +87,11 @@ def _resolve_tokenizer(tokenizer, adapters: list[Adapter], base: Path) -> Path:
 def plan_merge(base: ModelSource, adapters: list[Adapter], dtype: torch.dtype, tied: bool) -> list[TensorPlan]:
     """Decide, for every output tensor, where it starts and which updates apply; check shapes and vocab."""
     names = [n for n in base.keys() if not n.endswith("rotary_emb.inv_freq")]
-    if tied and LM_HEAD not in base and any(LM_HEAD in ad.full or LM_HEAD in ad.updates for ad in adapters):
-        names.append(LM_HEAD)  # an adapter unties the head
+    if tied and LM_HEAD_HF not in base and any(LM_HEAD_HF in ad.full or LM_HEAD_HF in ad.updates for ad in adapters):
+        names.append(LM_HEAD_HF)  # an adapter unties the head
     plans = []
-    for name in sorted(names, key=tensor_order):
-        from_name = EMBED if (name == LM_HEAD and name not in base) else name
+    for name in sorted(names, key=hf_tensor_order):
+        from_name = EMBED_HF if (name == LM_HEAD_HF and name not in base) else name
         base_info = base.info(from_name)
         shape = base_info.shape
         start = None
@@ -141,7 +105,7 @@ def plan_merge(base: ModelSource, adapters: list[Adapter], dtype: torch.dtype, t
                         f"{full} has shape {list(fshape)} but the model's {name} is {list(shape)}", ad.weights_file,
                         "the adapter was trained for another model size: use the matching base",
                     )
-                if name in (EMBED, LM_HEAD):
+                if name in (EMBED_HF, LM_HEAD_HF):
                     if fshape[0] < shape[0]:
                         raise LlamaforgeError(
                             f"the vocabulary would shrink from {shape[0]} to {fshape[0]} rows of {name} at this adapter",
@@ -160,7 +124,7 @@ def plan_merge(base: ModelSource, adapters: list[Adapter], dtype: torch.dtype, t
                 ds = _delta_shape(ad, up)
                 if ds != tuple(shape):
                     hint = (" (the vocabulary at this point has a different size: check the adapter order)"
-                            if name in (EMBED, LM_HEAD) else "")
+                            if name in (EMBED_HF, LM_HEAD_HF) else "")
                     raise LlamaforgeError(
                         f"the LoRA update of {name} has shape {list(ds)} but the tensor is {list(shape)}{hint}",
                         ad.weights_file, "use the adapter trained for this base, in the right order",
@@ -172,26 +136,19 @@ def plan_merge(base: ModelSource, adapters: list[Adapter], dtype: torch.dtype, t
     return plans
 
 
-class _Stop(Exception):
-    pass
-
-
 _FP16_MAX = 65504.0
 
 
 class _Merger:
-    """Block-streaming merge: a reader thread, the arithmetic in the calling thread, a writer thread.
-
-    Tensors flow through in blocks of rows (at most _BLOCK_ELEMS elements) held in a few reusable
-    buffers, so memory stays flat whatever the model or tensor size, and no fresh pages are
-    faulted in per tensor. Torch runs single-threaded here: the three stages are the parallelism.
+    """The merge as a consumer of the stream (llamaforge.stream): the reader thread reads blocks of
+    rows of each tensor's source (views of the page cache for safetensors), the calling thread
+    applies the LoRA factors in float32 (llamaforge.lora) and casts back, a writer stage writes and
+    hashes. Torch runs single-threaded here: the three stages are the parallelism.
     """
 
     def __init__(self, base: ModelSource, adapters: list[Adapter], device: str):
         self.base, self.adapters, self.device = base, adapters, device
-        self.block_elems = _BLOCK_ELEMS
 
-    # -- reading ---------------------------------------------------------------------------
     def _source(self, p: TensorPlan):
         if p.start is not None:
             i, tname = p.start
@@ -205,49 +162,27 @@ class _Merger:
             return shape[0], p.out.numel // max(1, shape[0])
         return p.out.numel, 1
 
-    def _blocks(self, p: TensorPlan):
-        rows, width = self._rows(p)
-        step = max(1, self.block_elems // max(1, width))
-        for r0 in range(0, rows, step):
-            yield r0, min(rows, r0 + step)
+    def _reads(self, plans: list[TensorPlan]):
+        """The blocks of every tensor, in plan order (runs in the reader thread)."""
+        done: list[str] = []
+        for p in plans:
+            src, tname = self._source(p)
+            rows, width = self._rows(p)
+            f = src.file_of(tname) if isinstance(src, ModelSource) else src
+            item = src.info(tname).dtype.itemsize
+            for r0, r1 in row_ranges(rows, block_rows(width)):
+                first, count = r0 * width, (r1 - r0) * width
+                if isinstance(f, SafetensorsFile):  # no copy: a view of the page cache
+                    fill = (lambda buf, f=f, t=tname, a=first, n=count: f.view_flat(t, a, n))
+                else:
+                    fill = (lambda buf, t=tname, a=first, n=count, src=src: src.read_flat(t, a, n, buf))
+                yield Read((p, r0, r1), count * item, fill)
+            if p.start is None:
+                done.append(p.from_name)
+                self.base.release(done)  # a pickled base's file closes once all its tensors are read
 
-    def _read_loop(self, plans, free: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
-        try:
-            done: list[str] = []
-            for p in plans:
-                src, tname = self._source(p)
-                _, width = self._rows(p)
-                f = src.file_of(tname) if isinstance(src, ModelSource) else src
-                for r0, r1 in self._blocks(p):
-                    buf = free.get()  # a token: at most nbuf blocks are in flight
-                    if stop.is_set():
-                        return
-                    count = (r1 - r0) * width
-                    if isinstance(f, SafetensorsFile):  # no copy: a view of the page cache
-                        view, release = f.view_flat(tname, r0 * width, count)
-                    else:
-                        item = src.info(tname).dtype.itemsize
-                        if buf.numel() < count * item:  # a single row wider than a block
-                            buf = torch.empty(count * item, dtype=torch.uint8)
-                        view, release = src.read_flat(tname, r0 * width, count, buf), None
-                    out.put((r0, r1, buf, view, release))
-                if p.start is None:
-                    done.append(p.from_name)
-                    self.base.release(done)
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            out.put(e)
-
-    # -- arithmetic ------------------------------------------------------------------------
-    def _factors(self, p: TensorPlan):
-        factors = []
-        for i, up in p.updates:
-            ad = self.adapters[i]
-            A = ad.get(up.A).to(self.device, torch.float32)
-            B = ad.get(up.B).to(self.device, torch.float32)
-            L, R = (A.T.contiguous(), B.T.contiguous()) if (up.embedding or up.fan_in_fan_out) else (B, A)
-            mag = None if up.magnitude is None else ad.get(up.magnitude).to(self.device, torch.float32).reshape(-1)
-            factors.append((L, R, up.scale, mag))
-        return factors
+    def _factors(self, p: TensorPlan) -> list[Factors]:
+        return [load_factors(self.adapters[i], up, self.device) for i, up in p.updates]
 
     def _check(self, p: TensorPlan, x: torch.Tensor) -> None:
         """NaN/Inf in a float32 block, or values the output dtype cannot hold."""
@@ -272,107 +207,56 @@ class _Merger:
         prev_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         nbuf = 3
-        in_free: queue.Queue = queue.Queue()
         out_free: queue.Queue = queue.Queue()
         for _ in range(nbuf):
-            in_free.put(torch.empty(self.block_elems * 4, dtype=torch.uint8))
-            out_free.put(torch.empty(self.block_elems * 4, dtype=torch.uint8))
-        scratch = torch.empty(self.block_elems, dtype=torch.float32, device=self.device)
-        blocks: queue.Queue = queue.Queue(maxsize=nbuf)
-        writes: queue.Queue = queue.Queue(maxsize=nbuf)
-        stop = threading.Event()
-        failure: list[BaseException] = []
+            out_free.put(torch.empty(BLOCK_ELEMS * 4, dtype=torch.uint8))
+        scratch = torch.empty(BLOCK_ELEMS, dtype=torch.float32, device=self.device)
+        reader = BlockReader(self._reads(plans), BLOCK_ELEMS * 4, depth=nbuf)
+        stage = Stage("llamaforge-writer", depth=nbuf)
 
-        def write_loop():
-            while True:
-                item = writes.get()
-                if item is None:
-                    return
-                name, data, pool, buf, release = item
+        def write(name, data):
+            writer.write_block(name, data)
+            if progress is not None:
+                progress.update(data.numel() * data.element_size())
 
-                def done(pool=pool, buf=buf, release=release):
-                    # the block is written and hashed: its pages and its buffer can go
-                    if release is not None:
-                        release()
-                    if pool is not None:
-                        pool.put(buf)
-
-                try:
-                    if failure:
-                        done()
-                        continue
-                    nbytes = data.numel() * data.element_size()
-                    writer.write_block(name, data, done)
-                    if progress is not None:
-                        progress.update(nbytes)
-                except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                    failure.append(e)
-                    done()
-                finally:
-                    del data
-
-        reader = threading.Thread(target=self._read_loop, args=(plans, in_free, blocks, stop),
-                                  name="llamaforge-reader", daemon=True)
-        wthread = threading.Thread(target=write_loop, name="llamaforge-writer", daemon=True)
-        reader.start()
-        wthread.start()
         try:
-            for p in plans:
-                factors = self._factors(p)
-                _, width = self._rows(p)
-                if progress is not None:
-                    progress.set_postfix_str(p.name, refresh=False)
-                for _ in self._blocks(p):
-                    item = blocks.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    if failure:
-                        raise _Stop()
-                    r0, r1, ibuf, view, release = item
-                    n = view.numel()
-                    same = view.dtype == p.out.dtype
-                    if not factors and same and not p.changed:
-                        # untouched: bytes pass straight through
-                        writes.put((p.name, view, in_free, ibuf, release))
-                        continue
-                    blk = scratch[:n] if n <= scratch.numel() else torch.empty(n, dtype=torch.float32, device=self.device)
-                    blk.copy_(view)
-                    if release is not None:
-                        release()
-                    in_free.put(ibuf)
-                    if factors:
-                        b2 = blk.view(r1 - r0, width)
-                        for L, R, scale, mag in factors:
-                            b2.addmm_(L[r0:r1], R, alpha=scale)
-                            if mag is not None:
-                                b2.mul_((mag[r0:r1] / torch.linalg.norm(b2, dim=1)).view(-1, 1))
-                    if p.changed or not same:
-                        self._check(p, blk)
-                    obuf = out_free.get()
-                    size = n * p.out.dtype.itemsize
-                    if obuf.numel() < size:
-                        obuf = torch.empty(size, dtype=torch.uint8)
-                    out = obuf[:size].view(p.out.dtype)
-                    out.copy_(blk)
-                    writes.put((p.name, out, out_free, obuf, None))
-                    del view, blk, out
-            if failure:
-                raise _Stop()
-        except _Stop:
-            pass
+            current, factors, width = None, [], 1
+            for blk in reader:
+                if stage.failure is not None:
+                    reader.done(blk)
+                    break
+                p, r0, r1 = blk.key
+                if p is not current:
+                    current, factors, (_, width) = p, self._factors(p), self._rows(p)
+                    if progress is not None:
+                        progress.set_postfix_str(p.name, refresh=False)
+                view = blk.data
+                n = view.numel()
+                same = view.dtype == p.out.dtype
+                if not factors and same and not p.changed:  # untouched: bytes pass straight through
+                    stage.submit(functools.partial(write, p.name, view), functools.partial(reader.done, blk))
+                    continue
+                x = scratch[:n] if n <= scratch.numel() else torch.empty(n, dtype=torch.float32, device=self.device)
+                x.copy_(view)
+                reader.done(blk)
+                if factors:
+                    apply_factors(x.view(r1 - r0, width), r0, factors)
+                if p.changed or not same:
+                    self._check(p, x)
+                obuf = out_free.get()
+                size = n * p.out.dtype.itemsize
+                if obuf.numel() < size:
+                    obuf = torch.empty(size, dtype=torch.uint8)
+                out = obuf[:size].view(p.out.dtype)
+                out.copy_(x)
+                stage.submit(functools.partial(write, p.name, out), functools.partial(out_free.put, obuf))
+                del view, x, out
         finally:
-            stop.set()
-            while reader.is_alive():  # unblock the reader wherever it waits, until it sees `stop`
-                in_free.put(torch.empty(0, dtype=torch.uint8))
-                try:
-                    blocks.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            writes.put(None)
-            wthread.join()
+            reader.close()
+            stage.close(raise_failure=False)
             torch.set_num_threads(prev_threads)
-        if failure:
-            raise failure[0]
+        if stage.failure is not None:
+            raise stage.failure
 
 
 def _copy_tokenizer(folder: Path, out: Path) -> None:
@@ -429,14 +313,14 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
         names = set(src.keys())
         tied = bool(config.get("tie_word_embeddings", False))
         if tied:
-            names.add(LM_HEAD)
-        if EMBED not in src:
-            raise LlamaforgeError(f"the base has no {EMBED}", base, "point to a LLaMA-family Hugging Face model")
+            names.add(LM_HEAD_HF)
+        if EMBED_HF not in src:
+            raise LlamaforgeError(f"the base has no {EMBED_HF}", base, "point to a LLaMA-family Hugging Face model")
         adapters = [open_adapter(p, names) for p in loras]
         plans = plan_merge(src, adapters, out_dtype, tied)
         by_name = {p.name: p for p in plans}
-        rows = by_name[EMBED].out.shape[0]
-        head = by_name.get(LM_HEAD)
+        rows = by_name[EMBED_HF].out.shape[0]
+        head = by_name.get(LM_HEAD_HF)
         if head is not None and head.out.shape[0] != rows:
             raise LlamaforgeError(
                 f"after the adapters embed_tokens has {rows} rows but lm_head has {head.out.shape[0]}",
@@ -445,9 +329,9 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
             )
         tok_folder = _resolve_tokenizer(tokenizer, adapters, base)
         tok_len = tokenizer_length(tok_folder)
-        base_rows = src.info(EMBED).shape[0]
+        base_rows = src.info(EMBED_HF).shape[0]
         if tok_len != rows:
-            full_embeds = any(EMBED in ad.full for ad in adapters)
+            full_embeds = any(EMBED_HF in ad.full for ad in adapters)
             if not full_embeds and tok_len > base_rows:
                 raise LlamaforgeError(
                     f"the tokenizer has {tok_len} tokens but the base has {base_rows} embedding rows and no adapter "
@@ -460,7 +344,7 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
                 "use the tokenizer shipped with the last adapter (tokenizer: in config.yaml, or --tokenizer), "
                 "and check the adapter order",
             )
-        untie = tied and LM_HEAD in by_name
+        untie = tied and LM_HEAD_HF in by_name
         total = sum(p.out.nbytes for p in plans)
         echo(f"merging {len(adapters)} adapter(s) into {base}: {len(plans)} tensors, {total / 1e9:.2f} GB {dtype}, "
              f"vocabulary {base_rows} -> {rows}, tokenizer {tok_folder} ({tok_len})")

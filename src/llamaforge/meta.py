@@ -29,11 +29,11 @@ from .errors import LlamaforgeError
 from .formats import ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards, pread_into
 from .fsutil import atomic_dir, guard_output, hash_files, require_dir, write_json
 from .names import DERIVED_META, EMBED, by_meta, config_from_dims, dims_from_params, hf_order, permute_into
+from .stream import BLOCK_ELEMS, BlockReader, Read, block_rows, row_ranges
 from .tokenizer import load_proto, special_ids, tokenizer_folder_model, write_hf_tokenizer
 
 log = logging.getLogger(__name__)
 
-_BLOCK_BYTES = 16 << 20
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 
 
@@ -256,9 +256,18 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
             s.close()
 
 
-def _stream(shards: list[PthFile], plan, dims, n: int, writer: ShardedSafetensorsWriter) -> None:
-    """Write every planned HF tensor as blocks of rows concatenated from the shards."""
-    bufs = [torch.empty(_BLOCK_BYTES, dtype=torch.uint8) for _ in range(max(2, n + 1))]
+def _reads(shards: list[PthFile], plan, dims, n: int):
+    """The blocks of every planned HF tensor, rows concatenated from the shards (q/k rows back in
+    HF order, dim-1 splits gathered side by side); runs in the stream's reader thread."""
+    scratch: list[torch.Tensor] = []  # the reader thread's own, one per shard, grown on demand
+
+    def scratch_for(k: int, nbytes: int) -> torch.Tensor:
+        while len(scratch) <= k:
+            scratch.append(torch.empty(0, dtype=torch.uint8))
+        if scratch[k].numel() < nbytes:
+            scratch[k] = torch.empty(nbytes, dtype=torch.uint8)
+        return scratch[k]
+
     for t, info in plan:
         item = info.dtype.itemsize
         heads = dims.heads_of(t)
@@ -271,38 +280,41 @@ def _stream(shards: list[PthFile], plan, dims, n: int, writer: ShardedSafetensor
                         raise LlamaforgeError(f"{t.meta} differs between shards", s.path, "use one release")
             for s in parts:
                 shape = s.info(t.meta).shape
-                rows = shape[0]
-                width = info.numel // info.shape[0] if len(info.shape) > 1 else 1
-                unit = dims.hd if heads is not None else 1  # whole heads per block: the permutation is per head
-                step = max(unit, (_BLOCK_BYTES // max(1, width * item)) // unit * unit)
-                if len(shape) == 1:
-                    rows, width, step = 1, shape[0], 1
-                for a in range(0, rows, step):
-                    b = min(rows, a + step)
+                rows, width = (1, shape[0]) if len(shape) == 1 else (shape[0], info.numel // info.shape[0])
+                # whole heads per block: the permutation is per head
+                step = 1 if len(shape) == 1 else block_rows(width, dims.hd if heads is not None else 1)
+                for a, b in row_ranges(rows, step):
                     need = (b - a) * width * item
-                    src = bufs[0] if need <= bufs[0].numel() else torch.empty(need, dtype=torch.uint8)
-                    x = s.read_flat(t.meta, a * width, (b - a) * width, src)
-                    if heads is not None:
-                        x = x.view(b - a, width)
-                        dst = bufs[1] if need <= bufs[1].numel() else torch.empty(need, dtype=torch.uint8)
-                        out = dst[:need].view(info.dtype).view(b - a, width)
+
+                    def fill(buf, s=s, a=a, b=b, width=width, need=need):
+                        if heads is None:
+                            return s.read_flat(t.meta, a * width, (b - a) * width, buf)
+                        x = s.read_flat(t.meta, a * width, (b - a) * width, scratch_for(0, need)).view(b - a, width)
+                        out = buf[:need].view(info.dtype).view(b - a, width)
                         permute_into(out, x, (b - a) // dims.hd, to_meta=False)
-                        x = out
-                    writer.write_block(t.hf, x)
+                        return out
+
+                    yield Read(t.hf, need, fill)
             continue
         # split on dim 1 (tok_embeddings, wo, w2): each block of rows is the shards' columns side by side
         rows, cols = info.shape
         widths = [s.info(t.meta).shape[1] for s in shards]
-        step = max(1, _BLOCK_BYTES // max(1, cols * item))
-        for a in range(0, rows, step):
-            b = min(rows, a + step)
-            need = (b - a) * cols * item
-            dst = bufs[0] if need <= bufs[0].numel() else torch.empty(need, dtype=torch.uint8)
-            out = dst[:need].view(info.dtype).view(b - a, cols)
-            c = 0
-            for k, (s, w) in enumerate(zip(shards, widths)):
-                nb = (b - a) * w * item
-                src = bufs[1 + k] if nb <= bufs[1 + k].numel() else torch.empty(nb, dtype=torch.uint8)
-                out[:, c:c + w].copy_(s.read_flat(t.meta, a * w, (b - a) * w, src).view(b - a, w))
-                c += w
-            writer.write_block(t.hf, out)
+        for a, b in row_ranges(rows, block_rows(cols)):
+            def gather(buf, a=a, b=b):
+                out = buf[:(b - a) * cols * item].view(info.dtype).view(b - a, cols)
+                c = 0
+                for k, (s, w) in enumerate(zip(shards, widths)):
+                    src = scratch_for(k, (b - a) * w * item)
+                    out[:, c:c + w].copy_(s.read_flat(t.meta, a * w, (b - a) * w, src).view(b - a, w))
+                    c += w
+                return out
+
+            yield Read(t.hf, (b - a) * cols * item, gather)
+
+
+def _stream(shards: list[PthFile], plan, dims, n: int, writer: ShardedSafetensorsWriter) -> None:
+    """Write every planned HF tensor, block by block, read ahead in the stream's reader thread."""
+    reader = BlockReader(_reads(shards, plan, dims, n), BLOCK_ELEMS * 4, depth=3, name="llamaforge-import-reader")
+    for blk in reader:
+        writer.write_block(blk.key, blk.data)
+        reader.done(blk)

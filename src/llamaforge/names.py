@@ -80,6 +80,8 @@ class TensorName:
 EMBED = TensorName("model.embed_tokens.weight", "tok_embeddings.weight", "token_embd.weight", 1, "embed")
 NORM = TensorName("model.norm.weight", "norm.weight", "output_norm.weight", None, "norm")
 OUTPUT = TensorName("lm_head.weight", "output.weight", "output.weight", 0, "output")
+# The two tensors that carry the vocabulary, by their Hugging Face names (the merge's vocabulary checks).
+EMBED_HF, LM_HEAD_HF = EMBED.hf, OUTPUT.hf
 # In Meta's order within a layer (attention, feed-forward, norms), which is the order of its files.
 LAYER = (
     TensorName("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.wq.weight", "blk.{i}.attn_q.weight", 0, "q"),
@@ -100,6 +102,17 @@ DERIVED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 DERIVED_META = re.compile(r"^(rope\.freqs|layers\.\d+\.attention\.inner_attention\.rope\.freqs)$")
 
 META_SHARDS = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def hf_tensor_order(name: str):
+    """Sort key of any Hugging Face tensor name in HF's own order: embeddings, layers by number,
+    the final norm, the head (what save_pretrained and the merge write)."""
+    group = 0 if "embed_tokens" in name else 3 if name.startswith("lm_head") else 1 if ".layers." in name else 2
+    return (group, _natural(name))
 
 
 def meta_order(n_layers: int) -> list[TensorName]:

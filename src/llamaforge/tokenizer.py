@@ -304,6 +304,31 @@ def check_tokenizer_json(folder: str | os.PathLike) -> None:
                                       "restore it from the tokenizer's release, or rebuild the tokenizer")
 
 
+def tokenizer_length(folder: Path) -> int:
+    """Tokens of a tokenizer folder without importing transformers: its SentencePiece pieces, or
+    more when tokenizer.json or added_tokens.json give ids beyond them."""
+    from .fsutil import read_json
+
+    folder = Path(folder)
+    check_tokenizer_json(folder)
+    ids = [len(load_proto(folder / "tokenizer.model", "tokenizer.model").pieces) - 1]
+    tj = folder / "tokenizer.json"
+    try:
+        if tj.is_file():
+            data = read_json(tj, "tokenizer.json")
+            ids += [int(t["id"]) for t in data.get("added_tokens", [])]
+            vocab = (data.get("model") or {}).get("vocab")
+            if isinstance(vocab, dict):
+                ids += [int(i) for i in vocab.values()]
+        at = folder / "added_tokens.json"
+        if at.is_file():
+            ids += [int(i) for i in read_json(at, "added_tokens.json").values()]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise LlamaforgeError("the tokenizer's token ids are malformed (an id that is not a number, or an added "
+                              "token without one)", folder, "restore the tokenizer files from its release") from None
+    return max(ids) + 1
+
+
 def load_hf_tokenizer(folder: str | os.PathLike):
     """AutoTokenizer for a folder, never trusting remote code."""
     from transformers import AutoTokenizer

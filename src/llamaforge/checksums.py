@@ -1,0 +1,88 @@
+"""Checksums of every output: SHA256SUMS in a folder, `<file>.sha256` beside a file (both
+`sha256sum -c` compatible, from inside the folder), and the check of expected hashes
+(`verify/{model}`, config.yaml's sha256:). The hashes themselves are computed while the files are
+written (`stream.HashingWriter`), never by reading an output again."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import LlamaforgeError
+from .fsutil import atomic_file, guard_output, read_text, sha256_file
+
+SUMS = "SHA256SUMS"
+
+
+def sums_text(hashes: dict[str, str], header: str = "") -> str:
+    """`sha256sum` format: '<hash>  <name>' per line, sorted by name, after an optional '#' line."""
+    return header + "".join(f"{h}  {name}\n" for name, h in sorted(hashes.items()))
+
+
+def parse_sums(path: str | os.PathLike) -> dict[str, str]:
+    """Read a SHA256SUMS / .sha256 file (as sha256sum writes it: text or '*' binary mode)."""
+    path = Path(path)
+    out = {}
+    for n, line in enumerate(read_text(path, "checksum file").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):  # sha256sum -c skips comment lines too
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise LlamaforgeError(f"line {n} is not '<sha256>  <file>'", path, "regenerate it with the export")
+        out[parts[1].lstrip("*").strip()] = parts[0].lower()
+    return out
+
+
+
+def verify_sha256(expected: dict[str, str], sums_files: Iterable[str | os.PathLike] = (),
+                  root: str | os.PathLike = ".", echo: Callable[[str], None] = print) -> list[str]:
+    """Check files against expected hashes (paths relative to `root`, as in config.yaml's sha256:)
+    and against SHA256SUMS / .sha256 files (names relative to each file's folder).
+
+    Returns the report lines; raises LlamaforgeError naming the first mismatching file.
+    """
+    root = Path(root)
+    checks: list[tuple[Path, str, str]] = []  # (file, expected hash, where the expectation comes from)
+    for rel, h in expected.items():
+        checks.append((root / rel, h.lower(), "config.yaml (sha256:)"))
+    for sums in map(Path, sums_files):
+        if not sums.is_file():
+            raise LlamaforgeError("checksum file not found", sums, "build the export again")
+        for name, h in parse_sums(sums).items():
+            checks.append((sums.parent / name, h, os.fspath(sums)))
+    lines, bad = [], []
+    digests: dict[Path, str] = {}  # a file listed twice (config.yaml and SHA256SUMS) is hashed once
+    for path, want, where in checks:
+        if not path.is_file():
+            bad.append(LlamaforgeError(f"file listed in {where} does not exist", path,
+                                       "build it (snakemake <target>) or fix the path in config.yaml"))
+            lines.append(f"MISSING  {path}")
+            echo(lines[-1])
+            continue
+        key = path.resolve()
+        if key not in digests:
+            digests[key] = sha256_file(path)
+        got = digests[key]
+        if got != want:
+            bad.append(LlamaforgeError(f"sha256 is {got} but {where} expects {want}", path,
+                                       "the file differs from the published one: rebuild it from the right inputs, "
+                                       "or correct the expected hash"))
+            lines.append(f"FAILED   {path}  {got} != {want}")
+        else:
+            lines.append(f"OK       {path}  {got}")
+        echo(lines[-1])
+    if bad:
+        if len(bad) > 1:
+            raise LlamaforgeError(f"{bad[0]} ({len(bad) - 1} more file(s) failed)")
+        raise bad[0]
+    if not checks:
+        lines.append("nothing to verify: no sha256: entries in config.yaml and no checksum files")
+    return lines
+
+
+def write_verify_report(lines: list[str], output: str | os.PathLike, inputs=()) -> None:
+    """The report of a passed check, marked as llamaforge's own (a later run may replace it)."""
+    guard_output(output, "text", [("checked file", p) for p in inputs])
+    with atomic_file(output, "w") as f:
+        f.write("# llamaforge verify\n" + "".join(line + "\n" for line in lines))
