@@ -4,14 +4,18 @@
 # declared file by file, not as folders: Snakemake compares a folder by its own timestamp, so a
 # changed adapter_model.safetensors inside an unchanged folder would otherwise go unnoticed.
 
+import runpy
 import sys
 from pathlib import Path
 
-# The workflow reads the demo's file list from the package in this checkout (scripts do the same
-# through scripts/_pathfix.py), so it works before `pip install -e .` too.
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# The workflow imports the package from this checkout, as every script does, through the one
+# mechanism for it (scripts/_pathfix.py), so it works before `pip install -e .` too.
+runpy.run_path(str(Path(workflow.basedir) / "scripts" / "_pathfix.py"))
 
 from llamaforge.demo import demo_files  # noqa: E402
+from llamaforge.deps import script_closure  # noqa: E402
+from llamaforge.formats import largest_tensor_bytes  # noqa: E402
+from llamaforge.meta import find_tokenizer  # noqa: E402
 
 
 wildcard_constraints:
@@ -134,7 +138,134 @@ def model_base_dir(name):
     return f"imported/{name}" if is_meta_folder(base) else base
 
 
+def script_inputs(script):
+    """A rule's code inputs: {"script": the script, "lib": scripts/_pathfix.py and every package
+    module the script can import (llamaforge.deps, deferred imports included)}, so an edit of any
+    of them reruns the rule's jobs and nothing else. Use as `input: unpack(script_inputs(...))`
+    or take the two values."""
+    files = script_closure(script, workflow.basedir)
+    return {"script": files[0], "lib": files[1:]}
+
+
+def script_lib(script):
+    """The `lib=` input of a rule that runs `script` (see script_inputs)."""
+    return script_inputs(script)["lib"]
+
+
+# ---- exports and the Meta import ---------------------------------------------------------------
+
+
+def export_files(name):
+    """The export files of one model, per its `exports:` list (hf = merged/{model} itself)."""
+    return [
+        {"hf": f"merged/{name}", "pth": f"exports/{name}/pth"}.get(e, f"exports/{name}/{name}-{e[5:]}.gguf")
+        for e in model_cfg(name)["exports"]
+    ]
+
+
+def export_targets():
+    """The default target's exports: every model's."""
+    return [f for name in config["models"] for f in export_files(name)]
+
+
+def export_mem_mb(wildcards, input):
+    """Memory of an export: the interpreter and torch (~0.6 GB), two buffers of the largest tensor
+    (read ahead, being written) and its blocks. The merged folder's largest tensor is known once the
+    merge wrote it (Snakemake evaluates resources again when the job is scheduled); 4 GB before."""
+    largest = largest_tensor_bytes([f for d in input.model for f in Path(d).glob("*.safetensors")])
+    return int(768 + 3 * largest // 2**20) if largest else 4096
+
+
+def export_runtime(wildcards, input):
+    """Minutes of a streaming export or import: 2 per GiB of input, plus 10."""
+    return int(10 + input_mb(input) / 1024 * 2)
+
+
+def import_tokenizer(wildcards):
+    """tokenizer.model of a Meta base, found as scripts/import_pth.py finds it (in the folder or one level up)."""
+    return str(find_tokenizer(Path(model_cfg(wildcards.model)["base"])))
+
+
+def verify_target(name, path):
+    """The target that produces a file listed under sha256: (a file inside a built folder is built by it)."""
+    return next(
+        (d for d in (f"exports/{name}/pth", f"merged/{name}", f"imported/{name}") if path.startswith(f"{d}/")), path
+    )
+
+
+def verify_sums(name):
+    """The checksum files written by the model's exports (pth: SHA256SUMS, GGUF: FILE.sha256)."""
+    return [
+        str(Path(f) / "SHA256SUMS") if Path(f).name == "pth" else f"{f}.sha256"
+        for f in export_files(name)
+        if f.startswith("exports")
+    ]
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+EVAL_DATA = "src/llamaforge/data"
+EVAL_FILES = ["predictions.json", "perplexity.json", "equivalence.json", "tokenizer_stats.json", "summary.json"]
+EVAL_PLOTS = ["eval/plots/tokens_per_char.png", "eval/plots/perplexity.png", "eval/plots/equivalence.png"]
+
+
+def eval_models():
+    """Models with `evaluate: true`."""
+    return [name for name, m in config["models"].items() if m["evaluate"]]
+
+
+def eval_files(name):
+    """One model's evaluation outputs; no equivalence check without adapters (nothing was merged)."""
+    return [f"eval/{name}/{f}" for f in EVAL_FILES if f != "equivalence.json" or model_cfg(name)["loras"]]
+
+
+def eval_targets():
+    """The default target's evaluation outputs: every evaluated model's files, then the plots."""
+    return [f for name in eval_models() for f in eval_files(name)] + (EVAL_PLOTS if eval_models() else [])
+
+
+def eval_path(value, bundled):
+    """A file from config.yaml, or the bundled one under src/llamaforge/data/ when it is null."""
+    return value or f"{EVAL_DATA}/{bundled}"
+
+
+def eval_device(wildcards):
+    """cuda for a model with `gpu: 1` or more, else cpu."""
+    return "cuda" if model_cfg(wildcards.model)["gpu"] else "cpu"
+
+
+def eval_gpu(wildcards):
+    """GPUs an evaluation job asks for (config `gpu:`)."""
+    return model_cfg(wildcards.model)["gpu"]
+
+
+def eval_mem_mb(wildcards, input):
+    """Memory: a float16 model on disk is 2x in float32, plus activations, logits and the Python stack."""
+    return int(2000 + 3 * input_mb(input.model))
+
+
+def eval_runtime(per_gb):
+    """Runtime in minutes of an evaluation job, `per_gb` minutes per GB of weights on a CPU (a GPU is
+    taken as ten times faster, so a 65B job on a GPU partition fits its MaxTime). Returns the
+    resource function."""
+
+    def runtime(wildcards, input):
+        return int(10 + per_gb * input_mb(input.model) / 1024 / (10 if eval_gpu(wildcards) else 1))
+
+    return runtime
+
+
+def eval_summary_inputs(wildcards):
+    """The inputs of a model's summary: the script, its modules, and its other evaluation outputs."""
+    files = {Path(f).stem: f for f in eval_files(wildcards.model) if Path(f).name != "summary.json"}
+    return {**script_inputs("scripts/evaluate.py"), **files}
+
+
+# ---- targets ------------------------------------------------------------------------------------
+
+
 def all_targets():
+    """The default target: every tokenizer, merge, export and evaluation output in config.yaml."""
     targets = [f"tokenizers/{name}" for name in config["tokenizers"]]
     targets += [f"merged/{name}" for name in config["models"]]
     targets += export_targets()
@@ -155,15 +286,15 @@ def input_mb(input):
 
 
 def shell_quote(text):
+    """`text` quoted for the shell (for values joined into one params string)."""
     import shlex
 
     return shlex.quote(str(text))
 
 
 def merge_mem_mb(wildcards, input):
-    # Bounded by the largest tensor, not the model: the tensor being merged, the one read ahead,
-    # the one being written and its float32 row blocks, plus the interpreter and torch (~0.5 GB).
-    from llamaforge.formats import largest_tensor_bytes
-
+    """Memory of a merge: bounded by the largest tensor, not the model (the tensor being merged, the
+    one read ahead, the one being written and its float32 row blocks), plus the interpreter and
+    torch (~0.5 GB)."""
     largest = largest_tensor_bytes(list(input.base) + list(input.loras))
     return 768 + 5 * largest // 2**20

@@ -20,12 +20,7 @@
 rule crawl_prompts:
     input:
         script="scripts/crawl_prompts.py",
-        lib=[
-            "src/llamaforge/crawl.py",
-            "src/llamaforge/data/crawl_prompt.json",
-            "src/llamaforge/tokenizer.py",
-            "src/llamaforge/fsutil.py",
-        ],
+        lib=script_lib("scripts/crawl_prompts.py"),
     output:
         json="data/instructions/{name}.json",
         stats="data/instructions/{name}.stats.json",

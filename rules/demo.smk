@@ -4,7 +4,7 @@
 rule make_demo:
     input:
         script="scripts/make_demo.py",
-        lib="src/llamaforge/demo.py",
+        lib=script_lib("scripts/make_demo.py"),
         english="src/llamaforge/data/english.txt",
         chinese="src/llamaforge/data/chinese.txt",
     output:

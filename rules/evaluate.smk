@@ -2,18 +2,9 @@
 # a per-model summary and plots over all models, all marked for `snakemake --report report.html`.
 #
 # Settings: the `eval:` section of config.yaml (defaults in schemas/config.schema.yaml). A model is
-# evaluated when `evaluate: true` (the default). Uses model_cfg, model_base_dir, folder_files,
-# input_mb and shell_quote from rules/common.smk. The helpers are lambdas: `snakemake --lint` wants
-# no `def` beside rules.
+# evaluated when `evaluate: true` (the default). Every helper (eval_files, eval_mem_mb, ...) is a
+# documented def in rules/common.smk.
 
-# The library modules the jobs run: generate.py and what it imports (predictions); evaluate.py on
-# top (perplexity, equivalence, tokenizer statistics); summary and plots need only evaluate.py and fsutil.py.
-GEN_LIB = [f"src/llamaforge/{m}.py" for m in ("generate", "tokenizer", "formats", "fsutil", "lora", "merge")]
-EVAL_LIB = GEN_LIB + ["src/llamaforge/evaluate.py"]
-EVAL_REPORT_LIB = ["src/llamaforge/evaluate.py", "src/llamaforge/fsutil.py"]
-EVAL_DATA = "src/llamaforge/data"
-EVAL_FILES = ["predictions.json", "perplexity.json", "equivalence.json", "tokenizer_stats.json", "summary.json"]
-EVAL_PLOTS = ["eval/plots/tokens_per_char.png", "eval/plots/perplexity.png", "eval/plots/equivalence.png"]
 EVAL_GEN = config["eval"]["generation"]
 # inference.py options of the predictions (every value from config.yaml, so a change reruns them)
 EVAL_GEN_FLAGS = " ".join(
@@ -32,31 +23,11 @@ EVAL_GEN_FLAGS = " ".join(
     + ([f"--seed {EVAL_GEN['seed']}"] if EVAL_GEN["seed"] is not None else [])
 )
 
-# Models with `evaluate: true`.
-eval_models = lambda: [name for name, m in config["models"].items() if m["evaluate"]]
-# One model's outputs; no equivalence check without adapters (nothing was merged).
-eval_files = lambda name: [
-    f"eval/{name}/{f}" for f in EVAL_FILES if f != "equivalence.json" or model_cfg(name)["loras"]
-]
-# The default target's evaluation outputs: every evaluated model's files, then the plots.
-eval_targets = lambda: [f for name in eval_models() for f in eval_files(name)] + (EVAL_PLOTS if eval_models() else [])
-# A file from config.yaml, or the bundled one under src/llamaforge/data/ when it is null.
-eval_path = lambda value, bundled: value or f"{EVAL_DATA}/{bundled}"
-eval_device = lambda wc: "cuda" if model_cfg(wc.model)["gpu"] else "cpu"
-eval_gpu = lambda wc: model_cfg(wc.model)["gpu"]
-# Memory: a float16 model on disk is 2x in float32, plus activations, logits and the Python stack.
-eval_mem_mb = lambda wc, input: int(2000 + 3 * input_mb(input.model))
-# Runtime: generous for CPU runs of a 7B model (minutes per GB of weights).
-# (a GPU is taken as ten times faster than the CPU, so a 65B job on a GPU partition fits its MaxTime)
-eval_runtime = lambda per_gb: lambda wc, input: int(
-    10 + per_gb * input_mb(input.model) / 1024 / (10 if eval_gpu(wc) else 1)
-)
-
 
 rule eval_predictions:
     input:
         script="scripts/inference.py",
-        lib=GEN_LIB,
+        lib=script_lib("scripts/inference.py"),
         model=lambda wc: folder_files(f"merged/{wc.model}"),
         prompts=eval_path(config["eval"]["prompts"], "eval_prompts.txt"),
     output:
@@ -91,7 +62,7 @@ rule eval_predictions:
 rule eval_perplexity:
     input:
         script="scripts/evaluate.py",
-        lib=EVAL_LIB,
+        lib=script_lib("scripts/evaluate.py"),
         model=lambda wc: folder_files(f"merged/{wc.model}"),
         text=eval_path(config["eval"]["text"], "eval_text.txt"),
     output:
@@ -132,7 +103,7 @@ rule eval_perplexity:
 rule eval_equivalence:
     input:
         script="scripts/evaluate.py",
-        lib=EVAL_LIB,
+        lib=script_lib("scripts/evaluate.py"),
         model=lambda wc: folder_files(f"merged/{wc.model}"),
         base=lambda wc: folder_files(model_base_dir(wc.model)),
         loras=lambda wc: [f for lora in model_cfg(wc.model)["loras"] for f in folder_files(lora)],
@@ -172,7 +143,7 @@ rule eval_equivalence:
 rule eval_tokenizer_stats:
     input:
         script="scripts/evaluate.py",
-        lib=EVAL_LIB,
+        lib=script_lib("scripts/evaluate.py"),
         # the merged model's tokenizer: exactly the one the merge chose and checked
         tokenizer=lambda wc: folder_files(f"merged/{wc.model}"),
         base=lambda wc: folder_files(model_cfg(wc.model)["base"]),
@@ -204,13 +175,7 @@ rule eval_tokenizer_stats:
 
 rule eval_summary:
     input:
-        unpack(
-            lambda wc: {
-                "script": "scripts/evaluate.py",
-                "lib": EVAL_REPORT_LIB,
-                **{Path(f).stem: f for f in eval_files(wc.model) if Path(f).name != "summary.json"},
-            }
-        ),
+        unpack(eval_summary_inputs),
     output:
         report(
             "eval/{model}/summary.json",
@@ -240,7 +205,7 @@ rule eval_summary:
 rule eval_plots:
     input:
         script="scripts/evaluate.py",
-        lib=EVAL_REPORT_LIB,
+        lib=script_lib("scripts/evaluate.py"),
         summaries=lambda wc: [f"eval/{name}/summary.json" for name in eval_models()],
     output:
         tokens_per_char=report(

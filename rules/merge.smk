@@ -4,13 +4,7 @@
 rule merge_lora:
     input:
         script="scripts/merge_lora.py",
-        lib=[
-            "src/llamaforge/merge.py",
-            "src/llamaforge/lora.py",
-            "src/llamaforge/formats.py",
-            "src/llamaforge/fsutil.py",
-            "src/llamaforge/tokenizer.py",
-        ],
+        lib=script_lib("scripts/merge_lora.py"),
         base=lambda wc: folder_files(model_base_dir(wc.model)),
         loras=lambda wc: [f for lora in model_cfg(wc.model)["loras"] for f in folder_files(lora)],
         tokenizer=lambda wc: folder_files(model_cfg(wc.model)["tokenizer"]) if model_cfg(wc.model)["tokenizer"] else [],

@@ -4,7 +4,7 @@
 rule merge_tokenizers:
     input:
         script="scripts/merge_tokenizers.py",
-        lib="src/llamaforge/tokenizer.py",
+        lib=script_lib("scripts/merge_tokenizers.py"),
         base=lambda wc: tokenizer_cfg(wc.name)["base"],
         extra=lambda wc: tokenizer_cfg(wc.name)["extra"],
     output:

@@ -318,6 +318,68 @@ def test_d_edited_script_reruns_its_rule(built, graph, tmp_path):
     assert planned(wf) == [], "restoring the scripts did not restore the finished state"
 
 
+def test_d2_edited_library_module_reruns_exactly_the_jobs_that_import_it(built, graph, tmp_path):
+    """Each module of src/llamaforge/ is a declared input of exactly the jobs whose script can import
+    it (llamaforge.deps, deferred imports included); an edit reruns those and what follows them."""
+    from llamaforge.deps import script_closure
+
+    wf = clone(built, tmp_path / "wf")
+    modules = sorted(p.relative_to(wf).as_posix() for p in (wf / "src" / "llamaforge").glob("*.py"))
+    scripts = sorted({i for j in graph for i in j.inputs if i.startswith("scripts/") and i.endswith(".py")
+                      and not i.endswith("_pathfix.py")})
+    closures = {s: set(script_closure(s, wf)) for s in scripts}
+    for j in graph:  # each job declares exactly its script's closure as code
+        code = {i for i in j.inputs if i.startswith(("scripts/", "src/llamaforge/")) and i.endswith(".py")}
+        script = next(i for i in code if i in closures)
+        assert code == closures[script], f"{j}: declared code {sorted(code)} != closure {sorted(closures[script])}"
+    for module in modules:
+        users = [j for j in graph if module in j.inputs]
+        if not users:
+            continue
+        path = wf / module
+        original, st = path.read_bytes(), path.stat()
+        path.write_bytes(original + b"\n# edited by tests/test_incremental.py\n")
+        try:
+            jobs = planned(wf)
+        finally:
+            path.write_bytes(original)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert_plan(jobs, graph, downstream(graph, changed_files=[module]), f"after an edit of {module}")
+    assert planned(wf) == [], "restoring the modules did not restore the finished state"
+
+
+@pytest.mark.parametrize("script,args", [
+    ("merge_lora.py", ["--base", "resources/demo/base", "--lora", "resources/demo/lora_llama_plus", "--output",
+                       "{tmp}/m", "--no-progress"]),
+    ("export_gguf.py", ["--model", "merged/demo", "--output", "{tmp}/m.gguf", "--outtype", "q8_0"]),
+    ("export_pth.py", ["--model", "merged/demo", "--output", "{tmp}/pth"]),
+    ("merge_tokenizers.py", ["--base", "resources/demo/sp/base.model", "--extra", "resources/demo/sp/chinese.model",
+                             "--output", "{tmp}/tok"]),
+    ("evaluate.py", ["perplexity", "--model", "merged/demo", "--output", "{tmp}/p.json", "--max-length", "64"]),
+    ("inference.py", ["--model", "merged/demo", "--predictions-file", "{tmp}/p.json", "--max-new-tokens", "2"]),
+])
+def test_the_closure_holds_every_module_a_script_really_runs(built, tmp_path, script, args):
+    """What a real run of a script imports from the package is within its declared closure."""
+    from llamaforge.deps import script_closure
+
+    record = tmp_path / "modules.json"
+    code = (
+        "import atexit, json, runpy, sys\n"
+        f"atexit.register(lambda: open({str(record)!r}, 'w').write(json.dumps(sorted("
+        "getattr(m, '__file__', None) or '' for n, m in list(sys.modules.items()) if n.split('.')[0] == 'llamaforge'))))\n"
+        f"sys.argv = [{script!r}] + sys.argv[1:]\n"
+        f"sys.path.insert(0, {str(built / 'scripts')!r})  # as `python scripts/X.py` has it\n"
+        f"runpy.run_path({str(built / 'scripts' / script)!r}, run_name='__main__')\n"
+    )
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=built, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = {Path(f).resolve().relative_to(built.resolve()).as_posix() for f in json.loads(record.read_text()) if f}
+    declared = set(script_closure(f"scripts/{script}", built))
+    assert ran and ran <= declared, f"{script} ran {sorted(ran - declared)} outside its closure"
+
+
 # ---- (e) --------------------------------------------------------------------------------------------
 
 BIG = dict(hidden=1024, intermediate=2816, layers=8, heads=8, vocab=4096, r=8)  # ~240 MB of float16

@@ -442,3 +442,32 @@ def test_cli_error_is_one_line_and_leaves_no_output(demo, tmp_path):
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert err[-1].startswith("llamaforge: error: ") and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_arithmetic_on_one_block_of_rows_equals_peft(dora):
+    """lora.apply_factors on rows 8..24 of a weight equals those rows of PEFT's own merge of the
+    whole layer (LoRA, and DoRA's per-row magnitude), in float32."""
+    from peft import LoraConfig, get_peft_model
+
+    from llamaforge.lora import Factors, apply_factors
+
+    torch.manual_seed(0)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(64, 48, bias=False)
+
+    model = get_peft_model(Tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=dora,
+                                              init_lora_weights=False))
+    layer = model.base_model.model.q_proj
+    w0 = layer.base_layer.weight.detach().clone()
+    factors = [Factors(layer.lora_B["default"].weight.detach(), layer.lora_A["default"].weight.detach(), 8 / 4,
+                       layer.lora_magnitude_vector["default"].weight.detach().reshape(-1) if dora else None)]
+    block = w0[8:24].clone()
+    apply_factors(block, 8, factors)
+    layer.merge()
+    merged = layer.base_layer.weight.detach()
+    assert (merged[8:24] - block).abs().max().item() < 1e-6
+    assert (block - w0[8:24]).abs().max().item() > 1e-3  # the update is not a no-op
