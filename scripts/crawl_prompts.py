@@ -13,11 +13,11 @@ import logging
 import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
-from llamaforge.cli import setup_logging, user_errors
+from llamaforge.cli import Command, setup_logging, user_errors
 from llamaforge.crawl import DEFAULT_MODEL, crawl
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--output", required=True, type=click.Path(dir_okay=False),
               help="Accepted items, one JSON object a line (F.jsonl); F.raw.jsonl and F.stats.json go beside it.")
 @click.option("--num-requests", required=True, type=int, help="Total requests, counting those of earlier runs.")

@@ -11,14 +11,14 @@
 import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
-from llamaforge.cli import setup_logging, user_errors
+from llamaforge.cli import Group, setup_logging, user_errors
 from llamaforge.evaluate import DEFAULT_TOLERANCE
 
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 TEXT_HELP = "UTF-8 text. Default: the bundled Chinese + English sample (llamaforge/data/eval_text.txt)."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     setup_logging()
 

@@ -4,10 +4,10 @@
 import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
-from llamaforge.cli import setup_logging, user_errors
+from llamaforge.cli import Command, setup_logging, user_errors
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", required=True, type=click.Path(file_okay=False), help="Hugging Face model folder.")
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Output folder: consolidated.NN.pth, params.json, tokenizer.model, SHA256SUMS (written atomically).")

@@ -11,12 +11,12 @@ repetition penalty 1.1, 400 new tokens, sampling, its prompt template), batched.
 import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
-from llamaforge.cli import setup_logging, user_errors
+from llamaforge.cli import Command, setup_logging, user_errors
 from llamaforge.generate import ORIGINAL_GENERATION as ORIG
 from llamaforge.generate import TEMPLATES
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", required=True, type=click.Path(file_okay=False), help="Hugging Face model folder (merged, or the base of --lora).")
 @click.option("--lora", "loras", multiple=True, type=click.Path(file_okay=False),
               help="PEFT adapter folder applied on the fly, in order (repeat: LLaMA-Plus, then Alpaca-Plus).")

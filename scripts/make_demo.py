@@ -4,10 +4,10 @@
 import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
-from llamaforge.cli import setup_logging, user_errors
+from llamaforge.cli import Command, setup_logging, user_errors
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder to write (resources/demo).")
 @click.option("--seed", default=42, show_default=True, help="Seed; the same seed gives byte-identical files.")
 def main(output, seed):

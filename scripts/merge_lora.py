@@ -4,10 +4,10 @@
 import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
-from llamaforge.cli import setup_logging, user_errors
+from llamaforge.cli import Command, setup_logging, user_errors
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--base", required=True, type=click.Path(file_okay=False), help="Base model folder (Hugging Face).")
 @click.option("--lora", "loras", multiple=True, type=click.Path(file_okay=False),
               help="PEFT adapter folder; repeat in merge order (e.g. LLaMA-Plus, then Alpaca-Plus).")

@@ -7,10 +7,10 @@ Writes DIR/ with the merged tokenizer.model and the Hugging Face tokenizer files
 import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
-from llamaforge.cli import setup_logging, user_errors
+from llamaforge.cli import Command, setup_logging, user_errors
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--base", "base", required=True, type=click.Path(dir_okay=False), help="Base tokenizer.model (LLaMA).")
 @click.option("--extra", "extra", required=True, type=click.Path(dir_okay=False), help="SentencePiece model whose new pieces are appended.")
 @click.option("--add-token", "add_tokens", multiple=True, help='Token appended after the merge, e.g. "[PAD]" (repeatable).')

@@ -4,10 +4,10 @@
 import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
-from llamaforge.cli import setup_logging, user_errors
+from llamaforge.cli import Command, setup_logging, user_errors
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--expect", "expects", multiple=True, metavar="PATH=SHA256",
               help="A file (relative to the current folder) and its expected sha256; repeat.")
 @click.option("--sums", "sums", multiple=True, type=click.Path(dir_okay=False),

@@ -150,6 +150,50 @@ def meta_missing_shard(case: Path, world: Path) -> Path:
     return d
 
 
+def json_edit(case: Path, src: Path, name: str, file: str, **changes) -> Path:
+    """A copy of folder `src` whose JSON `file` has `changes` (raw JSON text per value)."""
+    d = case / name
+    shutil.copytree(src, d)
+    data = json.loads((d / file).read_text())
+    text = json.dumps({k: v for k, v in data.items() if k not in changes})[:-1]
+    (d / file).write_text(text + "".join(f', "{k}": {v}' for k, v in changes.items()) + "}")
+    return d
+
+
+def with_file(case: Path, name: str, content: bytes | str) -> Path:
+    f = case / name
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return f
+
+
+def dtype_list(header):
+    a, _ = _two_tensors(header)
+    a["dtype"] = [a["dtype"]]
+
+
+def as_int16(header):
+    a, _ = _two_tensors(header)
+    a["dtype"] = "I16"
+
+
+def base_with_duplicate_key(case: Path, world: Path) -> Path:
+    base = case / "base"
+    shutil.copytree(world / "base", base)
+    f = base / "model-00001-of-00002.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    entry = json.dumps(header[name])
+    text = json.dumps(header)[:-1] + f', "{name}": {entry}' + "}"
+    data = text.encode() + b" " * (-len(text) % 8)
+    f.write_bytes(struct.pack("<Q", len(data)) + data + raw[8 + n:])
+    return base
+
+
+DEEP = "[" * 100000 + "]" * 100000
+
+
 def merge_args(base, loras, output, *extra):
     return ["merge_lora.py", "--base", base, *[a for lo in loras for a in ("--lora", lo)], "--output", output,
             "--no-progress", *extra]
@@ -256,6 +300,74 @@ CASES = [
      ["--add-token '[PAD]' is given twice"]),
     ("import-missing-shard", lambda w, c: ["import_pth.py", "--input", meta_missing_shard(c, w), "--output", c / "hf"],
      ["consolidated.01.pth is missing"]),
+    # found by an adversarial review: each was a traceback, a hang or a silently wrong output
+    ("adapter-config-nested-too-deeply", lambda w, c: merge_args(
+        w / "base", [folder_with(c, w / "lora", "lora", {"adapter_config.json": DEEP})], c / "out"),
+     ["adapter_config.json is not valid JSON (nested too deeply)"]),
+    ("safetensors-dtype-not-a-name", lambda w, c: merge_args(base_with(c, w, dtype_list), [w / "lora"], c / "out"),
+     ["not a dtype name"]),
+    ("safetensors-duplicate-key", lambda w, c: merge_args(base_with_duplicate_key(c, w), [w / "lora"], c / "out"),
+     ["appears twice"]),
+    ("base-with-integer-weights", lambda w, c: merge_args(base_with(c, w, as_int16), [w / "lora"], c / "out"),
+     ["is stored as int16, not as floating-point weights"]),
+    ("use-rslora-string", lambda w, c: merge_args(w / "base", [adapter_with(c, w, use_rslora='"false"')], c / "out"),
+     ['use_rslora is "false", not true or false']),
+    ("lora-r-fraction", lambda w, c: merge_args(w / "base", [adapter_with(c, w, r="8.5")], c / "out"),
+     ["r is 8.5; a LoRA rank is a whole number"]),
+    ("output-folder-is-a-file", lambda w, c: merge_args(w / "base", [w / "lora"],
+                                                        with_file(c, "f", "x") / "out"),
+     ["is a file"]),
+    ("gguf-output-folder-is-a-file", lambda w, c: ["export_gguf.py", "--model", w / "merged", "--output",
+                                                   with_file(c, "f", "x") / "m.gguf"],
+     ["is a file"]),
+    ("export-zero-kv-heads", lambda w, c: ["export_gguf.py", "--output", c / "m.gguf", "--model",
+                                           json_edit(c, w / "merged", "m", "config.json", num_key_value_heads="0")],
+     ["the key/value heads is 0; it must be a positive number"]),
+    ("export-nan-norm-eps", lambda w, c: ["export_pth.py", "--output", c / "pth", "--model",
+                                          json_edit(c, w / "merged", "m", "config.json", rms_norm_eps="NaN")],
+     ["the norm epsilon is nan; it must be a positive finite number"]),
+    ("export-rope-parameters-list", lambda w, c: ["export_pth.py", "--output", c / "pth", "--model",
+                                                  json_edit(c, w / "merged", "m", "config.json", rope_parameters="[1]")],
+     ["config.json lacks or garbles"]),
+    ("export-huge-layer-count", lambda w, c: ["export_gguf.py", "--output", c / "m.gguf", "--model", json_edit(
+        c, w / "merged", "m", "config.json", num_hidden_layers=str(10**12))],
+     ["the layer count is 1000000000000, more than any model has"]),
+    ("import-zero-heads", lambda w, c: ["import_pth.py", "--output", c / "hf", "--input",
+                                        json_edit(c, w / "pth", "meta", "params.json", n_heads="0")],
+     ["params.json"]),
+    ("import-random-bytes-checkpoint", lambda w, c: ["import_pth.py", "--output", c / "hf", "--input", folder_with(
+        c, w / "pth", "meta", {"consolidated.00.pth": os.urandom(4096)})],
+     ["cannot read the Meta checkpoint with torch.load(weights_only=True)"]),
+    ("summary-of-a-list", lambda w, c: ["evaluate.py", "summary", "--model", "x", "--perplexity",
+                                        with_file(c, "p.json", "[1, 2]"), "--output", c / "s.json"],
+     ["not a perplexity result of llamaforge"]),
+    ("summary-missing-keys", lambda w, c: ["evaluate.py", "summary", "--model", "x", "--equivalence",
+                                           with_file(c, "e.json", '{"llamaforge": "equivalence"}'), "--output",
+                                           c / "s.json"],
+     ["not a equivalence result of llamaforge (no 'passed')"]),
+    ("plot-of-a-bad-summary", lambda w, c: ["evaluate.py", "plot", "--summary",
+                                            with_file(c, "s.json", '{"model": "x", "tokenizer": [1]}'),
+                                            "--tokens-per-char", c / "t.png"],
+     ["a summary file does not hold what the plots need"]),
+    ("tokenizer-stats-garbage-model", lambda w, c: ["evaluate.py", "tokenizer-stats", "--tokenizer",
+                                                    with_file(c, "g.model", os.urandom(300)), "--base-tokenizer",
+                                                    w / "sp" / "base.model", "--output", c / "t.json"],
+     ["not a SentencePiece model"]),
+    ("verify-nothing-to-check", lambda w, c: ["verify_sha256.py", "--sums", with_file(c, "SHA256SUMS", ""),
+                                              "--output", c / "report"],
+     ["nothing to verify"]),
+    ("usage-missing-option", lambda w, c: ["export_gguf.py", "--output", c / "m.gguf"],
+     ["Missing option '--model'", "export_gguf.py --help"]),
+    ("usage-bad-value", lambda w, c: ["export_pth.py", "--model", w / "merged", "--output", c / "pth",
+                                      "--num-shards", "0"],
+     ["--num-shards: 0 is not in the range"]),
+    ("crawl-alpaca-json-is-the-items-file", lambda w, c: ["crawl_prompts.py", "--output", c / "n.jsonl",
+                                                         "--alpaca-json", c / "n.jsonl", "--num-requests", "1",
+                                                         "--base-url", "http://127.0.0.1:9/v1"],
+     ["--alpaca-json is one of the crawl's own files"]),
+    ("crawl-nan-price", lambda w, c: ["crawl_prompts.py", "--output", c / "n.jsonl", "--price-in", "nan",
+                                      "--num-requests", "1", "--base-url", "http://127.0.0.1:9/v1"],
+     ["prices must be 0 or more"]),
 ]
 
 
@@ -277,6 +389,32 @@ def test_bad_input_is_one_line_and_touches_nothing(world, tmp_path, setup, fragm
     assert "Fix:" in errors[0]
     assert "weights_only=False" not in proc.stderr
     assert after == before, sorted(set(after.items()) ^ set(before.items()))[:10]
+
+
+def test_a_zero_element_tensor_in_the_base_is_merged(world, tmp_path):
+    """A valid header may hold an empty tensor: it is carried through, in order, not a writer error."""
+    import torch
+    from safetensors import safe_open
+
+    base = tmp_path / "base"
+    shutil.copytree(world / "base", base)
+    f = base / "model-00001-of-00002.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    header["model.extra_empty"] = {"dtype": "F16", "shape": [0], "data_offsets": [end, end]}
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.extra_empty"] = f.name
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    edit_safetensors(f, lambda h: h.update(header))
+    run_script(*merge_args(base, [world / "lora"], tmp_path / "out"), check=True, cwd=tmp_path)
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as m, \
+            safe_open(world / "merged" / "model.safetensors", "pt") as ref:
+        assert list(m.get_tensor("model.extra_empty").shape) == [0]
+        assert set(m.keys()) == set(ref.keys()) | {"model.extra_empty"}
+        for k in ref.keys():  # the other tensors as without it
+            assert torch.equal(m.get_tensor(k), ref.get_tensor(k)), k
 
 
 # --- out of disk space: a real full file system (a small tmpfs; root only) ---------------------

@@ -164,11 +164,11 @@ def test_corrupt_pth(inputs, tmp_path):
     shard = meta / "consolidated.00.pth"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])  # a download cut in half
-    with pytest.raises(LlamaforgeError, match="cannot read it with torch.load") as e:
+    with pytest.raises(LlamaforgeError, match="cannot read the Meta checkpoint with torch.load") as e:
         import_pth(meta, tmp_path / "hf", **QUIET)
     _assert_one_line(e, shard)
     shard.write_bytes(b"not a zip file at all" * 10)
-    with pytest.raises(LlamaforgeError, match="cannot read it with torch.load"):
+    with pytest.raises(LlamaforgeError, match="cannot read the Meta checkpoint with torch.load"):
         import_pth(meta, tmp_path / "hf", **QUIET)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pth"]
 

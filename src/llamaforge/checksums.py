@@ -77,7 +77,10 @@ def verify_sha256(expected: dict[str, str], sums_files: Iterable[str | os.PathLi
             raise LlamaforgeError(f"{bad[0]} ({len(bad) - 1} more file(s) failed)")
         raise bad[0]
     if not checks:
-        lines.append("nothing to verify: no sha256: entries in config.yaml and no checksum files")
+        raise LlamaforgeError("nothing to verify: no expected hash given and the checksum files list no file",
+                              next(iter(map(Path, sums_files)), None),
+                              "list published hashes under the model's sha256: in config.yaml, or give a SHA256SUMS "
+                              "that names files")
     return lines
 
 

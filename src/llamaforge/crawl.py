@@ -131,7 +131,7 @@ def _loads_lenient(text: str) -> Any:
     for candidate in (text, _TRAILING_COMMA.sub(r"\1", text)):
         try:
             return json.loads(candidate, strict=False)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
     return _FAILED
 
@@ -360,7 +360,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             continue
         try:
             records.append(json.loads(line))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise LlamaforgeError(
                 f"line {number} is not valid JSON", path,
                 "delete that line (the crawl appends to this file and resumes from it)",
@@ -672,15 +672,16 @@ def output_paths(output: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
 
 def _check_settings(num_requests, concurrency, items_per_request, max_retries, timeout, backoff, dedup_threshold,
                     price_in, price_out) -> None:
+    # written so that NaN fails every check (every comparison with NaN is false)
     problems = [
-        (num_requests < 0, "--num-requests must be 0 or more"),
-        (concurrency < 1, "--concurrency must be at least 1"),
-        (items_per_request < 1, "--items-per-request must be at least 1"),
-        (max_retries < 0, "--max-retries must be 0 or more"),
-        (timeout <= 0, "--timeout must be positive"),
-        (backoff < 0, "--backoff must be 0 or more"),
+        (not num_requests >= 0, "--num-requests must be 0 or more"),
+        (not concurrency >= 1, "--concurrency must be at least 1"),
+        (not items_per_request >= 1, "--items-per-request must be at least 1"),
+        (not max_retries >= 0, "--max-retries must be 0 or more"),
+        (not 0 < timeout < float("inf"), "--timeout must be a positive number of seconds"),
+        (not 0 <= backoff < float("inf"), "--backoff must be 0 or more seconds"),
         (not 0 < dedup_threshold <= 1, "--dedup-threshold must be in (0, 1]"),
-        (price_in < 0 or price_out < 0, "prices must be 0 or more"),
+        (not (0 <= price_in < float("inf") and 0 <= price_out < float("inf")), "prices must be 0 or more"),
     ]
     for bad, message in problems:
         if bad:
@@ -724,8 +725,12 @@ def crawl(
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     items_path, raw_path, default_json, stats_path = output_paths(output)
     alpaca_path = Path(alpaca_json) if alpaca_json else default_json
-    for path, kind in ((items_path, "crawl_items"), (raw_path, "crawl_raw"), (alpaca_path, "alpaca"),
-                       (stats_path, "crawl_stats")):
+    outputs = ((items_path, "crawl_items"), (raw_path, "crawl_raw"), (alpaca_path, "alpaca"), (stats_path, "crawl_stats"))
+    resolved = [p.resolve() for p, _ in outputs]
+    if len(set(resolved)) < len(resolved):
+        raise LlamaforgeError("--alpaca-json is one of the crawl's own files (the .jsonl, .raw.jsonl or .stats.json)",
+                              alpaca_path, "give the Alpaca JSON a name of its own, e.g. NAME.json beside NAME.jsonl")
+    for path, kind in outputs:
         guard_output(path, kind)
 
     store = _Store(items_path, raw_path, seed, items_per_request, dedup_threshold)

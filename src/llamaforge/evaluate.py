@@ -319,10 +319,13 @@ def _encoder(path: str | os.PathLike):
         return (lambda s: tok(s, add_special_tokens=False).input_ids), len(tok)
     from .tokenizer import tokenizer_folder_model
 
+    from .tokenizer import load_proto
+
     model = tokenizer_folder_model(require_file(p, "tokenizer") if p.is_file() else require_dir(p, "tokenizer folder"))
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=os.fspath(model))
+    proto = load_proto(model, "tokenizer.model")  # the clear error for a file that is no SentencePiece model
+    sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
     return sp.encode, sp.get_piece_size()
 
 
@@ -384,34 +387,52 @@ def summarize(model: str, output: str | os.PathLike | None = None, predictions: 
     out: dict = {"llamaforge": "summary", "model": model}
     if predictions:
         preds = read_json(predictions, "predictions file")
-        if not isinstance(preds, list):
-            raise LlamaforgeError("predictions file is not a JSON list", predictions, "rebuild it")
+        if not isinstance(preds, list) or not all(isinstance(p, dict) and isinstance(p.get("output", ""), str)
+                                                  for p in preds):
+            raise LlamaforgeError("predictions file is not a JSON list of records with a text output", predictions,
+                                  "rebuild it with scripts/inference.py")
         lengths = [len(p.get("output", "")) for p in preds]
         out["predictions"] = {"count": len(preds), "empty_outputs": sum(n == 0 for n in lengths),
                               "mean_output_chars": sum(lengths) / len(lengths) if lengths else 0.0,
                               "file": os.fspath(predictions)}
     if perplexity_json:
-        p = read_json(perplexity_json, "perplexity file")
+        p = _result(perplexity_json, "perplexity", ("perplexity", "bits_per_character", "tokens", "characters",
+                                                    "max_length", "stride"))
         out["perplexity"] = {k: p[k] for k in ("perplexity", "bits_per_character", "tokens", "characters", "max_length",
                                                 "stride")}
     if equivalence_json:
-        e = read_json(equivalence_json, "equivalence file")
+        e = _result(equivalence_json, "equivalence", ("passed", "max_abs_diff", "mean_abs_diff", "top1_agreement",
+                                                      "allowed", "tolerance", "rounding_floor", "merged_dtypes"))
         out["equivalence"] = {k: e[k] for k in ("passed", "max_abs_diff", "mean_abs_diff", "top1_agreement", "allowed",
                                                 "tolerance", "rounding_floor", "merged_dtypes")}
     if tokenizer_stats_json:
-        t = read_json(tokenizer_stats_json, "tokenizer-stats file")
-        out["tokenizer"] = {
-            "vocab": t["vocab"],
-            "chars_per_token": {"base": t["base"]["chars_per_token"], "merged": t["merged"]["chars_per_token"]},
-            "tokens_per_char": {"base": t["base"]["tokens_per_char"], "merged": t["merged"]["tokens_per_char"]},
-            "token_reduction": t["token_reduction"],
-            "by_script": {k: {"base": v["base"]["tokens_per_char"], "merged": v["merged"]["tokens_per_char"]}
-                          for k, v in t["by_script"].items()},
-        }
+        t = _result(tokenizer_stats_json, "tokenizer_stats", ("vocab", "base", "merged", "token_reduction", "by_script"))
+        try:
+            out["tokenizer"] = {
+                "vocab": t["vocab"],
+                "chars_per_token": {"base": t["base"]["chars_per_token"], "merged": t["merged"]["chars_per_token"]},
+                "tokens_per_char": {"base": t["base"]["tokens_per_char"], "merged": t["merged"]["tokens_per_char"]},
+                "token_reduction": t["token_reduction"],
+                "by_script": {k: {"base": v["base"]["tokens_per_char"], "merged": v["merged"]["tokens_per_char"]}
+                              for k, v in t["by_script"].items()},
+            }
+        except (KeyError, TypeError, AttributeError):
+            raise LlamaforgeError("not a tokenizer_stats result of llamaforge (its base/merged counts are missing)",
+                                  tokenizer_stats_json, "rebuild it with scripts/evaluate.py tokenizer-stats") from None
     if output:
         write_json(output, out)
     echo(json.dumps(out, ensure_ascii=False, indent=2))
     return out
+
+
+def _result(path, kind: str, keys) -> dict:
+    """An evaluation output of `kind` (a JSON object with `keys`), or one clear error."""
+    data = read_json(path, f"{kind} file")
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise LlamaforgeError(f"not a {kind} result of llamaforge (no {missing[0]!r})", path,
+                              f"rebuild it with scripts/evaluate.py {kind.replace('_', '-')}")
+    return data
 
 
 def _bar_labels(ax, bars, fmt):
@@ -431,19 +452,35 @@ def plot(summaries: Sequence[str | os.PathLike], tokens_per_char: str | os.PathL
     for png in (tokens_per_char, perplexity_png, equivalence_png):
         if png:
             guard_output(png, "png", [("summary file", p) for p in summaries])
-    data = [read_json(p, "summary file") for p in summaries]
+    data = [_result(p, "summary", ("model",)) for p in summaries]
     if not data:
         raise LlamaforgeError("no summary to plot", None, "evaluate at least one model (evaluate: true in config.yaml)")
+    try:
+        rendered = _render(plt, data, tokens_per_char, perplexity_png, equivalence_png)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+        raise LlamaforgeError(f"a summary file does not hold what the plots need ({type(e).__name__}: {e})",
+                              summaries[0] if len(summaries) == 1 else None,
+                              "rebuild eval/*/summary.json with scripts/evaluate.py summary") from None
+    for path, png in rendered:  # every plot drawn before the first is written
+        with atomic_file(path, "wb") as f:
+            f.write(png)
+    return [os.fspath(path) for path, _ in rendered]
+
+
+def _render(plt, data, tokens_per_char, perplexity_png, equivalence_png) -> list[tuple[str, bytes]]:
+    """(path, PNG bytes) of each plot asked for, drawn in memory."""
+    import io
+
     names = [d["model"] for d in data]
     written = []
 
     def save(fig, path, layout=True):
         if layout:
             fig.tight_layout()
-        with atomic_file(path, "wb") as f:
-            fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=120, metadata={"Software": "llamaforge"})
+        buf = io.BytesIO()
+        fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=120, metadata={"Software": "llamaforge"})
         plt.close(fig)
-        written.append(os.fspath(path))
+        written.append((path, buf.getvalue()))
 
     if tokens_per_char:
         groups = []  # (label, base values, merged values)

@@ -140,9 +140,12 @@ class SafetensorsFile:
         if n > size - 8 or n > 100 * 2**20:
             raise LlamaforgeError("not a safetensors file (header length beyond the end of the file)", self.path, fix)
         try:
-            header = json.loads(self._f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise LlamaforgeError("corrupt safetensors header (not JSON)", self.path, fix) from None
+            header = json.loads(self._f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except _DuplicateKey as e:
+            raise LlamaforgeError(f"corrupt safetensors header (the key {e.args[0]!r} appears twice)", self.path,
+                                  fix) from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise LlamaforgeError("corrupt safetensors header (not UTF-8 JSON)", self.path, fix) from None
         if not isinstance(header, dict):
             raise LlamaforgeError("corrupt safetensors header (not a JSON object)", self.path, fix)
         metadata = header.pop("__metadata__", None) or {}
@@ -220,6 +223,19 @@ def _nothing() -> None:
     pass
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def _int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -234,6 +250,8 @@ def _check_entries(header: dict, data_len: int, path: Path, fix: str) -> dict[st
             raise LlamaforgeError(f"corrupt safetensors header entry {name!r} (needs dtype, shape, data_offsets)",
                                   path, fix)
         code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(code, str):
+            raise LlamaforgeError(f"tensor {name} has the dtype {code!r}, not a dtype name", path, fix)
         if code not in ST_TO_TORCH:
             known = ", ".join(ST_TO_TORCH)
             raise LlamaforgeError(f"tensor {name} has dtype {code!r}, which llamaforge cannot read (it reads {known})",
@@ -280,20 +298,27 @@ def torch_load(path: str | os.PathLike, what: str = "checkpoint"):
                 raise
             # legacy (pre-zipfile) torch.save format: cannot be memory-mapped
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # a global the weights-only unpickler does not allow
-        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)) or re.search(r"GLOBAL ([\w.]+)", str(e))
-        what_obj = f" ({m.group(1)})" if m else ""
-        raise LlamaforgeError(
-            f"the {what} holds pickled objects that are not tensors{what_obj}; llamaforge reads weights with "
+    except Exception as e:  # noqa: BLE001 - every failure of torch.load is the file's
+        raise torch_load_error(e, path, what) from None
+
+
+def torch_load_error(e: Exception, path: Path, what: str = "checkpoint") -> LlamaforgeError:
+    """The one line for a torch.load(weights_only=True) failure, never torch's advice to load with
+    weights_only=False: a pickled object that is not a tensor is named and not run; anything else
+    is a damaged file."""
+    text = str(e)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"GLOBAL ([\w.]+)", text)
+    if isinstance(e, pickle.UnpicklingError) and m:
+        return LlamaforgeError(
+            f"the {what} holds pickled objects that are not tensors ({m.group(1)}); llamaforge reads weights with "
             "weights_only=True and will not run them", path,
-            "use the model's .safetensors files, or convert the checkpoint to safetensors where you trust it",
-        ) from None
-    except Exception as e:  # zip and storage errors for a damaged file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LlamaforgeError(
-            f"cannot read the {what} as a torch checkpoint: {msg[:200]}", path,
-            "the file is damaged or incomplete: download or build it again",
-        ) from None
+            "use the model's .safetensors files, or convert the checkpoint to safetensors where you trust it")
+    first = "" if isinstance(e, pickle.UnpicklingError) else (text.splitlines()[0] if text else type(e).__name__)
+    first = first if "weights_only" not in first else ""
+    return LlamaforgeError(
+        f"cannot read the {what} with torch.load(weights_only=True)" + (
+            f": {first[:200]}" if first else " (not a zip or pickle that holds only tensors)"),
+        path, "the file is damaged or incomplete, or not a checkpoint: download or build it again")
 
 
 class TorchFile:

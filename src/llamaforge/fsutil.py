@@ -291,6 +291,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file"):
     except json.JSONDecodeError as e:
         raise LlamaforgeError(f"{what} is not valid JSON ({e.msg}, line {e.lineno})", p,
                               "repair it or build it again") from None
+    except RecursionError:
+        raise LlamaforgeError(f"{what} is not valid JSON (nested too deeply)", p, "repair it or build it again") from None
 
 
 def hash_files(folder: Path, known: dict[str, str]) -> dict[str, str]:
@@ -476,6 +478,12 @@ def guard_output(output: str | os.PathLike, kind: str,
     out = Path(output)
     what, own = _OWN[kind]
     resolved = out.resolve()
+    for parent in resolved.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LlamaforgeError(f"the output's folder {parent} is a file", out,
+                                      "choose an output path in a folder")
+            break
     for desc, p in inputs:
         if p is None:
             continue

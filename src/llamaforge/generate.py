@@ -177,6 +177,8 @@ def read_examples(path: str | os.PathLike, text: str | None = None) -> list[Exam
         except json.JSONDecodeError as e:
             raise LlamaforgeError(f"invalid JSON (line {e.lineno}, column {e.colno}: {e.msg})", p,
                                   "fix the JSON, or use .jsonl for one record a line / .txt for one instruction a line") from None
+        except RecursionError:
+            raise LlamaforgeError("invalid JSON (nested too deeply)", p, "write a list of Alpaca records") from None
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list):
@@ -188,8 +190,9 @@ def read_examples(path: str | os.PathLike, text: str | None = None) -> list[Exam
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LlamaforgeError(f"line {n} is not JSON ({e.msg})", p, "write one JSON record a line") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise LlamaforgeError(f"line {n} is not JSON ({getattr(e, 'msg', 'nested too deeply')})", p,
+                                      "write one JSON record a line") from None
             examples.append(_record(obj, p, f"line {n}"))
     else:
         examples = [Example(line.strip()) for line in text.splitlines() if line.strip()]

@@ -124,6 +124,9 @@ def read_adapter_config(folder: Path) -> dict:
     except json.JSONDecodeError as e:
         raise LlamaforgeError(f"adapter_config.json is not valid JSON ({e.msg}, line {e.lineno})", path,
                               "repair or re-download it") from None
+    except RecursionError:
+        raise LlamaforgeError("adapter_config.json is not valid JSON (nested too deeply)", path,
+                              "repair or re-download it") from None
     if not isinstance(cfg, dict):
         raise LlamaforgeError(f"adapter_config.json holds a JSON {type(cfg).__name__}, not an object", path,
                               "save the adapter with PEFT (save_pretrained writes an object)")
@@ -135,6 +138,8 @@ def read_adapter_config(folder: Path) -> dict:
         if key not in cfg:
             raise LlamaforgeError(f"adapter_config.json lacks {key!r}", path, "save the adapter with PEFT")
         _check_number(cfg[key], key, path)
+    if not float(cfg["r"]).is_integer():
+        raise LlamaforgeError(f"r is {cfg['r']}; a LoRA rank is a whole number", path, "save the adapter with PEFT")
     if not cfg["r"] > 0:
         raise LlamaforgeError(f"r is {cfg['r']}; a LoRA rank must be positive", path, "save the adapter with PEFT")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -143,6 +148,13 @@ def read_adapter_config(folder: Path) -> dict:
             raise LlamaforgeError(f"{key} is not an object", path, "save the adapter with PEFT")
         for module, value in patterns.items():
             _check_number(value, f"{key}[{module!r}]", path)
+            if key == "rank_pattern" and not (float(value).is_integer() and value > 0):
+                raise LlamaforgeError(f"rank_pattern[{module!r}] is {value}; a LoRA rank is a positive whole number",
+                                      path, "save the adapter with PEFT")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise LlamaforgeError(f"{key} is {json.dumps(cfg[key])}, not true or false", path,
+                                  f"write {key}: true or false (a JSON boolean, not a string)")
     return cfg
 
 

@@ -93,6 +93,10 @@ def plan_merge(base: ModelSource, adapters: list[Adapter], dtype: torch.dtype, t
     for name in sorted(names, key=hf_tensor_order):
         from_name = EMBED_HF if (name == LM_HEAD_HF and name not in base) else name
         base_info = base.info(from_name)
+        if not base_info.dtype.is_floating_point:
+            raise LlamaforgeError(
+                f"{from_name} is stored as {str(base_info.dtype).removeprefix('torch.')}, not as floating-point "
+                "weights", base.folder, "merge into a float16/bfloat16/float32 base (not a quantized or mislabelled one)")
         shape = base_info.shape
         start = None
         updates: list[tuple[int, LoraUpdate]] = []

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from .errors import LlamaforgeError
-from .formats import ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards, pread_into
+from .formats import torch_load_error, ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards, pread_into
 from .fsutil import atomic_dir, guard_output, hash_files, require_dir, write_json
 from .names import DERIVED_META, EMBED, by_meta, config_from_dims, dims_from_params, hf_order, permute_into
 from .stream import BLOCK_ELEMS, BlockReader, Read, block_rows, row_ranges
@@ -50,9 +50,8 @@ class PthFile:
         fix = "the file is damaged or incomplete: download it again (check it against checklist.chk / SHA256)"
         try:
             sd = torch.load(self.path, map_location="meta", weights_only=True)
-        except Exception as e:  # zip errors for damage, UnpicklingError for disallowed globals
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise LlamaforgeError(f"cannot read it with torch.load(weights_only=True): {msg}", self.path, fix) from None
+        except Exception as e:  # noqa: BLE001 - zip errors for damage, UnpicklingError for disallowed globals
+            raise torch_load_error(e, self.path, "Meta checkpoint") from None
         if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
             sd = sd["model"]
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -136,8 +135,8 @@ def _read_params(folder: Path) -> dict:
                               "copy params.json from Meta's release (it sits beside consolidated.00.pth)")
     try:
         params = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LlamaforgeError(f"params.json is not JSON ({getattr(e, 'msg', e)})", p,
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise LlamaforgeError(f"params.json is not JSON ({getattr(e, 'msg', 'nested too deeply')})", p,
                               "restore params.json from Meta's release") from None
     if not isinstance(params, dict):
         raise LlamaforgeError("params.json is not an object", p, "restore params.json from Meta's release")

@@ -209,9 +209,39 @@ def rope_settings(cfg: dict) -> tuple[float, str, dict]:
     rope_scaling) or 5 (rope_parameters)."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise TypeError("'rope_parameters' / 'rope_scaling' (not an object)")
     theta = float(_get(params, "rope_theta", default=_get(cfg, "rope_theta", default=10000.0)))
     rtype = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     return theta, rtype, {**scaling, **params}
+
+
+MAX_LAYERS = 10_000  # far beyond any model; a larger count is a garbled file, not a model
+
+
+def check_dims(dims: LlamaDims, path, fix: str) -> LlamaDims:
+    """Every dimension a positive integer (head counts that divide), eps and theta positive finite
+    numbers: a garbled config.json or params.json is one clear error, never a division by zero, a
+    NaN written into an output or a loop over 10**12 layers."""
+    for name, v in (("hidden size", dims.hidden), ("intermediate size", dims.intermediate),
+                    ("layer count", dims.n_layers), ("attention heads", dims.n_heads),
+                    ("key/value heads", dims.n_kv_heads), ("vocabulary size", dims.vocab),
+                    ("context length", dims.max_positions)):
+        if v < 1:
+            raise LlamaforgeError(f"the {name} is {v}; it must be a positive number", path, fix)
+    if dims.n_layers > MAX_LAYERS:
+        raise LlamaforgeError(f"the layer count is {dims.n_layers}, more than any model has", path, fix)
+    if dims.head_dim < 0:
+        raise LlamaforgeError(f"head_dim is {dims.head_dim}", path, fix)
+    if dims.n_heads % dims.n_kv_heads:
+        raise LlamaforgeError(f"num_attention_heads {dims.n_heads} is not a multiple of num_key_value_heads "
+                              f"{dims.n_kv_heads}", path, fix)
+    for name, v in (("norm epsilon", dims.norm_eps), ("rope theta", dims.rope_theta)):
+        if not (math.isfinite(v) and v > 0):
+            raise LlamaforgeError(f"the {name} is {v}; it must be a positive finite number", path, fix)
+    if dims.hd < 1:
+        raise LlamaforgeError(f"the head size is {dims.hd}", path, fix)
+    return dims
 
 
 def dims_from_config(cfg: dict, path: str | Path) -> LlamaDims:
@@ -230,9 +260,10 @@ def dims_from_config(cfg: dict, path: str | Path) -> LlamaDims:
             rope_theta=rope_settings(cfg)[0], max_positions=int(_get(cfg, "max_position_embeddings", default=2048)),
             head_dim=int(_get(cfg, "head_dim", default=0)), tied=bool(cfg.get("tie_word_embeddings", False)),
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise LlamaforgeError(f"config.json lacks or garbles {e}", path,
                               "use the config.json written with the model (LlamaConfig)") from None
+    check_dims(dims, path, "use the config.json written with the model (LlamaConfig)")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise LlamaforgeError("the model has attention or MLP biases, which Meta's LLaMA format cannot hold", path,
                               "export a LLaMA model without biases")
@@ -382,19 +413,23 @@ def dims_from_params(params: dict, vocab_rows: int, path=None, max_positions: in
         dim = int(params["dim"])
         n_heads = int(params["n_heads"])
         mult = params.get("ffn_dim_multiplier")
+        multiple_of = int(params.get("multiple_of", 256))
+        if multiple_of < 1 or (mult is not None and not (math.isfinite(float(mult)) and float(mult) > 0)):
+            raise ValueError("'multiple_of' / 'ffn_dim_multiplier' (not a positive number)")
         vocab = int(params.get("vocab_size", -1))
         dims = LlamaDims(
             hidden=dim,
-            intermediate=meta_ffn_dim(dim, int(params.get("multiple_of", 256)), None if mult is None else float(mult)),
+            intermediate=meta_ffn_dim(dim, multiple_of, None if mult is None else float(mult)),
             n_layers=int(params["n_layers"]), n_heads=n_heads,
             n_kv_heads=int(params.get("n_kv_heads") or n_heads),
             vocab=vocab if vocab > 0 else vocab_rows, norm_eps=float(params.get("norm_eps", 1e-6)),
             rope_theta=float(params.get("rope_theta", 10000.0)),
             max_positions=max_positions or default_max_positions(params),
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise LlamaforgeError(f"params.json lacks or garbles {e}", path,
                               "use the params.json that came with the consolidated.*.pth files") from None
+    check_dims(dims, path, "use the params.json that came with the consolidated.*.pth files")
     if dims.vocab != vocab_rows:
         raise LlamaforgeError(f"params.json says vocab_size {dims.vocab} but tok_embeddings has {vocab_rows} rows",
                               path, "set vocab_size to the embedding rows (or -1)")

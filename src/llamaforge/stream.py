@@ -35,8 +35,9 @@ def block_rows(width: int, unit: int = 1) -> int:
 
 
 def row_ranges(rows: int, step: int) -> list[tuple[int, int]]:
-    """[(r0, r1), ...] covering `rows` rows in steps of `step`."""
-    return [(a, min(rows, a + step)) for a in range(0, rows, max(1, step))]
+    """[(r0, r1), ...] covering `rows` rows in steps of `step`; one empty block for an empty tensor
+    (it still goes through the stream, so a sink writes its header entry in order)."""
+    return [(a, min(rows, a + step)) for a in range(0, rows, max(1, step))] or [(0, 0)]
 
 
 Fill = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, Callable[[], None] | None]"]
