@@ -134,12 +134,14 @@ model.save_pretrained(out, safe_serialization=True)
 """
 
 
-def run(cmd: list[str], env=None) -> tuple[float, float]:
-    """Wall seconds (including `sync`: every route's output reaches the disk) and peak RSS (GB)."""
+def run(cmd: list[str], env=None, sync: bool = True) -> tuple[float, float]:
+    """Wall seconds (including `sync` unless sync=False: every route's output reaches the disk) and
+    peak RSS (GB). Without the sync the page cache absorbs the writes: the CPU-bound regime."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, ru = os.wait4(p.pid, 0)
-    subprocess.run(["sync"], check=True)
+    if sync:
+        subprocess.run(["sync"], check=True)
     wall = time.perf_counter() - t0
     err = p.stderr.read().decode(errors="replace")
     p.stderr.close()
@@ -163,6 +165,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "llamaforge-bench-merge")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--synthesize-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--before", type=Path, default=None,
+                    help="another checkout (e.g. a git worktree of the previous commit): its merge runs beside this one")
+    ap.add_argument("--no-sync", action="store_true",
+                    help="time without the final sync: the page cache absorbs the writes (the CPU-bound regime)")
     args = ap.parse_args()
     if args.synthesize_only:
         synthesize(args.workdir / args.shape, args.shape, args.vocab, args.new_vocab, args.rank)
@@ -187,6 +193,11 @@ def main() -> None:
         "peft": lambda: [sys.executable, "-c", PEFT_ROUTE, str(base), str(lora), str(out), str(args.new_vocab)],
         "cp": lambda: ["cp", "-r", str(base), str(out)],
     }
+    if args.before:
+        routes = {"llamaforge": routes["llamaforge"],
+                  "before": lambda: [sys.executable, str(args.before.resolve() / "scripts" / "merge_lora.py"),
+                                     "--base", str(base), "--lora", str(lora), "--output", str(out), "--no-progress"],
+                  **{k: v for k, v in routes.items() if k != "llamaforge"}}
     if args.skip_peft:
         routes.pop("peft")
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in routes}
@@ -196,20 +207,24 @@ def main() -> None:
         for name, cmd in routes.items():
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"], check=True)
-            wall, rss = run(cmd())
+            wall, rss = run(cmd(), sync=not args.no_sync)
             results[name].append((wall, rss))
             print(f"  run {i + 1} {name:<10} {wall:7.1f} s  {rss:6.2f} GB peak RSS", flush=True)
     shutil.rmtree(out, ignore_errors=True)
 
     med = {k: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v)) for k, v in results.items()}
     print(f"\nshape {args.shape}: {SHAPES[args.shape]}, vocab {args.vocab} -> {args.new_vocab}, r={args.rank}, "
-          f"median of {args.repeat}")
+          f"median of {args.repeat}, " + ("no sync (page cache absorbs the writes)" if args.no_sync else "with sync"))
     print(f"{'route':<12}{'wall s':>10}{'peak RSS GB':>14}")
     for k, (w, r) in med.items():
         print(f"{k:<12}{w:>10.1f}{r:>14.2f}")
     lf = med["llamaforge"]
     ratios = {"wall_vs_cp": lf[0] / med["cp"][0]}
     print(f"\nllamaforge / cp    wall {ratios['wall_vs_cp']:.2f}x")
+    if "before" in med:
+        ratios["before_wall_vs_cp"] = med["before"][0] / med["cp"][0]
+        print(f"before / cp        wall {ratios['before_wall_vs_cp']:.2f}x   (this checkout / before: "
+              f"wall {lf[0] / med['before'][0]:.2f}x, peak RSS {lf[1] / med['before'][1]:.2f}x)")
     if "peft" in med:
         ratios["wall_vs_peft"] = lf[0] / med["peft"][0]
         ratios["rss_vs_peft"] = lf[1] / med["peft"][1]

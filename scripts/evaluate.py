@@ -11,6 +11,7 @@
 import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
+from llamaforge import defaults as D
 from llamaforge.cli import Group, setup_logging, user_errors
 from llamaforge.evaluate import DEFAULT_TOLERANCE
 
@@ -29,7 +30,7 @@ def main():
 @click.option("--text", type=click.Path(dir_okay=False), help=TEXT_HELP)
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSON result.")
 @click.option("--max-length", type=click.IntRange(min=2), help="Window length in tokens. Default: the model's context.")
-@click.option("--stride", default=512, show_default=True, type=click.IntRange(min=1), help="Window step in tokens.")
+@click.option("--stride", default=D.PERPLEXITY_STRIDE, show_default=True, type=click.IntRange(min=1), help="Window step in tokens.")
 @DEVICE
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
               help="Compute dtype; auto = float32 on the CPU, float16 on CUDA.")

@@ -4,6 +4,7 @@
 import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
+from llamaforge import defaults as D
 from llamaforge.cli import Command, setup_logging, user_errors
 
 
@@ -12,7 +13,7 @@ from llamaforge.cli import Command, setup_logging, user_errors
               help="Meta folder: consolidated.NN.pth, params.json (tokenizer.model in it or one level up).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Hugging Face folder (written atomically).")
 @click.option("--tokenizer", type=click.Path(), default=None, help="tokenizer.model, if not in or beside the folder.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard, e.g. 5GB, 500MB.")
+@click.option("--max-shard-size", default=D.MAX_SHARD_SIZE, show_default=True, help="Largest safetensors shard, e.g. 5GB, 500MB.")
 @click.option("--max-position-embeddings", type=click.IntRange(min=1), default=None,
               help="Context length for config.json (params.json has none): default 2048 for LLaMA-1 "
                    "(norm_eps 1e-6), 4096 for LLaMA-2 (norm_eps 1e-5), or params.json's max_seq_len.")

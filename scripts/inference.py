@@ -11,6 +11,7 @@ repetition penalty 1.1, 400 new tokens, sampling, its prompt template), batched.
 import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
+from llamaforge import defaults as D
 from llamaforge.cli import Command, setup_logging, user_errors
 from llamaforge.generate import ORIGINAL_GENERATION as ORIG
 from llamaforge.generate import TEMPLATES
@@ -28,9 +29,9 @@ from llamaforge.generate import TEMPLATES
 @click.option("--interactive", is_flag=True, help="Read instructions from stdin and answer each (an empty line exits).")
 @click.option("--chat", is_flag=True, help="With --interactive: keep a multi-turn history within the context length.")
 @click.option("--with-prompt/--no-prompt", default=True, show_default=True, help="Wrap each instruction in the prompt template.")
-@click.option("--template", type=click.Choice(list(TEMPLATES)), default="alpaca", show_default=True,
+@click.option("--template", type=click.Choice(list(TEMPLATES)), default=D.TEMPLATE, show_default=True,
               help="alpaca: inference_hf.py's template; alpaca-train: the training template; none: the text as is.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts generated together (left padded).")
+@click.option("--batch-size", default=D.BATCH_SIZE, show_default=True, type=click.IntRange(min=1), help="Prompts generated together (left padded).")
 @click.option("--max-new-tokens", default=ORIG["max_new_tokens"], show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=ORIG["temperature"], show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--top-p", default=ORIG["top_p"], show_default=True, type=click.FloatRange(0, 1, min_open=True))

@@ -213,7 +213,7 @@ def test_ffn_params_reproduce_the_width(dim, ffn, expected):
     multiple_of, mult = ffn_params(dim, ffn)
     assert (multiple_of, mult) == expected
     assert meta_ffn({"dim": dim, "multiple_of": multiple_of, "ffn_dim_multiplier": mult}) == ffn
-    # the closed form, as usually written (GUIDE §2)
+    # the closed form, as usually written (docs/ARCHITECTURE.md, params.json)
     assert multiple_of * math.ceil(int(8 * dim / 3) * (mult or 1) / multiple_of) == ffn
 
 

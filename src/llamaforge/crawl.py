@@ -51,6 +51,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import LlamaforgeError
 from .fsutil import guard_output, write_json
+from . import defaults as D
 from .tokenizer import bundled_text
 
 log = logging.getLogger(__name__)
@@ -692,18 +693,18 @@ def crawl(
     output: str | os.PathLike,
     num_requests: int,
     *,
-    concurrency: int = 8,
+    concurrency: int = D.CRAWL_CONCURRENCY,
     model: str = DEFAULT_MODEL,
     base_url: str | None = None,
-    items_per_request: int = 20,
-    seed: int = 0,
-    max_retries: int = 5,
-    timeout: float = 300.0,
-    backoff: float = 1.0,
-    dedup_threshold: float = 0.7,
+    items_per_request: int = D.CRAWL_ITEMS_PER_REQUEST,
+    seed: int = D.CRAWL_SEED,
+    max_retries: int = D.CRAWL_MAX_RETRIES,
+    timeout: float = D.CRAWL_TIMEOUT,
+    backoff: float = D.CRAWL_BACKOFF,
+    dedup_threshold: float = D.CRAWL_DEDUP_THRESHOLD,
     alpaca_json: str | os.PathLike | None = None,
-    price_in: float = 0.0,
-    price_out: float = 0.0,
+    price_in: float = D.CRAWL_PRICE,
+    price_out: float = D.CRAWL_PRICE,
     api_key: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:

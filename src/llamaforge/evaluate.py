@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import LlamaforgeError
+from . import defaults as D
 from .fsutil import atomic_file, guard_output, read_json, read_text, require_dir, require_file, write_json
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOLERANCE = 1e-3
+DEFAULT_TOLERANCE = D.EQUIVALENCE_TOLERANCE
 
 
 def _guard(output, inputs) -> None:
@@ -106,7 +107,7 @@ def sliding_window_nll(model, ids: Sequence[int], max_length: int, stride: int, 
 
 def perplexity(model: str | os.PathLike, text_file: str | os.PathLike | None = None,
                output: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-               max_length: int | None = None, stride: int = 512, device: str = "auto", dtype: str | None = "auto",
+               max_length: int | None = None, stride: int = D.PERPLEXITY_STRIDE, device: str = "auto", dtype: str | None = "auto",
                echo=print) -> dict:
     """Perplexity of `model` on a UTF-8 text (the whole file as one sequence, BOS first; default:
     the bundled sample)."""

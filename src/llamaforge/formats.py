@@ -1,14 +1,15 @@
-"""Tensor sources and sinks: the stream of named tensors that every merge and export is made of.
+"""Tensor sources and the safetensors sink, which the stream (llamaforge.stream) reads and writes.
 
-Sources read one tensor at a time:
-  * safetensors files are parsed here (an 8-byte header length, a JSON header, raw bytes) and each
-    tensor is read with `readinto` into a buffer of its own. Reading through a memory map would
-    count every touched page of the file in the process's RSS (GUIDE §6); this does not.
+Sources give names, dtypes and shapes up front, and data a block of rows at a time:
+  * safetensors files are parsed here (an 8-byte header length, a JSON header, raw bytes) and
+    validated as strictly as the safetensors library does. A block is read with `pread` into the
+    caller's buffer (`read_flat`), or, for the merge, viewed in the page cache (`view_flat`: no copy;
+    its pages are dropped from the resident set once used, so RSS stays flat).
   * `.bin` / `.pth` pickles are opened with `torch.load(mmap=True, weights_only=True)`, so no code in
     them runs and tensors stay on disk until one is copied out.
 
 The sink writes safetensors shards whose headers are computed up front from the planned names,
-dtypes and shapes; each tensor's bytes are then written in order and released.
+dtypes and shapes; each tensor's bytes are then appended in order, hashed on the way.
 """
 
 from __future__ import annotations
@@ -558,8 +559,10 @@ class ShardedSafetensorsWriter:
         if self._tensor is not None and self._written != self._tensor.nbytes:
             raise RuntimeError(f"{self._tensor.name}: wrote {self._written} bytes of {self._tensor.nbytes}")
 
-    def write_block(self, name: str, block: torch.Tensor) -> None:
-        """Append the next bytes of tensor `name` (a tensor's blocks, in order, then the next tensor)."""
+    def write_block(self, name: str, block: torch.Tensor, done=None) -> None:
+        """Append the next bytes of tensor `name` (a tensor's blocks, in order, then the next tensor).
+        With `done`, return once written: `done()` is called when the block is hashed too (not at
+        all if the write fails: the caller still owns the block)."""
         if self._tensor is None or self._tensor.name != name:
             self._finish_tensor()
             try:
@@ -576,7 +579,9 @@ class ShardedSafetensorsWriter:
         t = block.detach().to("cpu").contiguous()
         if t.numel():
             self._written += t.numel() * t.element_size()
-            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()), done)
+        elif done is not None:
+            done()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor."""

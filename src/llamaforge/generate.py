@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import LlamaforgeError
+from . import defaults as D
 from .fsutil import atomic_file, guard_output, read_text, require_dir, write_json
 from .tokenizer import HF_FILES
 
@@ -608,8 +609,8 @@ class Generator:
 
 
 def predict(model: str | os.PathLike, predictions_file: str | os.PathLike, data_file: str | os.PathLike | None = None,
-            loras: Sequence[str | os.PathLike] = (), tokenizer=None, template: str = "alpaca", with_prompt: bool = True,
-            settings: GenerationSettings | None = None, batch_size: int = 8, device: str = "auto",
+            loras: Sequence[str | os.PathLike] = (), tokenizer=None, template: str = D.TEMPLATE, with_prompt: bool = True,
+            settings: GenerationSettings | None = None, batch_size: int = D.BATCH_SIZE, device: str = "auto",
             dtype: str | None = "auto", allow_vocab_jump: bool = False, echo=print) -> list[dict]:
     """inference_hf.py's batch mode: predictions JSON + generation_config.json beside it."""
     settings = (settings or GenerationSettings()).check()
@@ -706,7 +707,7 @@ class ChatSession:
 
 
 def interactive(model: str | os.PathLike, loras: Sequence[str | os.PathLike] = (), tokenizer=None,
-                template: str = "alpaca", with_prompt: bool = True, chat: bool = False,
+                template: str = D.TEMPLATE, with_prompt: bool = True, chat: bool = False,
                 settings: GenerationSettings | None = None, device: str = "auto", dtype: str | None = "auto",
                 allow_vocab_jump: bool = False, read: Callable[[str], str] = input, echo=print) -> int:
     """inference_hf.py's instruction mode: read a line, answer, until an empty line or end of input.

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from . import defaults as D
 from .errors import LlamaforgeError
 from .formats import (
     ModelSource,
@@ -218,10 +219,10 @@ class _Merger:
         reader = BlockReader(self._reads(plans), BLOCK_ELEMS * 4, depth=nbuf)
         stage = Stage("llamaforge-writer", depth=nbuf)
 
-        def write(name, data):
-            writer.write_block(name, data)
+        def write(name, data, done):
             if progress is not None:
                 progress.update(data.numel() * data.element_size())
+            writer.write_block(name, data, done)  # hashed behind the write; done() frees the buffer
 
         try:
             current, factors, width = None, [], 1
@@ -238,7 +239,8 @@ class _Merger:
                 n = view.numel()
                 same = view.dtype == p.out.dtype
                 if not factors and same and not p.changed:  # untouched: bytes pass straight through
-                    stage.submit(functools.partial(write, p.name, view), functools.partial(reader.done, blk))
+                    release = functools.partial(reader.done, blk)
+                    stage.submit(functools.partial(write, p.name, view, release), release)
                     continue
                 x = scratch[:n] if n <= scratch.numel() else torch.empty(n, dtype=torch.float32, device=self.device)
                 x.copy_(view)
@@ -253,7 +255,8 @@ class _Merger:
                     obuf = torch.empty(size, dtype=torch.uint8)
                 out = obuf[:size].view(p.out.dtype)
                 out.copy_(x)
-                stage.submit(functools.partial(write, p.name, out), functools.partial(out_free.put, obuf))
+                release = functools.partial(out_free.put, obuf)
+                stage.submit(functools.partial(write, p.name, out, release), release)
                 del view, x, out
         finally:
             reader.close()
@@ -290,7 +293,7 @@ def _versions() -> dict:
 
 
 def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "merged", tokenizer=None,
-               dtype: str = "float16", max_shard_size: str | int = "5GB", device: str = "cpu",
+               dtype: str = D.MERGE_DTYPE, max_shard_size: str | int = D.MAX_SHARD_SIZE, device: str = D.MERGE_DEVICE,
                echo=print, progress: bool = True) -> dict:
     """Merge `loras` (in order) into `base`; write a Hugging Face folder at `output` atomically.
 

@@ -4,7 +4,7 @@ Hugging Face folder, streaming, so the LoRA merge works on them unchanged.
 Each shard is opened with `torch.load(weights_only=True, map_location="meta")`: no pickle code runs,
 no tensor data is read, and torch reports where each storage's bytes lie in the file. The bytes are
 then read block by block with `preadv` into reused buffers (a memory map would count every touched
-page of a 13 GB shard in the process's RSS, GUIDE §6). For every Hugging Face tensor the shards'
+page of a 13 GB shard in the process's RSS). For every Hugging Face tensor the shards'
 slices are concatenated along the split dimension of `llamaforge.names`, q/k rows are put back in
 Hugging Face order, and the blocks go straight into safetensors shards (ShardedSafetensorsWriter).
 Memory stays at a few blocks whatever the model size.
@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from .errors import LlamaforgeError
+from . import defaults as D
 from .formats import torch_load_error, ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards, pread_into
 from .fsutil import atomic_dir, guard_output, hash_files, require_dir, write_json
 from .names import DERIVED_META, EMBED, by_meta, config_from_dims, dims_from_params, hf_order, permute_into
@@ -144,7 +145,7 @@ def _read_params(folder: Path) -> dict:
 
 
 def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-               max_shard_size: str | int = "5GB", max_positions: int | None = None,
+               max_shard_size: str | int = D.MAX_SHARD_SIZE, max_positions: int | None = None,
                echo: Callable[[str], None] = print) -> dict:
     """Convert a Meta folder into a Hugging Face folder at `output` (atomically). Returns the manifest."""
     guard_output(output, "import", [("Meta model folder", input), ("tokenizer", tokenizer)])

@@ -1,7 +1,7 @@
 """The one table of LLaMA tensor names and layouts: Hugging Face <-> Meta (.pth) <-> GGUF.
 
 Every export and the Meta import read their names, q/k permutations, shard split dimensions and
-hyper-parameters from here, so a reader sees every format at once (GUIDE §1-2):
+hyper-parameters from here, so a reader sees every format at once (docs/ARCHITECTURE.md):
 
     Hugging Face                                   Meta consolidated.NN.pth        GGUF (llama.cpp)        split  q/k
     model.embed_tokens.weight                      tok_embeddings.weight           token_embd.weight       1

@@ -141,8 +141,9 @@ class BlockReader:
 class Stage:
     """A thread that runs submitted calls in order (a sink's writes beside the arithmetic).
 
-    `submit(fn, cleanup)` queues fn; after a failure the remaining calls are skipped, but each
-    `cleanup` still runs (so buffers go back). `close()` waits and raises the first failure.
+    `submit(fn, cleanup)` queues fn. A call that raises, and every call after it (they are
+    skipped), has its `cleanup` run instead, so buffers go back; a call that succeeds owns the
+    release of what it was given. `close()` waits and raises the first failure.
     """
 
     def __init__(self, name: str, depth: int = 3):
@@ -160,11 +161,11 @@ class Stage:
             try:
                 if self.failure is None:
                     fn()
+                    continue
             except BaseException as e:  # noqa: BLE001 - raised by close()
                 self.failure = e
-            finally:
-                if cleanup is not None:
-                    cleanup()
+            if cleanup is not None:
+                cleanup()
 
     def submit(self, fn: Callable[[], None], cleanup: Callable[[], None] | None = None) -> None:
         self._q.put((fn, cleanup))
@@ -206,19 +207,27 @@ class HashingWriter:
     def expect_copy(self, expect: tuple[int, int, int] | None) -> None:
         self._expect = expect
 
-    def write(self, data) -> int:
+    def write(self, data, done: Callable[[], None] | None = None) -> int:
+        """Write `data` and hash it. With `done`, return as soon as the bytes are written: the hash
+        follows in the helper thread (in order), and `done()` is called once `data` is no longer
+        needed; if the write fails, `done` is not called (the caller still owns `data`)."""
         mv = memoryview(data).cast("B")
         n = len(mv)
         if self._expect is not None and self._expect[0] == n:
             _, fd, offset = self._expect
             self._expect = None
             return self.copy_range(mv, fd, offset)
-        if n >= self._PARALLEL:
-            done = self._hash_async(mv)
+        if n >= self._PARALLEL or done is not None:
+            hashed = self._hash_async(mv)
             try:
                 self._f.write(mv)
-            finally:
-                done.result()
+            except BaseException:
+                hashed.result()
+                raise
+            if done is None:
+                hashed.result()
+            else:
+                hashed.add_done_callback(lambda _: done())
         else:
             self._h.update(mv)
             self._f.write(mv)

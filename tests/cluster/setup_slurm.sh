@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real one-host SLURM cluster for tests/cluster/ (README: "Running on SLURM"; GUIDE §4).
+# A real one-host SLURM cluster for tests/cluster/ (README: "Running on SLURM").
 #
 #   sudo bash tests/cluster/setup_slurm.sh
 #

@@ -1,0 +1,74 @@
+"""Each default lives in one place (llamaforge.defaults, generate.ORIGINAL_GENERATION): the config
+schema's defaults, the library's signatures and the scripts' options all say the same."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from llamaforge import defaults as D
+
+SCHEMA = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text(encoding="utf-8"))
+
+
+def schema_default(*path: str):
+    node = SCHEMA
+    for key in path:
+        node = node["properties"][key] if key != "*" else node["additionalProperties"]
+    return node["default"]
+
+
+def signature_default(fn, name: str):
+    return inspect.signature(fn).parameters[name].default
+
+
+def test_schema_defaults_are_the_librarys():
+    from llamaforge.crawl import crawl
+    from llamaforge.evaluate import DEFAULT_TOLERANCE, perplexity
+    from llamaforge.generate import ORIGINAL_GENERATION, predict
+    from llamaforge.merge import merge_lora
+
+    model = ("models", "*")
+    pairs = [
+        (schema_default(*model, "max_shard_size"), D.MAX_SHARD_SIZE, signature_default(merge_lora, "max_shard_size")),
+        (schema_default(*model, "dtype"), D.MERGE_DTYPE, signature_default(merge_lora, "dtype")),
+        (schema_default(*model, "device"), D.MERGE_DEVICE, signature_default(merge_lora, "device")),
+        (schema_default("demo", "seed"), D.DEMO_SEED),
+        (schema_default("eval", "generation", "template"), D.TEMPLATE, signature_default(predict, "template")),
+        (schema_default("eval", "generation", "batch_size"), D.BATCH_SIZE, signature_default(predict, "batch_size")),
+        (schema_default("eval", "perplexity", "stride"), D.PERPLEXITY_STRIDE, signature_default(perplexity, "stride")),
+        (schema_default("eval", "equivalence", "tolerance"), D.EQUIVALENCE_TOLERANCE, DEFAULT_TOLERANCE),
+    ]
+    for key in ("temperature", "top_k", "top_p", "repetition_penalty"):
+        pairs.append((schema_default("eval", "generation", key), ORIGINAL_GENERATION[key]))
+    crawl_entry = ("crawl", "*")
+    for key, value in (("concurrency", D.CRAWL_CONCURRENCY), ("items_per_request", D.CRAWL_ITEMS_PER_REQUEST),
+                       ("seed", D.CRAWL_SEED), ("max_retries", D.CRAWL_MAX_RETRIES), ("timeout", D.CRAWL_TIMEOUT),
+                       ("dedup_threshold", D.CRAWL_DEDUP_THRESHOLD), ("price_in", D.CRAWL_PRICE),
+                       ("price_out", D.CRAWL_PRICE)):
+        pairs.append((schema_default(*crawl_entry, key), value, signature_default(crawl, key)))
+    for values in pairs:
+        assert len(set(map(repr, map(float if isinstance(values[0], (int, float)) and not isinstance(values[0], bool)
+                                     else str, values)))) == 1, values
+
+
+@pytest.mark.parametrize("script,option,value", [
+    ("merge_lora.py", "--max-shard-size", D.MAX_SHARD_SIZE),
+    ("merge_lora.py", "--dtype", D.MERGE_DTYPE),
+    ("import_pth.py", "--max-shard-size", D.MAX_SHARD_SIZE),
+    ("inference.py", "--batch-size", D.BATCH_SIZE),
+    ("evaluate.py perplexity", "--stride", D.PERPLEXITY_STRIDE),
+    ("crawl_prompts.py", "--concurrency", D.CRAWL_CONCURRENCY),
+    ("make_demo.py", "--seed", D.DEMO_SEED),
+])
+def test_script_options_show_the_same_defaults(script, option, value):
+    name, *sub = script.split()
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / name), *sub, "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    block = " ".join(out.split(option, 1)[1].split("\n  -", 1)[0].split())
+    assert f"[default: {value}]" in block or f"[default: {value};" in block, block
