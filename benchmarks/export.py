@@ -93,7 +93,8 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in routes}
     subprocess.run(["cat"] + [str(f) for f in model.iterdir()], stdout=subprocess.DEVNULL, check=True)  # warm cache
     for i in range(args.repeat):
-        for name, cmd in routes.items():
+        # every other round in reverse order: no route always follows the same one
+        for name, cmd in (list(routes.items()) if i % 2 == 0 else list(routes.items())[::-1]):
             shutil.rmtree(out, ignore_errors=True)
             if name.startswith("gguf"):
                 out.mkdir(parents=True)

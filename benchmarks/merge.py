@@ -204,7 +204,8 @@ def main() -> None:
     subprocess.run(["cat"] + [str(f) for f in base.iterdir()] + [str(f) for f in lora.iterdir()],
                    stdout=subprocess.DEVNULL, check=True)  # warm the page cache
     for i in range(args.repeat):
-        for name, cmd in routes.items():
+        # every other round in reverse order: no route always follows the same one
+        for name, cmd in (list(routes.items()) if i % 2 == 0 else list(routes.items())[::-1]):
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"], check=True)
             wall, rss = run(cmd(), sync=not args.no_sync)

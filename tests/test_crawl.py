@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from crawl_server import FakeChatServer
 from llamaforge.crawl import (
     DedupIndex,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import peft_merge, run_script
+from helpers import peft_merge, run_script
 
 from llamaforge.errors import LlamaforgeError
 from llamaforge.evaluate import equivalence, perplexity, plot, sliding_window_nll, summarize, tokenizer_stats

@@ -9,8 +9,6 @@ the shards, permute q/k back to Hugging Face order), not with llamaforge.names.
 
 from __future__ import annotations
 
-import functools
-import glob
 import io
 import json
 import math
@@ -23,72 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import baseline_rss, peak_rss
+from helpers import REPO as ROOT
+from helpers import baseline_rss, hf_config, hf_tensors, logits, peak_rss, synthesize
 
 from llamaforge.errors import LlamaforgeError
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# ---------------------------------------------------------------------------------------------
-# inputs (built once per test session, shared with test_import.py)
-
-
-@functools.lru_cache(maxsize=None)
-def build_inputs(root: str) -> dict[str, Path]:
-    from llamaforge.demo import make_demo
-    from llamaforge.merge import merge_lora
-
-    root = Path(root)
-    demo = root / "demo"
-    make_demo(demo, seed=42, echo=lambda *a: None)
-    quiet = dict(echo=lambda *a: None, progress=False)
-    plus, alpaca = demo / "lora_llama_plus", demo / "lora_alpaca_plus"
-    merge_lora(demo / "base", [plus, alpaca], root / "merged-demo", **quiet)  # vocab 1190, [PAD]
-    merge_lora(demo / "base", [plus], root / "merged-llama", max_shard_size="100KB", **quiet)  # 1189, sharded
-    return {"demo": demo, "merged": root / "merged-demo", "merged_odd": root / "merged-llama",
-            "gqa": make_gqa_model(root / "gqa", demo / "sp" / "base.model"),
-            "tied": make_gqa_model(root / "tied", demo / "sp" / "base.model", tied=True)}
-
-
-def make_gqa_model(out: Path, sp_model: Path, tied: bool = False) -> Path:
-    """A random LLaMA with grouped-query attention (8 heads, 2 KV heads), an odd vocabulary larger than
-    its tokenizer (GGUF pads it), an FFN width that needs ffn_dim_multiplier, and rope_theta 500000;
-    tied=True: tie_word_embeddings, so save_pretrained stores no lm_head.weight."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from llamaforge.tokenizer import load_proto, write_hf_tokenizer
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=515, hidden_size=64, intermediate_size=200, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
-                      rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)  # not all ones: a swapped norm would show
-    model.to(torch.float16).save_pretrained(out)
-    write_hf_tokenizer(load_proto(sp_model), out, model_bytes=sp_model.read_bytes())
-    return out
-
-
-@pytest.fixture(scope="session")
-def inputs(tmp_path_factory) -> dict[str, Path]:
-    return build_inputs(str(tmp_path_factory.getbasetemp() / "inputs"))
-
-
-def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(glob.glob(str(folder / "*.safetensors"))):
-        out.update(load_file(f))
-    return out
-
-
-def hf_config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,21 +74,6 @@ def meta_ffn(params: dict) -> int:
         hidden = int(params["ffn_dim_multiplier"] * hidden)
     m = params["multiple_of"]
     return m * ((hidden + m - 1) // m)
-
-
-def logits(folder_or_config, state: dict | None = None) -> torch.Tensor:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if state is None:
-        model = LlamaForCausalLM.from_pretrained(folder_or_config, dtype=torch.float32)
-    else:
-        model = LlamaForCausalLM(LlamaConfig.from_pretrained(folder_or_config)).float()
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-        assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    model.eval()
-    ids = torch.arange(1, 40).remainder(model.config.vocab_size).view(1, -1)
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def sha256sum_check(folder: Path, sums: str) -> str:
@@ -596,6 +517,7 @@ def test_mismatched_config_is_refused(inputs, tmp_path):
     assert not (tmp_path / "pth").exists()
 
 
+@pytest.mark.slow
 def test_export_memory_stays_flat_as_the_model_grows(tmp_path):
     """Peak RSS of the exports is bounded by the largest tensor (a 32000-row embedding), not the model:
     8x the layers, about the same memory. Measured for two .pth shards (each row block of the
@@ -604,14 +526,7 @@ def test_export_memory_stays_flat_as_the_model_grows(tmp_path):
     peaks = []
     for layers in (2, 16):
         work = tmp_path / f"L{layers}"
-        code = f"""
-import sys
-sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
-import merge as bm
-bm.SHAPES['t'] = dict(hidden=1024, intermediate=2816, layers={layers}, heads=8, kv_heads=8)
-bm.synthesize(__import__('pathlib').Path({str(work)!r}), 't', 32000, 32000, 8)
-"""
-        subprocess.run([sys.executable, "-c", code], check=True)
+        synthesize(work, 32000, 32000, 8, hidden=1024, intermediate=2816, layers=layers, heads=8, kv_heads=8)
         model = work / "base"
         size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         rss = []

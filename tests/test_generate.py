@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TOKENIZER_FILES, peft_merge, run_script
+from helpers import REPO, TOKENIZER_FILES, peft_merge, run_script
 
 from llamaforge.errors import LlamaforgeError
 from llamaforge.generate import (

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_script
+from helpers import run_script
 
 # --- the world: a user's folders, and llamaforge's own outputs beside them ---------------------
 

@@ -1,6 +1,6 @@
 """Import of Meta's consolidated.NN.pth folders as Hugging Face folders (the inverse of the pth export).
 
-Inputs are made in temporary folders (see test_export.build_inputs): the demo merged with its
+Inputs are made in temporary folders (see helpers.build_inputs): the demo merged with its
 adapters, the odd-vocabulary merge, a random grouped-query-attention model.
 """
 
@@ -16,14 +16,10 @@ import pytest
 import torch
 
 from llamaforge.errors import LlamaforgeError
-from test_export import ROOT, build_inputs, hf_config, hf_tensors, logits
+from helpers import REPO as ROOT
+from helpers import hf_config, hf_tensors, logits
 
 QUIET = dict(echo=lambda *a: None)
-
-
-@pytest.fixture(scope="session")
-def inputs(tmp_path_factory):
-    return build_inputs(str(tmp_path_factory.getbasetemp() / "inputs"))
 
 
 def _export(model, out, n=None):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_workflow
+from helpers import copy_workflow, snakemake, snakemake_env
 
 from llamaforge.demo import synthetic_sp_model
 
@@ -44,23 +44,9 @@ SNAKEMAKE_MARKERS = {".snakemake_timestamp"}
 # ---- running snakemake and reading its plan --------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    # Jobs call `python`: make it this interpreter, whatever PATH the test runner had.
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def snakemake(cwd: Path, *args: str, check: bool = True, timeout: float = 600) -> str:
-    """Run the snakemake CLI in `cwd`; return stdout and stderr together."""
-    cmd = [sys.executable, "-m", "snakemake", "--nocolor", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"`snakemake {' '.join(args)}` failed in {cwd} (exit {proc.returncode}):\n"
-                             f"{proc.stdout[-6000:]}")
-    return proc.stdout
+def run_snakemake(cwd: Path, *args: str, check: bool = True, timeout: float = 600) -> str:
+    """helpers.snakemake with stdout and stderr together, as the dry-run parser reads them."""
+    return snakemake(cwd, *args, check=check, timeout=timeout, merge_output=True).stdout
 
 
 @dataclass(frozen=True)
@@ -133,12 +119,12 @@ def parse_dry_run(text: str) -> list[Job]:
 
 def planned(cwd: Path, *targets: str) -> list[Job]:
     """Jobs a `snakemake` run would execute now, without the output-less target rule (`all`)."""
-    return [j for j in parse_dry_run(snakemake(cwd, "-n", "--cores", "2", *targets)) if j.outputs]
+    return [j for j in parse_dry_run(run_snakemake(cwd, "-n", "--cores", "2", *targets)) if j.outputs]
 
 
 def full_graph(cwd: Path, *targets: str) -> list[Job]:
     """Every job of the targets' DAG, as if nothing were built (`-n -F`)."""
-    return [j for j in parse_dry_run(snakemake(cwd, "-n", "-F", "--cores", "2", *targets)) if j.outputs]
+    return [j for j in parse_dry_run(run_snakemake(cwd, "-n", "-F", "--cores", "2", *targets)) if j.outputs]
 
 
 def downstream(graph: list[Job], changed_files=(), seeds=()) -> set:
@@ -193,7 +179,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 def built(tmp_path_factory) -> Path:
     """The default target, built once in a fresh copy of the workflow."""
     wf = copy_workflow(tmp_path_factory.mktemp("incremental") / "built")
-    snakemake(wf, "--cores", "2", timeout=1200)
+    run_snakemake(wf, "--cores", "2", timeout=1200)
     return wf
 
 
@@ -372,7 +358,7 @@ def test_the_closure_holds_every_module_a_script_really_runs(built, tmp_path, sc
         f"runpy.run_path({str(built / 'scripts' / script)!r}, run_name='__main__')\n"
     )
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=built, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=built, env=snakemake_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = {Path(f).resolve().relative_to(built.resolve()).as_posix() for f in json.loads(record.read_text()) if f}
@@ -471,7 +457,7 @@ def test_e_merge_killed_mid_write_is_never_taken_as_done(tmp_path):
 
     # an uninterrupted build: the reference bytes
     t0 = time.monotonic()
-    snakemake(wf, "--cores", "1", target)
+    run_snakemake(wf, "--cores", "1", target)
     clean_seconds = time.monotonic() - t0
     reference = tree_digest(out)
     full_size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -481,7 +467,7 @@ def test_e_merge_killed_mid_write_is_never_taken_as_done(tmp_path):
     # the same build, killed with SIGKILL while it writes the shards
     log = open(tmp_path / "killed-run.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--nocolor", "--cores", "1", target], cwd=wf,
-                            env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            env=snakemake_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     partial: dict[str, int] = {}
     try:
         deadline = time.monotonic() + 300
@@ -527,11 +513,11 @@ def test_e_merge_killed_mid_write_is_never_taken_as_done(tmp_path):
     # The rerun completes, with the bytes of the uninterrupted build. A SIGKILLed snakemake cannot
     # remove its lock, so the first rerun refuses and names the fix, which a user then runs
     # (README: "After a crash").
-    rerun = snakemake(wf, "--cores", "1", target, check=False)
+    rerun = run_snakemake(wf, "--cores", "1", target, check=False)
     if "LockException" in rerun:
         assert "--unlock" in rerun, rerun[-3000:]
-        snakemake(wf, "--unlock")
-        rerun = snakemake(wf, "--cores", "1", target)
+        run_snakemake(wf, "--unlock")
+        rerun = run_snakemake(wf, "--cores", "1", target)
     assert "Finished jobid" in rerun or "steps (100%) done" in rerun, rerun[-3000:]
     assert tree_digest(out) == reference, f"the rerun's output differs from a clean build:\n{rerun[-3000:]}"
     assert planned(wf, target) == [], "the rerun's output is not taken as done"

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, baseline_rss, peak_rss, run_script
+from helpers import REPO, baseline_rss, peak_rss, run_script, synthesize
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -302,19 +301,13 @@ def test_tied_base_stays_tied_when_no_adapter_touches_the_head(demo, tmp_path):
         assert (ref(PROMPT[:, :5]).logits - load(out)(PROMPT[:, :5]).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_peak_memory_stays_flat_as_the_model_grows(tmp_path):
     """Merging a base 8x larger must not need 8x the memory (streaming, not loading)."""
     peaks = []
     for layers in (2, 16):
         work = tmp_path / f"L{layers}"
-        code = f"""
-import sys, resource, subprocess
-sys.path.insert(0, {str(REPO / 'benchmarks')!r})
-import merge as bm
-bm.SHAPES['t'] = dict(hidden=1024, intermediate=2816, layers={layers}, heads=8, kv_heads=8)
-bm.synthesize(__import__('pathlib').Path({str(work)!r}), 't', 8000, 9000, 8)
-"""
-        subprocess.run([sys.executable, "-c", code], check=True)
+        synthesize(work, 8000, 9000, 8, hidden=1024, intermediate=2816, layers=layers, heads=8, kv_heads=8)
         rss = peak_rss([sys.executable, REPO / "scripts/merge_lora.py", "--base", work / "base",
                         "--lora", work / "lora", "--output", work / "out", "--no-progress"])
         size = sum(f.stat().st_size for f in (work / "out").glob("*.safetensors"))

@@ -5,18 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 
 import pytest
-from conftest import copy_workflow
+from helpers import copy_workflow, snakemake
 
-
-def snakemake(cwd, *args, check=True, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import sentencepiece as spm
-from conftest import run_script
+from helpers import run_script
 
 from llamaforge.errors import LlamaforgeError
 from llamaforge.tokenizer import (

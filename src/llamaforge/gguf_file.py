@@ -16,7 +16,7 @@ import torch
 from .errors import LlamaforgeError
 from .fsutil import GGUF_OWN_KEY, read_json
 from .names import TensorName
-from .stream import HashingWriter, block_rows
+from .stream import BLOCK_ELEMS, HashingWriter, block_rows
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 
@@ -194,7 +194,8 @@ class Converter:
                 f.write(mv)
             return
         width = flat.shape[1]
-        step = block_rows(width)
+        # quantizing holds several float32 temporaries per value, in two threads: half-size blocks
+        step = block_rows(width, values=BLOCK_ELEMS // 2 if qtype == Q.Q8_0 else BLOCK_ELEMS)
         blocks = [flat[a:a + step] for a in range(0, rows, step)]
         if qtype != Q.Q8_0 or len(blocks) == 1:
             for b in blocks:

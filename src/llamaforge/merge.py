@@ -144,6 +144,14 @@ def plan_merge(base: ModelSource, adapters: list[Adapter], dtype: torch.dtype, t
 _FP16_MAX = 65504.0
 
 
+def _view_block(f: SafetensorsFile, name: str, first: int, count: int, buf: torch.Tensor):
+    return f.view_flat(name, first, count)  # (view, release): the pooled buffer is not needed
+
+
+def _read_block(src, name: str, first: int, count: int, buf: torch.Tensor) -> torch.Tensor:
+    return src.read_flat(name, first, count, buf)
+
+
 class _Merger:
     """The merge as a consumer of the stream (llamaforge.stream): the reader thread reads blocks of
     rows of each tensor's source (views of the page cache for safetensors), the calling thread
@@ -178,9 +186,9 @@ class _Merger:
             for r0, r1 in row_ranges(rows, block_rows(width)):
                 first, count = r0 * width, (r1 - r0) * width
                 if isinstance(f, SafetensorsFile):  # no copy: a view of the page cache
-                    fill = (lambda buf, f=f, t=tname, a=first, n=count: f.view_flat(t, a, n))
+                    fill = functools.partial(_view_block, f, tname, first, count)
                 else:
-                    fill = (lambda buf, t=tname, a=first, n=count, src=src: src.read_flat(t, a, n, buf))
+                    fill = functools.partial(_read_block, src, tname, first, count)
                 yield Read((p, r0, r1), count * item, fill)
             if p.start is None:
                 done.append(p.from_name)

@@ -286,7 +286,7 @@ def _reads(shards: list[PthFile], plan, dims, n: int):
                 for a, b in row_ranges(rows, step):
                     need = (b - a) * width * item
 
-                    def fill(buf, s=s, a=a, b=b, width=width, need=need):
+                    def fill(buf, s=s, a=a, b=b, width=width, need=need, t=t, info=info, heads=heads):
                         if heads is None:
                             return s.read_flat(t.meta, a * width, (b - a) * width, buf)
                         x = s.read_flat(t.meta, a * width, (b - a) * width, scratch_for(0, need)).view(b - a, width)
@@ -300,7 +300,7 @@ def _reads(shards: list[PthFile], plan, dims, n: int):
         rows, cols = info.shape
         widths = [s.info(t.meta).shape[1] for s in shards]
         for a, b in row_ranges(rows, block_rows(cols)):
-            def gather(buf, a=a, b=b):
+            def gather(buf, a=a, b=b, t=t, info=info, item=item, cols=cols, widths=widths):
                 out = buf[:(b - a) * cols * item].view(info.dtype).view(b - a, cols)
                 c = 0
                 for k, (s, w) in enumerate(zip(shards, widths)):

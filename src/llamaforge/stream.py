@@ -28,10 +28,11 @@ import torch
 BLOCK_ELEMS = 2 << 20
 
 
-def block_rows(width: int, unit: int = 1) -> int:
-    """Rows of `width` values per block: as many whole `unit`s of rows as fit in BLOCK_ELEMS, at
-    least one unit (`unit` = head_dim where rows are permuted per head: a block holds whole heads)."""
-    return max(unit, BLOCK_ELEMS // max(1, width) // unit * unit)
+def block_rows(width: int, unit: int = 1, values: int = BLOCK_ELEMS) -> int:
+    """Rows of `width` values per block: as many whole `unit`s of rows as fit in `values` (BLOCK_ELEMS;
+    less where a step holds several float32 copies of its block), at least one unit (`unit` =
+    head_dim where rows are permuted per head: a block holds whole heads)."""
+    return max(unit, values // max(1, width) // unit * unit)
 
 
 def row_ranges(rows: int, step: int) -> list[tuple[int, int]]:

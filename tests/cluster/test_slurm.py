@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_workflow  # tests/conftest.py (this folder's conftest is cluster.conftest)
+from helpers import copy_workflow, snakemake, snakemake_env
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -31,18 +31,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
 OUTPUT_DIRS = ("resources", "tokenizers", "imported", "merged", "exports", "eval")
 # Not outputs: Snakemake's empty marker in directory outputs, logs, benchmark tables.
 NOT_COMPARED = (".snakemake_timestamp", "*.log", "*.tsv")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def snakemake(cwd: Path, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "snakemake", "--nocolor", *args], cwd=cwd, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
 def check(proc: subprocess.CompletedProcess, what: str) -> str:
@@ -103,7 +91,7 @@ def test_demo_through_slurm_matches_a_local_build(slurm_cluster, tmp_path):
     # quick first status checks for second-long jobs, threads capped at the node's cores (the
     # local build's --cores gives every rule the same threads, so the commands are the same), and
     # the sbatch logs of successful jobs kept for the assertions below.
-    rules = check(snakemake(cluster, "--list-rules"), "snakemake --list-rules").split()
+    rules = check(snakemake(cluster, "--list-rules", check=False, timeout=1200, merge_output=True), "snakemake --list-rules").split()
     rules = [r for r in rules if re.fullmatch(r"[A-Za-z_]\w*", r)]
     site = tmp_path / "site-profile"
     site.mkdir()
@@ -117,17 +105,17 @@ def test_demo_through_slurm_matches_a_local_build(slurm_cluster, tmp_path):
     }, sort_keys=False))
     profile_args = ["--profile", str(cluster / "profiles" / "slurm"), "--profile", str(site)]
 
-    expected = planned_jobs(check(snakemake(cluster, "-n", *profile_args), "the SLURM dry run"))
+    expected = planned_jobs(check(snakemake(cluster, "-n", *profile_args, check=False, timeout=1200, merge_output=True), "the SLURM dry run"))
     assert expected, "the default target plans no jobs?"
 
     # the local reference build runs while SLURM's jobs wait on their status checks
     with open(tmp_path / "local.log", "w") as local_log, open(tmp_path / "slurm.log", "w") as slurm_log:
         local_run = subprocess.Popen([sys.executable, "-m", "snakemake", "--nocolor", "--cores", cores], cwd=local,
-                                     env=_env(), stdout=local_log, stderr=subprocess.STDOUT)
+                                     env=snakemake_env(), stdout=local_log, stderr=subprocess.STDOUT)
         log_start = slurm_cluster.ctld_log.stat().st_size if slurm_cluster.ctld_log.is_file() else 0
         t0 = time.monotonic()
         run = subprocess.Popen([sys.executable, "-m", "snakemake", "--nocolor", *profile_args], cwd=cluster,
-                               env=_env(), stdout=slurm_log, stderr=subprocess.STDOUT)
+                               env=snakemake_env(), stdout=slurm_log, stderr=subprocess.STDOUT)
         try:
             slurm_rc = run.wait(timeout=1200)
             local_rc = local_run.wait(timeout=1200)
@@ -181,5 +169,6 @@ def test_demo_through_slurm_matches_a_local_build(slurm_cluster, tmp_path):
     print(f"{len(ids)} SLURM jobs in {slurm_seconds:.0f} s; {len(want)} output files identical")
 
     # 4. and SLURM's run is as finished as a local one
-    again = check(snakemake(cluster, "-n", *profile_args), "the dry run after the SLURM build")
+    again = check(snakemake(cluster, "-n", *profile_args, check=False, timeout=1200, merge_output=True),
+                  "the dry run after the SLURM build")
     assert "Nothing to be done" in again, again[-3000:]
