@@ -12,6 +12,7 @@ fsynced appends) leaves. Exits 1 if concurrency 8 is under 6x the throughput of 
 from __future__ import annotations
 
 import argparse
+import runpy
 import statistics
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+runpy.run_path(str(REPO / "scripts" / "_pathfix.py"))  # this checkout's src/ first, as the scripts do
 
 from llamaforge.crawl import crawl  # noqa: E402
 KEY = "sk-benchmark"

@@ -24,6 +24,7 @@ hidden 1024/4 layers/vocab 32000 3.1x); on a GPU it is far larger.
 from __future__ import annotations
 
 import argparse
+import runpy
 import statistics
 import sys
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+runpy.run_path(str(ROOT / "scripts" / "_pathfix.py"))  # this checkout's src/ first, as the scripts do
 
 
 def build(args):

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import runpy
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+runpy.run_path(str(ROOT / "scripts" / "_pathfix.py"))  # this checkout's src/ first, as the scripts do
 
 SHAPES = {
     "default": dict(hidden=2048, intermediate=5504, layers=22, heads=16, kv_heads=16),

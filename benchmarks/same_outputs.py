@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
+import runpy
 import shutil
 import subprocess
 import sys
@@ -68,7 +70,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "llamaforge-same-outputs")
     args = ap.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
-    sys.path.insert(0, str(ROOT / "src"))
+    runpy.run_path(str(ROOT / "scripts" / "_pathfix.py"))  # this checkout's src/ first, as the scripts do
     from llamaforge.demo import make_demo
 
     cases = {}
@@ -76,8 +78,9 @@ def main() -> None:
     make_demo(demo, seed=42, echo=lambda *a: None)
     cases["demo"] = {"base": demo / "base", "loras": [demo / "lora_llama_plus", demo / "lora_alpaca_plus"]}
     if args.shape:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        import merge as bm
+        spec = importlib.util.spec_from_file_location("llamaforge_bench_merge", ROOT / "benchmarks" / "merge.py")
+        bm = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bm)
 
         base, lora = bm.synthesize(args.workdir / "inputs" / args.shape, args.shape, 32000, 49953, 8)
         cases[args.shape] = {"base": base, "loras": [lora]}

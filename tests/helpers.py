@@ -62,7 +62,8 @@ def baseline_rss(*modules: str) -> int:
     """Peak resident bytes of a Python that only imports `modules` (from this checkout's src/): the
     floor a command's own peak is measured above. A CUDA build of torch adds ~400 MB to every
     process that imports it, so absolute peaks say nothing about streaming; the peak above this does."""
-    code = f"import sys; sys.path.insert(0, {str(REPO / 'src')!r}); " + "; ".join(f"import {m}" for m in modules)
+    code = (f"import runpy; runpy.run_path({str(REPO / 'scripts' / '_pathfix.py')!r}); "
+            + "; ".join(f"import {m}" for m in modules))
     return peak_rss([sys.executable, "-c", code])
 
 

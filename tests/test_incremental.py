@@ -349,17 +349,16 @@ def test_the_closure_holds_every_module_a_script_really_runs(built, tmp_path, sc
     from llamaforge.deps import script_closure
 
     record = tmp_path / "modules.json"
-    code = (
-        "import atexit, json, runpy, sys\n"
+    hook = tmp_path / "hook"  # a sitecustomize that records the package's modules at exit
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, json, sys\n"
         f"atexit.register(lambda: open({str(record)!r}, 'w').write(json.dumps(sorted("
-        "getattr(m, '__file__', None) or '' for n, m in list(sys.modules.items()) if n.split('.')[0] == 'llamaforge'))))\n"
-        f"sys.argv = [{script!r}] + sys.argv[1:]\n"
-        f"sys.path.insert(0, {str(built / 'scripts')!r})  # as `python scripts/X.py` has it\n"
-        f"runpy.run_path({str(built / 'scripts' / script)!r}, run_name='__main__')\n"
-    )
+        "getattr(m, '__file__', None) or '' for n, m in list(sys.modules.items()) if n.split('.')[0] == 'llamaforge'))))\n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=built, env=snakemake_env(), capture_output=True, text=True,
-                          timeout=600)
+    env = {**snakemake_env(), "PYTHONPATH": str(hook)}
+    proc = subprocess.run([sys.executable, str(built / "scripts" / script), *argv], cwd=built, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = {Path(f).resolve().relative_to(built.resolve()).as_posix() for f in json.loads(record.read_text()) if f}
     declared = set(script_closure(f"scripts/{script}", built))

@@ -202,8 +202,10 @@ def test_a_missing_config_path_stops_the_dry_run_with_its_key(built, key, path, 
     assert {p.name: p.stat().st_mtime_ns for p in (built / "merged" / "demo").iterdir()} == merged
 
 
-def test_a_tokenizer_whose_paths_hold_spaces_and_non_ascii_builds(built, tmp_path):
-    """Every configurable path reaches its shell command quoted."""
+def test_paths_with_spaces_and_non_ascii_build(built, tmp_path):
+    """Every configurable path reaches its shell command quoted: a tokenizer, a base, an adapter, a
+    tokenizer folder and the evaluation text under a folder with spaces and non-ASCII characters
+    build a tokenizer, a merge, a GGUF export and a perplexity."""
     import shutil
 
     wf = copy_workflow(tmp_path / "work dir ü")
@@ -211,18 +213,33 @@ def test_a_tokenizer_whose_paths_hold_spaces_and_non_ascii_builds(built, tmp_pat
     inputs.mkdir()
     shutil.copy(built / "resources/demo/sp/base.model", inputs / "base model.model")
     shutil.copy(built / "resources/demo/sp/chinese.model", inputs / "中文 extra.model")
+    shutil.copytree(built / "resources/demo/base", inputs / "base dir")
+    shutil.copytree(built / "resources/demo/lora_llama_plus", inputs / "lora ü")
+    shutil.copy(built / "src/llamaforge/data/eval_text.txt", inputs / "eval text ü.txt")
 
     def edit(c):
         c["demo"]["enabled"] = False
-        c["models"] = {}
         c["tokenizers"] = {"spaced": {"base": "my inputs ü/base model.model",
                                       "extra": "my inputs ü/中文 extra.model", "add_tokens": ["[PAD]"]}}
+        c["models"] = {"spaced": {"base": "my inputs ü/base dir", "loras": ["my inputs ü/lora ü"],
+                                  "tokenizer": "my inputs ü/lora ü", "exports": ["hf", "gguf-f16"]}}
+        c["eval"]["text"] = "my inputs ü/eval text ü.txt"
 
     _with_config(wf, edit)
-    snakemake(wf, "--cores", "1", "tokenizers/spaced")
+    snakemake(wf, "--cores", "2", "tokenizers/spaced", "merged/spaced", "exports/spaced/spaced-f16.gguf",
+              "eval/spaced/perplexity.json")
     report = json.loads((wf / "tokenizers/spaced/merge_report.json").read_text())
     assert report["base"] == "my inputs ü/base model.model"
-    assert report["merged_pieces"] == json.loads(
-        (built / "tokenizers/demo-alpaca/merge_report.json").read_text())["merged_pieces"]
     assert (wf / "tokenizers/spaced/tokenizer.model").read_bytes() == \
         (built / "tokenizers/demo-alpaca/tokenizer.model").read_bytes()
+    manifest = json.loads((wf / "merged/spaced/llamaforge.json").read_text())
+    assert manifest["adapters"][0]["path"] == "my inputs ü/lora ü"
+    from safetensors.torch import load_file
+
+    def weights(folder):
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    got, want = weights(wf / "merged/spaced"), weights(built / "merged/demo-llama")  # the same base + adapter
+    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
+    assert (wf / "exports/spaced/spaced-f16.gguf.sha256").read_text().split()[1] == "spaced-f16.gguf"
+    assert json.loads((wf / "eval/spaced/perplexity.json").read_text())["text"].endswith("eval text ü.txt")

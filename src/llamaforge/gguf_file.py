@@ -158,7 +158,7 @@ def begin_gguf_file(gguf, writer, f: HashingWriter, path) -> None:
 
     gguf-py has no public call for "write everything but the tensor data to this file object":
     this sets its internal state (`fout`, `path`, `state = WriterState.EMPTY`) as `open_output_file`
-    would, then calls its own write_*_to_file methods. Checked on gguf 0.17 and 0.18; a gguf-py
+    would, then calls its own write_*_to_file methods. Checked on gguf 0.19.0; a gguf-py
     that changes these internals fails here loudly (AttributeError), not with a wrong file.
     """
     writer.fout = [f]
