@@ -38,7 +38,7 @@ from .names import (
     hf_order, meta_order, params_from_dims, permute_into, shard_ranges,
 )
 from .pth import TorchZipWriter
-from .stream import BlockReader, HashingWriter, Read, block_rows
+from .stream import COPY_BLOCK_ELEMS, BlockReader, HashingWriter, Read, block_rows
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _transformed(dims: LlamaDims, r: TensorRead) -> bool:
 def _block_rows(dims: LlamaDims, r: TensorRead) -> int:
     """Rows per block of a rearranged tensor (whole heads for q/k: the permutation is per head)."""
     unit = dims.hd if dims.heads_of(r.t) is not None else 1
-    return block_rows(r.info.numel // r.info.shape[0], unit)
+    return block_rows(r.info.numel // r.info.shape[0], unit, values=COPY_BLOCK_ELEMS)
 
 
 def _fill(model: ExportSource, r: TensorRead, buf: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:

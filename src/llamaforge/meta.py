@@ -30,7 +30,7 @@ from . import defaults as D
 from .formats import torch_load_error, ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards, pread_into
 from .fsutil import atomic_dir, guard_output, hash_files, require_dir, write_json
 from .names import DERIVED_META, EMBED, by_meta, config_from_dims, dims_from_params, hf_order, permute_into
-from .stream import BLOCK_ELEMS, BlockReader, Read, block_rows, row_ranges
+from .stream import COPY_BLOCK_ELEMS, BlockReader, Read, block_rows, row_ranges
 from .tokenizer import load_proto, special_ids, tokenizer_folder_model, write_hf_tokenizer
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def _reads(shards: list[PthFile], plan, dims, n: int):
                 shape = s.info(t.meta).shape
                 rows, width = (1, shape[0]) if len(shape) == 1 else (shape[0], info.numel // info.shape[0])
                 # whole heads per block: the permutation is per head
-                step = 1 if len(shape) == 1 else block_rows(width, dims.hd if heads is not None else 1)
+                step = 1 if len(shape) == 1 else block_rows(width, dims.hd if heads is not None else 1, COPY_BLOCK_ELEMS)
                 for a, b in row_ranges(rows, step):
                     need = (b - a) * width * item
 
@@ -299,7 +299,7 @@ def _reads(shards: list[PthFile], plan, dims, n: int):
         # split on dim 1 (tok_embeddings, wo, w2): each block of rows is the shards' columns side by side
         rows, cols = info.shape
         widths = [s.info(t.meta).shape[1] for s in shards]
-        for a, b in row_ranges(rows, block_rows(cols)):
+        for a, b in row_ranges(rows, block_rows(cols, values=COPY_BLOCK_ELEMS)):
             def gather(buf, a=a, b=b, t=t, info=info, item=item, cols=cols, widths=widths):
                 out = buf[:(b - a) * cols * item].view(info.dtype).view(b - a, cols)
                 c = 0
@@ -314,7 +314,7 @@ def _reads(shards: list[PthFile], plan, dims, n: int):
 
 def _stream(shards: list[PthFile], plan, dims, n: int, writer: ShardedSafetensorsWriter) -> None:
     """Write every planned HF tensor, block by block, read ahead in the stream's reader thread."""
-    reader = BlockReader(_reads(shards, plan, dims, n), BLOCK_ELEMS * 4, depth=3, name="llamaforge-import-reader")
+    reader = BlockReader(_reads(shards, plan, dims, n), COPY_BLOCK_ELEMS * 2, depth=3, name="llamaforge-import-reader")
     for blk in reader:
         writer.write_block(blk.key, blk.data)
         reader.done(blk)

@@ -26,6 +26,8 @@ import torch
 # Values per block of rows, for every stream (merge, exports, import): 8 MB once in float32,
 # where the merge does its arithmetic and the GGUF export its conversions.
 BLOCK_ELEMS = 2 << 20
+# Blocks that are only copied or permuted in their stored (16-bit) dtype, never widened: 16 MB.
+COPY_BLOCK_ELEMS = 4 * BLOCK_ELEMS
 
 
 def block_rows(width: int, unit: int = 1, values: int = BLOCK_ELEMS) -> int:
