@@ -282,19 +282,25 @@ def test_c_changed_merge_parameter_reruns_that_merge(built, graph, tmp_path):
 # ---- (d) --------------------------------------------------------------------------------------------
 
 
+def planned_after_edit(wf: Path, rel: str) -> list[Job]:
+    """The jobs Snakemake plans while `rel` carries an appended comment; the file is then restored
+    byte for byte, with its mtime."""
+    path = wf / rel
+    original, st = path.read_bytes(), path.stat()
+    path.write_bytes(original + b"\n# edited by tests/test_incremental.py\n")
+    try:
+        return planned(wf)
+    finally:
+        path.write_bytes(original)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def test_d_edited_script_reruns_its_rule(built, graph, tmp_path):
     wf = clone(built, tmp_path / "wf")
     scripts = sorted({i for j in graph for i in j.inputs if i.startswith("scripts/") and i.endswith(".py")})
     assert "scripts/merge_tokenizers.py" in scripts, f"merge_tokenizers.py is not a declared input: {scripts}"
     for script in scripts:
-        path = wf / script
-        original, st = path.read_bytes(), path.stat()
-        path.write_bytes(original + b"\n# edited by tests/test_incremental.py\n")
-        try:
-            jobs = planned(wf)
-        finally:
-            path.write_bytes(original)
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        jobs = planned_after_edit(wf, script)
         what = f"after an edit of {script}"
         users = [j for j in graph if script in j.inputs]
         not_rerun = [j for j in users if j.key not in {p.key for p in jobs}]
@@ -322,14 +328,7 @@ def test_d2_edited_library_module_reruns_exactly_the_jobs_that_import_it(built, 
         users = [j for j in graph if module in j.inputs]
         if not users:
             continue
-        path = wf / module
-        original, st = path.read_bytes(), path.stat()
-        path.write_bytes(original + b"\n# edited by tests/test_incremental.py\n")
-        try:
-            jobs = planned(wf)
-        finally:
-            path.write_bytes(original)
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        jobs = planned_after_edit(wf, module)
         assert_plan(jobs, graph, downstream(graph, changed_files=[module]), f"after an edit of {module}")
     assert planned(wf) == [], "restoring the modules did not restore the finished state"
 
