@@ -17,8 +17,7 @@ def main(expects, sums, output):
     setup_logging()
     with user_errors():
         from llamaforge.errors import LlamaforgeError
-        from llamaforge.checksums import verify_sha256, write_verify_report
-        from llamaforge.fsutil import guard_output
+        from llamaforge.checksums import verify_to_report
 
         expected = {}
         for e in expects:
@@ -26,9 +25,7 @@ def main(expects, sums, output):
             if not sep or not path:
                 raise LlamaforgeError(f"--expect {e!r} is not PATH=SHA256", None, "write it like exports/x/a.pth=0123...ef")
             expected[path] = digest
-        guard_output(output, "text", [("checked file", p) for p in [*expected, *sums]])
-        lines = verify_sha256(expected, sums, echo=click.echo)
-        write_verify_report(lines, output, inputs=[*expected, *sums])
+        verify_to_report(expected, sums, output, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -84,8 +84,13 @@ def verify_sha256(expected: dict[str, str], sums_files: Iterable[str | os.PathLi
     return lines
 
 
-def write_verify_report(lines: list[str], output: str | os.PathLike, inputs=()) -> None:
-    """The report of a passed check, marked as llamaforge's own (a later run may replace it)."""
-    guard_output(output, "text", [("checked file", p) for p in inputs])
+def verify_to_report(expected: dict[str, str], sums_files: Iterable[str | os.PathLike], output: str | os.PathLike,
+                     echo: Callable[[str], None] = print) -> list[str]:
+    """verify_sha256, then its report at `output` (marked as llamaforge's own, so a later run may
+    replace it). The output is checked before any file is hashed."""
+    sums_files = list(sums_files)
+    guard_output(output, "text", [("checked file", p) for p in [*expected, *sums_files]])
+    lines = verify_sha256(expected, sums_files, echo=echo)
     with atomic_file(output, "w") as f:
         f.write("# llamaforge verify\n" + "".join(line + "\n" for line in lines))
+    return lines
