@@ -31,6 +31,7 @@ META_FILES = (
     "config.json", "generation_config.json", "params.json", "adapter_config.json",
     "model.safetensors.index.json", "pytorch_model.bin.index.json",
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pth")
 
@@ -75,7 +76,9 @@ def configured_inputs():
     """(config key, path, 'file' or 'folder') of every user input that config.yaml names."""
     found = []
     for name, t in config["tokenizers"].items():
-        found += [(f"tokenizers.{name}.base", t["base"], "file"), (f"tokenizers.{name}.extra", t["extra"], "file")]
+        found.append((f"tokenizers.{name}.base", t["base"], "folder" if Path(t["base"]).is_dir() else "file"))
+        if t["extra"]:
+            found.append((f"tokenizers.{name}.extra", t["extra"], "file"))
     for name, m in config["models"].items():
         found.append((f"models.{name}.base", m["base"], "folder"))
         found += [(f"models.{name}.loras[{i}]", p, "folder") for i, p in enumerate(m["loras"])]

@@ -5,11 +5,13 @@ rule merge_tokenizers:
     input:
         script="scripts/merge_tokenizers.py",
         lib=script_lib("scripts/merge_tokenizers.py"),
-        base=lambda wc: tokenizer_cfg(wc.name)["base"],
-        extra=lambda wc: tokenizer_cfg(wc.name)["extra"],
+        base=lambda wc: folder_files(tokenizer_cfg(wc.name)["base"]),
+        extra=lambda wc: tokenizer_cfg(wc.name)["extra"] or [],
     output:
         directory("tokenizers/{name}"),
     params:
+        base=lambda wc: tokenizer_cfg(wc.name)["base"],
+        extra=lambda wc: f"--extra {shell_quote(tokenizer_cfg(wc.name)['extra'])}" if tokenizer_cfg(wc.name)["extra"] else "",
         add_tokens=lambda wc: " ".join(
             f"--add-token {shell_quote(t)}" for t in tokenizer_cfg(wc.name)["add_tokens"]
         ),
@@ -22,5 +24,5 @@ rule merge_tokenizers:
     conda:
         "../envs/tokenizer.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script:q} --base {input.base:q} --extra {input.extra:q} "
+        "OMP_NUM_THREADS={threads} python {input.script:q} --base {params.base:q} {params.extra} "
         "{params.add_tokens} --output {output:q} > {log:q} 2>&1"

@@ -30,7 +30,8 @@ from llamaforge.generate import TEMPLATES
 @click.option("--chat", is_flag=True, help="With --interactive: keep a multi-turn history within the context length.")
 @click.option("--with-prompt/--no-prompt", default=True, show_default=True, help="Wrap each instruction in the prompt template.")
 @click.option("--template", type=click.Choice(list(TEMPLATES)), default=D.TEMPLATE, show_default=True,
-              help="alpaca: inference_hf.py's template; alpaca-train: the training template; none: the text as is.")
+              help="auto: the tokenizer's chat template if it has one, else alpaca; chat: the tokenizer's chat template; "
+                   "alpaca: inference_hf.py's template; alpaca-train: the training template; none: the text as is.")
 @click.option("--batch-size", default=D.BATCH_SIZE, show_default=True, type=click.IntRange(min=1), help="Prompts generated together (left padded).")
 @click.option("--max-new-tokens", default=ORIG["max_new_tokens"], show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=ORIG["temperature"], show_default=True, type=click.FloatRange(min=0, min_open=True))

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Merge an extra SentencePiece model into a LLaMA base model (Chinese-LLaMA recipe).
+"""Merge an extra SentencePiece model into a LLaMA base model (Chinese-LLaMA recipe), or add tokens
+to a tokenizer.json tokenizer (Llama-3, Qwen2: --base FOLDER --add-token ...).
 
 Writes DIR/ with the merged tokenizer.model and the Hugging Face tokenizer files.
 """
@@ -11,8 +12,10 @@ from llamaforge.cli import Command, setup_logging, user_errors
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--base", "base", required=True, type=click.Path(dir_okay=False), help="Base tokenizer.model (LLaMA).")
-@click.option("--extra", "extra", required=True, type=click.Path(dir_okay=False), help="SentencePiece model whose new pieces are appended.")
+@click.option("--base", "base", required=True, type=click.Path(),
+              help="Base tokenizer.model (LLaMA), or a tokenizer.json tokenizer folder.")
+@click.option("--extra", "extra", type=click.Path(dir_okay=False),
+              help="SentencePiece model whose new pieces are appended (SentencePiece bases only).")
 @click.option("--add-token", "add_tokens", multiple=True, help='Token appended after the merge, e.g. "[PAD]" (repeatable).')
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Output folder (written atomically).")
 def main(base, extra, add_tokens, output):

@@ -92,14 +92,16 @@ def peft_merge(base: Path, loras: list[Path], tokenizer: Path, out: Path, dtype=
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     for lora in loras:
         with safe_open(lora / "adapter_model.safetensors", "pt") as f:
-            rows = f.get_slice("base_model.model.model.embed_tokens.weight").get_shape()[0]
-        model.resize_token_embeddings(rows, mean_resizing=False)
+            key = "base_model.model.model.embed_tokens.weight"
+            if key in f.keys():  # a vocabulary-extending adapter (Chinese-LLaMA-Plus style)
+                model.resize_token_embeddings(f.get_slice(key).get_shape()[0], mean_resizing=False)
         with warnings.catch_warnings():  # PEFT calls a deprecated transformers property
             warnings.simplefilter("ignore", FutureWarning)
             model = PeftModel.from_pretrained(model, lora).merge_and_unload()
     model.to(dtype or torch.float32).save_pretrained(out)
     for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer / name, out / name)
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, out / name)
     return out
 
 

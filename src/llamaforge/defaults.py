@@ -8,7 +8,7 @@ MERGE_DTYPE = "float16"
 MERGE_DEVICE = "cpu"
 
 # inference and evaluation (inference_hf.py's generation settings live in generate.ORIGINAL_GENERATION)
-TEMPLATE = "alpaca"
+TEMPLATE = "auto"
 BATCH_SIZE = 8
 PERPLEXITY_STRIDE = 512
 EQUIVALENCE_TOLERANCE = 1e-3

@@ -71,8 +71,44 @@ class Template:
         turns = "".join(self.turn.format(instruction=q) + a + self.separator for q, a in history)
         return self.header + turns + self.turn.format(instruction=instruction)
 
+    #: the rendered text carries the special tokens (BOS, turn markers) itself: encode it without adding any
+    special_in_text = False
+
+
+class ChatTemplate(Template):
+    """The tokenizer's own chat template (tokenizer_config.json / chat_template.jinja), rendered by
+    transformers with a generation prompt, as `apply_chat_template` does."""
+
+    special_in_text = True
+
+    def __init__(self, tok):
+        super().__init__("chat", "", "{instruction}", "")
+        object.__setattr__(self, "_tok", tok)
+
+    def _render(self, messages: list[dict]) -> str:
+        try:
+            return self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja errors: the template is the tokenizer's, not llamaforge's
+            raise LlamaforgeError(f"the tokenizer's chat template fails: {str(e).splitlines()[0][:200]}", None,
+                                  "fix the chat template in the tokenizer folder, or pass --template alpaca") from None
+
+    def prompt(self, instruction: str, input: str | None = None) -> str:
+        if input:
+            instruction = f"{instruction}\n{input}"
+        return self._render([{"role": "user", "content": instruction}])
+
+    def chat(self, history: Sequence[tuple[str, str]], instruction: str) -> str:
+        messages = []
+        for q, a in history:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return self._render(messages + [{"role": "user", "content": instruction}])
+
 
 TEMPLATES = {
+    # the tokenizer's chat template when it has one, else alpaca (the Chinese-Alpaca recipe's)
+    "auto": Template("auto", "", "{instruction}", ""),
+    # the tokenizer's chat template (an error when it has none)
+    "chat": Template("chat", "", "{instruction}", ""),
     # inference_hf.py's template (taken from llama.cpp; slightly different from training)
     "alpaca": Template("alpaca", _HEADER, "### Instruction:\n\n{instruction}\n\n### Response:\n\n", "\n\n",
                        stop="### Instruction:"),
@@ -92,6 +128,19 @@ def get_template(name: str, with_prompt: bool = True) -> Template:
     except KeyError:
         raise LlamaforgeError(f"unknown prompt template {name!r}", None,
                               f"use one of {', '.join(TEMPLATES)}") from None
+
+
+def bind_template(tpl: Template, tok, folder=None) -> Template:
+    """Resolve "auto" and "chat" against the loaded tokenizer: its chat template when it has one
+    ("auto" falls back to alpaca, the template of the Chinese-Alpaca recipe, whose tokenizers have none)."""
+    if tpl.name not in ("auto", "chat"):
+        return tpl
+    if getattr(tok, "chat_template", None):
+        return ChatTemplate(tok)
+    if tpl.name == "chat":
+        raise LlamaforgeError("--template chat, but the tokenizer has no chat template", folder,
+                              "use --template auto or alpaca, or a tokenizer with a chat template")
+    return TEMPLATES["alpaca"]
 
 
 @dataclass
@@ -527,11 +576,14 @@ class Generator:
         self.settings = settings.check()
         self.tok = loaded.tokenizer
         self.pad_id = _pad_id(self.tok)
-        eos = self.tok.eos_token_id
-        if eos is None:  # a tokenizer without EOS: the model's own (generate would stop there anyway)
-            eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
-            eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
-        self.eos_id = eos
+        # generation stops at the tokenizer's EOS and at every EOS of the model's generation_config
+        # (Llama-3 Instruct ends a turn with <|eot_id|>, Qwen2 with <|im_end|>)
+        eos = [self.tok.eos_token_id]
+        model_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+        eos += model_eos if isinstance(model_eos, (list, tuple)) else [model_eos]
+        self.eos_ids = list(dict.fromkeys(int(e) for e in eos if e is not None))
+        self.eos_id = self.eos_ids[0] if self.eos_ids else None
+        self.add_special = True  # False for templates whose text holds the special tokens (chat templates)
         self._penalty = _padded_penalty_class()
         self._torch = torch
         if settings.seed is not None:
@@ -545,14 +597,14 @@ class Generator:
         s = self.settings
         kw = dict(max_new_tokens=max_new_tokens, num_beams=1, do_sample=s.do_sample,
                   # the padding-aware penalty is passed as a processor; Hugging Face's own stays off
-                  repetition_penalty=1.0, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                  repetition_penalty=1.0, pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None,
                   bos_token_id=self.tok.bos_token_id)
         if s.do_sample:
             kw.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
         return GenerationConfig(**kw)
 
     def encode(self, prompt: str) -> list[int]:
-        return self.tok(prompt).input_ids
+        return self.tok(prompt, add_special_tokens=self.add_special).input_ids
 
     def generate_ids(self, batch: Sequence[list[int]], max_new_tokens: int | None = None) -> list[list[int]]:
         """Generate for a batch of token id lists (left padded together); returns new ids without EOS."""
@@ -573,8 +625,9 @@ class Generator:
                                              generation_config=self._generation_config(n), logits_processor=procs)
         result = []
         for row in out[:, width:].tolist():
-            if self.eos_id is not None and self.eos_id in row:
-                row = row[:row.index(self.eos_id)]
+            ends = [row.index(e) for e in self.eos_ids if e in row]
+            if ends:
+                row = row[:min(ends)]
             result.append(row)
         return result
 
@@ -633,6 +686,8 @@ def predict(model: str | os.PathLike, predictions_file: str | os.PathLike, data_
             echo(ex.instruction + (f"\n{ex.input}" if ex.input else ""))
     loaded = load_model(model, loras, tokenizer, device, dtype, allow_vocab_jump, echo=echo)
     gen = Generator(loaded, settings)
+    tpl = bind_template(tpl, loaded.tokenizer, tokenizer or model)
+    gen.add_special = not tpl.special_in_text
     prompts = [tpl.prompt(ex.instruction, ex.input) for ex in examples]
     echo(f"Start inference: {len(prompts)} prompt(s), batch size {batch_size}, "
          f"{'sampling' if settings.do_sample else 'greedy'}, {loaded.dtype} on {loaded.device}")
@@ -718,6 +773,8 @@ def interactive(model: str | os.PathLike, loras: Sequence[str | os.PathLike] = (
     tpl = get_template(template, with_prompt)
     loaded = load_model(model, loras, tokenizer, device, dtype, allow_vocab_jump, echo=echo)
     gen = Generator(loaded, settings)
+    tpl = bind_template(tpl, loaded.tokenizer, tokenizer or model)
+    gen.add_special = not tpl.special_in_text
     session = ChatSession(gen, tpl) if chat else None
     echo("Start inference with instruction mode." if not chat else "Start inference with chat mode.")
     echo(CHAT_BANNER if chat else BANNER)

@@ -39,9 +39,9 @@ from .formats import (
 )
 from .fsutil import atomic_dir, guard_output, hash_files, require_dir, sha256_cached, write_json
 from .lora import Adapter, Factors, LoraUpdate, apply_factors, load_factors, open_adapter
-from .names import EMBED_HF, LM_HEAD_HF, hf_tensor_order
+from .names import EMBED_HF, LM_HEAD_HF, family_of, hf_tensor_order
 from .stream import BLOCK_ELEMS, BlockReader, Read, Stage, block_rows, row_ranges
-from .tokenizer import tokenizer_length
+from .tokenizer import has_tokenizer, tokenizer_files, tokenizer_length
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,12 @@ def _resolve_tokenizer(tokenizer, adapters: list[Adapter], base: Path) -> Path:
     if tokenizer is not None:
         folder = require_dir(tokenizer, "tokenizer folder")
     else:
-        folder = next((ad.folder for ad in reversed(adapters) if (ad.folder / "tokenizer.model").is_file()), base)
-    if not (folder / "tokenizer.model").is_file():
+        folder = next((ad.folder for ad in reversed(adapters) if has_tokenizer(ad.folder)), base)
+    if not has_tokenizer(folder):
         raise LlamaforgeError(
-            "no tokenizer.model in the tokenizer folder", folder,
-            "pass --tokenizer (tokenizer: in config.yaml) pointing to a folder with tokenizer.model, e.g. tokenizers/NAME",
+            "no tokenizer in the tokenizer folder (tokenizer.model or tokenizer.json)", folder,
+            "pass --tokenizer (tokenizer: in config.yaml) pointing to a folder with tokenizer.model or tokenizer.json, "
+            "e.g. tokenizers/NAME or the base model's folder",
         )
     return folder
 
@@ -275,13 +276,13 @@ class _Merger:
 
 
 def _copy_tokenizer(folder: Path, out: Path) -> None:
+    """The tokenizer's files, byte for byte (tokenizer.json tokenizers, chat template included); a
+    tokenizer.model without Hugging Face files gets them written."""
     from .tokenizer import load_proto, special_ids, write_hf_tokenizer
 
-    shutil.copyfile(folder / "tokenizer.model", out / "tokenizer.model")
+    for f in tokenizer_files(folder):
+        shutil.copyfile(f, out / f.name)
     if (folder / "tokenizer.json").is_file():
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
-            if (folder / f).is_file():
-                shutil.copyfile(folder / f, out / f)
         return
     # A transformers-4-era folder (tokenizer.model + LlamaTokenizer config): write the fast files
     # ourselves, so transformers 5 segments as SentencePiece does (see llamaforge.tokenizer).
@@ -322,6 +323,7 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
     if device == "cuda" and not torch.cuda.is_available():
         raise LlamaforgeError("--device cuda but no CUDA device is available", None, "use --device cpu")
     config = read_hf_config(base)
+    family = family_of(config, base / "config.json")
     src = ModelSource(base)
     adapters: list[Adapter] = []
     try:
@@ -361,7 +363,7 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
             )
         untie = tied and LM_HEAD_HF in by_name
         total = sum(p.out.nbytes for p in plans)
-        echo(f"merging {len(adapters)} adapter(s) into {base}: {len(plans)} tensors, {total / 1e9:.2f} GB {dtype}, "
+        echo(f"merging {len(adapters)} adapter(s) into {base} ({family.architecture}): {len(plans)} tensors, {total / 1e9:.2f} GB {dtype}, "
              f"vocabulary {base_rows} -> {rows}, tokenizer {tok_folder} ({tok_len})")
         for i, ad in enumerate(adapters):
             echo(f"  adapter {i + 1}: {ad.folder} (r={ad.config['r']}, alpha={ad.config['lora_alpha']}, "
@@ -379,7 +381,7 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
             inputs = [p for p in src.weight_files()] + [base / "config.json"]
             for ad in adapters:
                 inputs += [ad.folder / "adapter_config.json", ad.weights_file]
-            inputs += [tok_folder / "tokenizer.model"]
+            inputs += tokenizer_files(tok_folder)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamaforge-hash") as hasher:
                 input_hashes = hasher.submit(lambda: {os.fspath(p): sha256_cached(p) for p in inputs})
                 try:

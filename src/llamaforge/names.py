@@ -97,6 +97,57 @@ LAYER = (
 # Hugging Face's order within a layer (as save_pretrained and the merge write it).
 _HF_LAYER_ORDER = (7, 0, 1, 2, 3, 8, 4, 6, 5)  # input_layernorm, q, k, v, o, post_attn_norm, gate, up, down
 
+# Qwen2's q/k/v biases (Hugging Face and GGUF only: Meta's format has no biases).
+BIASES = (
+    TensorName("model.layers.{i}.self_attn.q_proj.bias", "", "blk.{i}.attn_q.bias", None, "q_bias"),
+    TensorName("model.layers.{i}.self_attn.k_proj.bias", "", "blk.{i}.attn_k.bias", None, "k_bias"),
+    TensorName("model.layers.{i}.self_attn.v_proj.bias", "", "blk.{i}.attn_v.bias", None, "v_bias"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# the families
+
+
+@dataclass(frozen=True)
+class Family:
+    """One supported architecture: how its config.json names it and what its exports hold."""
+
+    name: str            # config.json model_type
+    architecture: str    # config.json architectures[0]
+    gguf_arch: str       # general.architecture of its GGUF (llama.cpp's name)
+    meta: bool           # Meta's consolidated.NN.pth format exists for it
+    qkv_bias: bool       # q/k/v projections carry biases
+    permute_qk: bool     # GGUF stores q/k rows interleaved (llama.cpp's "normal" rope), as Meta does
+
+
+FAMILIES = {
+    "llama": Family("llama", "LlamaForCausalLM", "llama", True, False, True),
+    "mistral": Family("mistral", "MistralForCausalLM", "llama", False, False, True),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", "qwen2", False, True, False),
+}
+SUPPORTED_ARCHITECTURES = ", ".join(f.architecture for f in FAMILIES.values())
+
+
+def family_of(cfg: dict, path) -> Family:
+    """The family of a Hugging Face config.json, by `architectures` (else `model_type`); anything
+    else is one error naming it and the supported list."""
+    archs = cfg.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) else None
+    mt = cfg.get("model_type")
+    for fam in FAMILIES.values():
+        if arch == fam.architecture and mt in (None, fam.name):
+            return fam
+    if arch is None and (mt is None or mt in FAMILIES):
+        return FAMILIES[mt or "llama"]
+    what = f"architecture {arch!r}" if arch else f"model_type {mt!r}"
+    if arch and mt:
+        what += f" (model_type {mt!r})"
+    raise LlamaforgeError(f"{what} is not supported; supported: {SUPPORTED_ARCHITECTURES}", path,
+                          "use a base of a supported family (config.json 'architectures'), or convert the model "
+                          "with its own project's tools")
+
+
 # Stored by some checkpoints, never needed: recomputed from the hyper-parameters.
 DERIVED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 DERIVED_META = re.compile(r"^(rope\.freqs|layers\.\d+\.attention\.inner_attention\.rope\.freqs)$")
@@ -123,20 +174,24 @@ def meta_order(n_layers: int) -> list[TensorName]:
     return out
 
 
-def hf_order(n_layers: int, with_output: bool = True) -> list[TensorName]:
+def hf_order(n_layers: int, with_output: bool = True, biases: bool = False) -> list[TensorName]:
     """Every tensor in Hugging Face's order (embeddings, layers, final norm, head); with_output=False
-    leaves the head out (a model with tied embeddings stores none)."""
+    leaves the head out (a model with tied embeddings stores none); biases=True adds Qwen2's q/k/v
+    biases, each after its weight."""
     out = [EMBED]
     for i in range(n_layers):
-        out += [LAYER[k].at(i) for k in _HF_LAYER_ORDER]
+        for k in _HF_LAYER_ORDER:
+            out.append(LAYER[k].at(i))
+            if biases and k < 3:
+                out.append(BIASES[k].at(i))
     out.append(NORM)
     if with_output:
         out.append(OUTPUT)
     return out
 
 
-def by_hf(n_layers: int) -> dict[str, TensorName]:
-    return {t.hf: t for t in hf_order(n_layers)}
+def by_hf(n_layers: int, biases: bool = False) -> dict[str, TensorName]:
+    return {t.hf: t for t in hf_order(n_layers, biases=biases)}
 
 
 def by_meta(n_layers: int) -> dict[str, TensorName]:
@@ -178,6 +233,7 @@ class LlamaDims:
     max_positions: int = 2048
     head_dim: int = 0  # 0 = hidden // n_heads
     tied: bool = False
+    family: str = "llama"  # a key of FAMILIES
 
     @property
     def hd(self) -> int:
@@ -194,6 +250,7 @@ class LlamaDims:
             "q": (self.n_heads * hd, h), "k": (self.n_kv_heads * hd, h), "v": (self.n_kv_heads * hd, h),
             "o": (h, self.n_heads * hd), "gate": (self.intermediate, h), "up": (self.intermediate, h),
             "down": (h, self.intermediate), "attn_norm": (h,), "ffn_norm": (h,),
+            "q_bias": (self.n_heads * hd,), "k_bias": (self.n_kv_heads * hd,), "v_bias": (self.n_kv_heads * hd,),
         }[t.role]
 
 
@@ -246,10 +303,7 @@ def check_dims(dims: LlamaDims, path, fix: str) -> LlamaDims:
 
 def dims_from_config(cfg: dict, path: str | Path) -> LlamaDims:
     """LlamaDims from a Hugging Face config.json, with a clear error for what is not LLaMA."""
-    mt = cfg.get("model_type")
-    if mt not in (None, "llama"):
-        raise LlamaforgeError(f"model_type is {mt!r}, not 'llama'", path,
-                              "export LLaMA-architecture models (LlamaForCausalLM) only")
+    fam = family_of(cfg, path)
     try:
         hidden = int(cfg["hidden_size"])
         n_heads = int(cfg["num_attention_heads"])
@@ -259,14 +313,15 @@ def dims_from_config(cfg: dict, path: str | Path) -> LlamaDims:
             vocab=int(cfg["vocab_size"]), norm_eps=float(_get(cfg, "rms_norm_eps", default=1e-6)),
             rope_theta=rope_settings(cfg)[0], max_positions=int(_get(cfg, "max_position_embeddings", default=2048)),
             head_dim=int(_get(cfg, "head_dim", default=0)), tied=bool(cfg.get("tie_word_embeddings", False)),
+            family=fam.name,
         )
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise LlamaforgeError(f"config.json lacks or garbles {e}", path,
                               "use the config.json written with the model (LlamaConfig)") from None
     check_dims(dims, path, "use the config.json written with the model (LlamaConfig)")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise LlamaforgeError("the model has attention or MLP biases, which Meta's LLaMA format cannot hold", path,
-                              "export a LLaMA model without biases")
+    if not fam.qkv_bias and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+        raise LlamaforgeError(f"the {fam.architecture} has attention or MLP biases, which its Meta and GGUF "
+                              "layouts do not hold", path, "export a model of this family without biases")
     if dims.n_heads % dims.n_kv_heads:
         raise LlamaforgeError(f"num_attention_heads {dims.n_heads} is not a multiple of num_key_value_heads "
                               f"{dims.n_kv_heads}", path, "fix config.json")

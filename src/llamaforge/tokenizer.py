@@ -5,15 +5,15 @@ append every piece of the extra model that the base lacks, in order, with score 
 each `--add-token` (e.g. `[PAD]`) the same way, and serialize. For the real LLaMA and Chinese
 models this reproduces the published `tokenizer.model` files byte for byte.
 
-Beside `tokenizer.model` we write the Hugging Face files ourselves (`tokenizer.json`,
-`tokenizer_config.json`, `special_tokens_map.json`) instead of relying on a conversion at load
-time: transformers 5 has no slow LLaMA tokenizer any more, and its automatic conversion orders
-BPE merges by piece id, which puts the appended pieces (score 0, the *highest* SentencePiece
-priority) last. Our `tokenizer.json` orders merges by SentencePiece score, and uses SentencePiece's
-own normalisation (always prepend "▁", spaces to "▁"), so the fast tokenizer segments text as
-SentencePiece does. One difference is inherent to rank-based BPE: when two overlapping candidate
-merges have the *same* score, SentencePiece takes the leftmost and a fast tokenizer the lower rank.
-The merge reports how often that happens on a sample.
+Beside `tokenizer.model` we write the Hugging Face files ourselves. `tokenizer_config.json` names
+transformers 5's SentencePiece backend (`SentencePieceBackend`, with `special_tokens_pattern: bos`),
+so `AutoTokenizer.from_pretrained(folder)` encodes with sentencepiece itself: exactly as
+`tokenizer.model` does. A tokenizers-BPE `tokenizer.json` cannot: when two overlapping merges have
+the *same* score (the 17953 appended Chinese pieces all score 0) SentencePiece takes the leftmost
+and a rank-based BPE the lower rank, which differs on runs of digits and whitespace. We still
+write one (merges ordered by score, SentencePiece's normalisation) for tools that read
+tokenizer.json alone. That backend's decode joins pieces as text (byte pieces stay "<0x0A>"), so
+`load_hf_tokenizer` gives the tokenizer sentencepiece's own decode (`exact_sentencepiece_decode`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -251,9 +252,12 @@ def write_hf_tokenizer(proto, out_dir: str | os.PathLike, add_tokens=(), model_b
     if others:
         stm["additional_special_tokens"] = others
     cfg = {
-        # PreTrainedTokenizerFast loads tokenizer.json as written (LlamaTokenizer would rebuild the
-        # pre-tokenizer itself); every transformers release from 4.x to 5.x knows the name.
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        # transformers 5's SentencePiece backend: AutoTokenizer encodes with sentencepiece itself, so
+        # exactly as tokenizer.model does (a tokenizers-BPE tokenizer.json cannot express its
+        # leftmost tie-break among equal scores, see the module doc); special_tokens_pattern "bos"
+        # puts BOS first as LLaMA's tokenizer does. tokenizer.json stays for tools that read it alone.
+        "tokenizer_class": "SentencePieceBackend",
+        "special_tokens_pattern": "bos" if "bos" in names else "none",
         "add_bos_token": "bos" in names,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
@@ -288,6 +292,21 @@ def tokenizer_folder_model(folder: str | os.PathLike) -> Path:
 
 
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+# Every file a tokenizer folder may hold (transformers 5 keeps the chat template in chat_template.jinja).
+TOKENIZER_FILES = ("tokenizer.model",) + TOKENIZER_JSON_FILES + ("chat_template.jinja", "chat_template.json")
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """A folder holds a tokenizer when it has a SentencePiece tokenizer.model or a tokenizer.json
+    (Llama-3 and Qwen2 ship only the latter)."""
+    d = Path(folder)
+    return (d / "tokenizer.model").is_file() or (d / "tokenizer.json").is_file()
+
+
+def tokenizer_files(folder: str | os.PathLike) -> list[Path]:
+    """The tokenizer files a folder holds, in TOKENIZER_FILES order."""
+    d = Path(folder)
+    return [d / f for f in TOKENIZER_FILES if (d / f).is_file()]
 
 
 def check_tokenizer_json(folder: str | os.PathLike) -> None:
@@ -311,21 +330,32 @@ def tokenizer_length(folder: Path) -> int:
 
     folder = Path(folder)
     check_tokenizer_json(folder)
-    ids = [len(load_proto(folder / "tokenizer.model", "tokenizer.model").pieces) - 1]
+    if not has_tokenizer(folder):
+        raise LlamaforgeError("no tokenizer in this folder (tokenizer.model or tokenizer.json)", folder,
+                              "point to a tokenizer folder (tokenizer: in config.yaml, or --tokenizer), e.g. the base "
+                              "model's folder or tokenizers/NAME")
+    ids = [-1]
+    if (folder / "tokenizer.model").is_file():
+        ids.append(len(load_proto(folder / "tokenizer.model", "tokenizer.model").pieces) - 1)
     tj = folder / "tokenizer.json"
     try:
         if tj.is_file():
             data = read_json(tj, "tokenizer.json")
             ids += [int(t["id"]) for t in data.get("added_tokens", [])]
             vocab = (data.get("model") or {}).get("vocab")
-            if isinstance(vocab, dict):
+            if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: piece -> id
                 ids += [int(i) for i in vocab.values()]
+            elif isinstance(vocab, list):  # Unigram: [piece, score] by id
+                ids.append(len(vocab) - 1)
         at = folder / "added_tokens.json"
         if at.is_file():
             ids += [int(i) for i in read_json(at, "added_tokens.json").values()]
     except (KeyError, TypeError, ValueError, AttributeError):
         raise LlamaforgeError("the tokenizer's token ids are malformed (an id that is not a number, or an added "
                               "token without one)", folder, "restore the tokenizer files from its release") from None
+    if max(ids) < 0:
+        raise LlamaforgeError("tokenizer.json holds no vocabulary (model.vocab)", tj,
+                              "restore the tokenizer files from its release")
     return max(ids) + 1
 
 
@@ -335,11 +365,27 @@ def load_hf_tokenizer(folder: str | os.PathLike):
 
     check_tokenizer_json(folder)
     try:
-        return AutoTokenizer.from_pretrained(os.fspath(folder), trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(os.fspath(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LlamaforgeError(f"cannot load the tokenizer: {msg[:200]}", folder,
                               "restore the tokenizer files, or rebuild them with scripts/merge_tokenizers.py") from None
+    if hasattr(tok, "sp_model"):
+        exact_sentencepiece_decode(tok)
+    return tok
+
+
+def exact_sentencepiece_decode(tok):
+    """Decode as sentencepiece does: transformers 5.24's SentencePieceBackend joins the pieces as
+    text, so byte-fallback pieces come out as "<0x0A>" and edge spaces are stripped; sentencepiece's
+    own decode_pieces turns them back into the bytes and keeps the spaces."""
+    import types
+
+    def convert_tokens_to_string(self, tokens):
+        return self.sp_model.decode_pieces(list(tokens))
+
+    tok.convert_tokens_to_string = types.MethodType(convert_tokens_to_string, tok)
+    return tok
 
 
 def check_hf_tokenizer(folder: str | os.PathLike, samples=(TEST_SENTENCE,)) -> dict:
@@ -387,7 +433,7 @@ def tokens_per_char(sp, text: str) -> float:
     return toks / chars if chars else 0.0
 
 
-def merge_tokenizers(base: str | os.PathLike, extra: str | os.PathLike, output: str | os.PathLike,
+def merge_tokenizers(base: str | os.PathLike, extra: str | os.PathLike | None, output: str | os.PathLike,
                      add_tokens=(), echo=print) -> dict:
     """Merge `extra` into `base`, write `output/` atomically, print the original script's report.
 
@@ -395,6 +441,14 @@ def merge_tokenizers(base: str | os.PathLike, extra: str | os.PathLike, output: 
     """
     import sentencepiece as spm
 
+    if Path(base).is_dir() or Path(base).name == "tokenizer.json":
+        if extra is not None:
+            raise LlamaforgeError("an extra SentencePiece model cannot be merged into a tokenizer.json tokenizer", extra,
+                                  "drop extra: (--extra) and list the new tokens under add_tokens: (--add-token)")
+        return add_tokens_json(base, output, add_tokens, echo)
+    if extra is None:
+        raise LlamaforgeError("a SentencePiece base needs an extra model to merge", base,
+                              "set extra: in config.yaml (--extra), or give a tokenizer.json folder as base")
     guard_output(output, "tokenizer", [("base SentencePiece model", base), ("extra SentencePiece model", extra)])
     base_path, extra_path = Path(base), Path(extra)
     base_proto = load_proto(base_path, "base SentencePiece model")
@@ -446,6 +500,73 @@ def merge_tokenizers(base: str | os.PathLike, extra: str | os.PathLike, output: 
         summary["hf_agreement"] = check
         echo(f"Hugging Face tokenizer: {res.merged_pieces} tokens, BOS first, identical to SentencePiece on "
              f"{check['identical']}/{check['lines']} sample lines")
+        with open(tmp / "merge_report.json", "w", encoding="utf-8") as f:
+            json.dump(summary, f, ensure_ascii=False, indent=2)
+            f.write("\n")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer.json tokenizers (Llama-3, Qwen2, ...): tokens added, everything else byte for byte
+
+
+def _added_token(content: str, id_: int) -> dict:
+    return {"id": id_, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": True}
+
+
+def add_tokens_json(base: str | os.PathLike, output: str | os.PathLike, add_tokens=(), echo=print) -> dict:
+    """A tokenizer.json tokenizer folder with `add_tokens` appended as special added tokens (ids
+    from the tokenizer's length on), written atomically to `output`. The other files are copied
+    byte for byte; tokenizer_config.json gains the tokens in added_tokens_decoder (and the first
+    token named like "pad" as pad_token when it has none)."""
+    from .fsutil import read_json
+
+    base = Path(base)
+    folder = base.parent if base.is_file() else base
+    guard_output(output, "tokenizer", [("base tokenizer", folder)])
+    tj_path = folder / "tokenizer.json"
+    if not tj_path.is_file():
+        raise LlamaforgeError("no tokenizer.json in the base tokenizer folder", folder,
+                              "point base: at a tokenizer.json tokenizer folder, or at a SentencePiece tokenizer.model")
+    n = tokenizer_length(folder)
+    tj = read_json(tj_path, "tokenizer.json")
+    vocab = (tj.get("model") or {}).get("vocab")
+    present = set(vocab) if isinstance(vocab, dict) else {p[0] for p in vocab or [] if isinstance(p, list) and p}
+    present |= {t.get("content") for t in tj.get("added_tokens", []) if isinstance(t, dict)}
+    seen: set[str] = set()
+    for tok in add_tokens:
+        if tok in present or tok in seen:
+            raise LlamaforgeError(f"--add-token {tok!r} is already a token of the tokenizer", tj_path,
+                                  f"drop --add-token {tok!r} (or add_tokens in config.yaml); it would be a duplicate")
+        seen.add(tok)
+    added = [_added_token(t, n + i) for i, t in enumerate(add_tokens)]
+    tj.setdefault("added_tokens", []).extend(added)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = read_json(cfg_path, "tokenizer_config.json") if cfg_path.is_file() else {}
+    decoder = cfg.setdefault("added_tokens_decoder", {})
+    for a in added:
+        decoder[str(a["id"])] = {k: v for k, v in a.items() if k != "id"}
+    pad = pad_token_of(add_tokens)
+    if pad and not cfg.get("pad_token"):
+        cfg["pad_token"] = pad
+    for a in added:
+        echo(f"Added token {a['content']!r} with id {a['id']}")
+    echo(f"New vocabulary: {n} -> {n + len(added)} tokens")
+    summary = {"llamaforge": "merge_tokenizers", "base": os.fspath(folder), "base_tokens": n,
+               "added_tokens": list(add_tokens), "merged_tokens": n + len(added)}
+    with atomic_dir(output) as tmp:
+        for f in tokenizer_files(folder):
+            if f.name not in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copyfile(f, tmp / f.name)
+        for name, data in (("tokenizer.json", tj), ("tokenizer_config.json", cfg)):
+            with open(tmp / name, "w", encoding="utf-8") as f:
+                json.dump(data, f, ensure_ascii=False, indent=2)
+                f.write("\n")
+        tok = load_hf_tokenizer(tmp)
+        if len(tok) != n + len(added) or any(tok.convert_tokens_to_ids(t) != n + i for i, t in enumerate(add_tokens)):
+            raise LlamaforgeError(f"the extended tokenizer loads with {len(tok)} tokens, not {n + len(added)}",
+                                  tj_path, "check the tokenizer's added_tokens for gaps in the ids")
         with open(tmp / "merge_report.json", "w", encoding="utf-8") as f:
             json.dump(summary, f, ensure_ascii=False, indent=2)
             f.write("\n")

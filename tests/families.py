@@ -1,0 +1,156 @@
+"""Test data for today's families: tiny random Llama-3.1, Llama-3.2 (tied), Qwen2 and Mistral
+models from transformers configs, PEFT adapters for them, and real tokenizers.
+
+The BPE tokenizers are llama.cpp's real vocabularies (Llama-3's and Qwen2's), shipped with its
+tokenizer test vectors in llama-cpp-python's source distribution; `llama_cpp_tree()` fetches that
+sdist once from PyPI into ~/.cache/llamaforge and `bpe_tokenizer()` rebuilds a Hugging Face
+tokenizer.json from a vocabulary (with the three mends transformers' GGUF rebuild needs for
+Llama-3, see docs/ARCHITECTURE.md, "Tokenizers"). SentencePiece: the real LLaMA model in
+../shared/fixtures.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import torch
+
+from helpers import FIXTURES
+
+LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendor/llama.cpp holds the vocabularies and converter
+CACHE = Path(os.environ.get("LLAMAFORGE_CACHE", Path.home() / ".cache" / "llamaforge"))
+VOCAB_TEST_SEPARATOR = "\n__ggml_vocab_test__\n"
+
+# family -> (transformers config class, model class, tokenizer kind)
+FAMILIES = ("llama3", "llama32", "qwen2", "mistral")
+
+
+@functools.lru_cache(maxsize=None)
+def llama_cpp_tree() -> Path:
+    """vendor/llama.cpp of llama-cpp-python's sdist: models/ (vocabularies, test vectors),
+    convert_hf_to_gguf.py and gguf-py/. Extracted once (only those parts) into the cache."""
+    root = CACHE / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
+    done = root / ".complete"
+    if not done.is_file():
+        tmp = root.with_name(root.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        local = os.environ.get("LLAMA_CPP_PYTHON_SDIST")
+        if local:
+            archive = Path(local)
+        else:  # pip's own route (its index and cache settings): the brief's `pip download --no-binary`
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                            f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(tmp)], check=True)
+            archive = next(tmp.glob("llama_cpp_python-*.tar.gz"))
+        keep = ("vendor/llama.cpp/models/", "vendor/llama.cpp/gguf-py/", "vendor/llama.cpp/conversion/",
+                "vendor/llama.cpp/convert_hf_to_gguf.py",
+                "vendor/llama.cpp/convert_hf_to_gguf_update.py")
+        with tarfile.open(archive) as tar:
+            members = []
+            for m in tar.getmembers():
+                rel = m.name.split("/", 1)[1] if "/" in m.name else ""
+                if rel.startswith(keep) and (m.isfile() or m.isdir()):
+                    m.name = rel
+                    members.append(m)
+            tar.extractall(tmp, members=members, filter="data")
+        if not local:
+            archive.unlink()
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+        done.touch()
+    return root / "vendor" / "llama.cpp"
+
+
+def vocab_tests(name: str) -> list[tuple[str, list[int]]]:
+    """llama.cpp's tokenizer test vectors for models/ggml-vocab-{name}.gguf: (text, ids without BOS)."""
+    models = llama_cpp_tree() / "models"
+    texts = (models / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8").split(VOCAB_TEST_SEPARATOR)
+    outs = (models / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8").split("\n")
+    if texts and texts[-1].endswith("\n__ggml_vocab_test__"):
+        texts[-1] = texts[-1][: -len("\n__ggml_vocab_test__")]
+    texts = [t for t in texts]
+    outs = outs[: len(texts)]
+    return [(t, [int(x) for x in o.split()]) for t, o in zip(texts, outs)]
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def family_config(family: str, vocab: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
+    if family in ("llama3", "llama32"):
+        return LlamaConfig(**common, max_position_embeddings=131072, tie_word_embeddings=family == "llama32",
+                           rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0 if family == "llama32" else 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192},
+                           bos_token_id=128000, eos_token_id=128001)
+    if family == "qwen2":
+        return Qwen2Config(**common, max_position_embeddings=32768, tie_word_embeddings=True,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                           bos_token_id=151643, eos_token_id=151645, use_sliding_window=False)
+    if family == "mistral":
+        return MistralConfig(**common, max_position_embeddings=32768, tie_word_embeddings=False, sliding_window=None,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                             bos_token_id=1, eos_token_id=2)
+    raise ValueError(family)
+
+
+def make_family_model(out: Path, family: str, tokenizer: Path, vocab: int, seed: int = 0) -> Path:
+    """A random float16 model of `family` with the tokenizer files of `tokenizer` copied in."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = family_config(family, vocab)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)  # not all ones: a swapped norm would show
+            elif n.endswith(".bias"):
+                p.normal_(0, 0.5)  # Qwen2's q/k/v biases: large enough to matter
+    model.to(torch.float16).save_pretrained(out)
+    for f in tokenizer.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, out / f.name)
+    return out
+
+
+def make_lora(base: Path, out: Path, seed: int = 1, rank: int = 4, **extra) -> Path:
+    """A PEFT LoRA on every projection of `base`, with non-zero B (so the merge changes weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False, lora_dropout=0.0,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                     **extra)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.mul_(0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def spm_tokenizer(out: Path) -> Path:
+    """The real LLaMA SentencePiece tokenizer (Mistral's layout: tokenizer.model + HF files)."""
+    from llamaforge.tokenizer import load_proto, write_hf_tokenizer
+
+    model = FIXTURES / "tokenizers" / "llama" / "tokenizer.model"
+    out.mkdir(parents=True, exist_ok=True)
+    write_hf_tokenizer(load_proto(model), out, model_bytes=model.read_bytes())
+    return out
