@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -154,3 +155,93 @@ def spm_tokenizer(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_hf_tokenizer(load_proto(model), out, model_bytes=model.read_bytes())
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers rebuilt from llama.cpp's vocabularies
+
+# chat templates of the real releases, as llama.cpp keeps them (models/templates/)
+CHAT_TEMPLATES = {"llama-bpe": "meta-llama-Llama-3.1-8B-Instruct.jinja", "qwen2": "Qwen-Qwen2.5-7B-Instruct.jinja"}
+
+
+def _mend_llama_bpe(tj: dict, tc: dict, n_vocab: int) -> None:
+    """The three things transformers' GGUF rebuild gets wrong for Llama-3 (Meta's tokenizer.json has
+    them right): a spurious <|endoftext|> appended at id 128256, no "ignore_merges", no BOS
+    post-processor."""
+    tj["added_tokens"] = [a for a in tj["added_tokens"] if a["id"] < n_vocab]
+    tj["model"]["ignore_merges"] = True
+    bos = "<|begin_of_text|>"
+    bos_id = next(a["id"] for a in tj["added_tokens"] if a["content"] == bos)
+    tj["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        {"type": "TemplateProcessing",
+         "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                  {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+         "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}]}
+    for k in ("unk_token", "pad_token"):
+        if tc.get(k) is None:
+            tc.pop(k, None)
+    tc.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=True,
+              model_input_names=["input_ids", "attention_mask"], eos_token="<|eot_id|>")
+
+
+def _mend_qwen2(tj: dict, tc: dict, n_vocab: int) -> None:
+    """Qwen2's real tokenizer.json: no [PAD*] filler (the GGUF was padded to vocab_size), NFC, byte-level
+    post-processor and decoder, no BOS."""
+    pad = re.compile(r"\[PAD\d+\]")
+    pads = {a["id"] for a in tj["added_tokens"] if pad.fullmatch(a["content"])}
+    pads |= {i for t, i in tj["model"]["vocab"].items() if pad.fullmatch(t)}
+    tj["added_tokens"] = [a for a in tj["added_tokens"] if a["id"] not in pads]
+    tj["model"]["vocab"] = {t: i for t, i in tj["model"]["vocab"].items() if i not in pads}
+    tj["normalizer"] = {"type": "NFC"}
+    bl = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    tj["post_processor"], tj["decoder"] = dict(bl), dict(bl)
+    tc.update(bos_token=None, add_prefix_space=False, errors="replace", split_special_tokens=False,
+              clean_up_tokenization_spaces=False, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+@functools.lru_cache(maxsize=None)
+def _bpe_tokenizer_cached(name: str) -> Path:
+    from transformers import AutoTokenizer
+
+    import gguf
+
+    models = llama_cpp_tree() / "models"
+    dst = CACHE / "tokenizers" / f"{name}-{LLAMA_CPP_PYTHON}"
+    if (dst / "tokenizer.json").is_file():
+        return dst
+    reader = gguf.GGUFReader(models / f"ggml-vocab-{name}.gguf")
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    tmp = dst.with_name(dst.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    AutoTokenizer.from_pretrained(str(models), gguf_file=f"ggml-vocab-{name}.gguf").save_pretrained(tmp)
+    tj = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
+    tc = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for k in ("is_local", "local_files_only", "backend"):
+        tc.pop(k, None)
+    {"llama-bpe": _mend_llama_bpe, "qwen2": _mend_qwen2}[name](tj, tc, n_vocab)
+    (tmp / "chat_template.jinja").unlink(missing_ok=True)
+    tc["chat_template"] = (models / "templates" / CHAT_TEMPLATES[name]).read_text(encoding="utf-8")
+    (tmp / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst
+
+
+def bpe_tokenizer(name: str, out: Path) -> Path:
+    """A Hugging Face tokenizer.json folder of llama.cpp's `name` vocabulary (llama-bpe = Llama-3,
+    qwen2), with the real release's chat template, copied to `out`."""
+    shutil.copytree(_bpe_tokenizer_cached(name), out)
+    return out
+
+
+def family_tokenizer(family: str, out: Path) -> tuple[Path, int]:
+    """(tokenizer folder, embedding rows) of a family: Llama-3 128256, Qwen2 151936 (padded past its
+    151665 tokens, as the releases are), Mistral the LLaMA SentencePiece model's 32000."""
+    if family in ("llama3", "llama32"):
+        return bpe_tokenizer("llama-bpe", out), 128256
+    if family == "qwen2":
+        return bpe_tokenizer("qwen2", out), 151936
+    return spm_tokenizer(out), 32000

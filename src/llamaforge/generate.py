@@ -347,7 +347,9 @@ def plan_vocab(base_vocab: int, adapters: Sequence[AdapterInfo], tokenizer_len: 
                 "v1), pass --allow-vocab-jump")
         cur = rows
         sizes.append(cur)
-    if tokenizer_len is not None and tokenizer_len != cur:
+    # embeddings padded past the tokenizer, as released (Qwen2: 151936 rows for 151665 tokens): the merge's rule
+    padded = tokenizer_len is not None and tokenizer_len < cur == base_vocab and all(a.rows is None for a in adapters)
+    if tokenizer_len is not None and tokenizer_len != cur and not padded:
         chain = " -> ".join(str(s) for s in sizes)
         if tokenizer_len > cur and all(a.rows is None for a in adapters):
             why = (f"no adapter stores full embeddings, so the model keeps {cur} rows; new rows would be untrained "

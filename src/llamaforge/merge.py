@@ -347,7 +347,13 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
         tok_folder = _resolve_tokenizer(tokenizer, adapters, base)
         tok_len = tokenizer_length(tok_folder)
         base_rows = src.info(EMBED_HF).shape[0]
-        if tok_len != rows:
+        # Qwen2 and others ship embeddings padded past the tokenizer (151936 rows, 151665 tokens):
+        # kept as released when no adapter changed the vocabulary.
+        padded = tok_len < rows == base_rows and not any(EMBED_HF in ad.full for ad in adapters)
+        if padded:
+            echo(f"the embeddings have {rows - tok_len} rows past the tokenizer's {tok_len} tokens, as the base "
+                 "ships them (padding)")
+        if tok_len != rows and not padded:
             full_embeds = any(EMBED_HF in ad.full for ad in adapters)
             if not full_embeds and tok_len > base_rows:
                 raise LlamaforgeError(

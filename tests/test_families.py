@@ -1,0 +1,111 @@
+"""Today's families end to end (issue 12): Llama-3.1 (tokenizer.json only, GQA, llama3 rope
+scaling), Llama-3.2 (tied embeddings), Qwen2 (q/k/v biases, tied embeddings) and Mistral
+(SentencePiece, GQA) — merged against PEFT, generated from, and exported to GGUF against llama.cpp's
+own converter and loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from families import FAMILIES, family_tokenizer, make_family_model, make_lora
+from helpers import hf_tensors, peft_merge, run_script
+
+from llamaforge.generate import GenerationSettings, Generator, bind_template, get_template, load_model
+
+
+@pytest.fixture(scope="session")
+def family(request, tmp_path_factory):
+    """{family: dict(tokenizer, base, lora, merged, peft)} built once per session, per family."""
+    cache = {}
+
+    def build(name: str) -> dict:
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            tok, rows = family_tokenizer(name, root / "tokenizer")
+            base = make_family_model(root / "base", name, tok, rows)
+            lora = make_lora(base, root / "lora")
+            merged = root / "merged"
+            run_script("merge_lora.py", "--base", base, "--lora", lora, "--output", merged, check=True)
+            ref = peft_merge(base, [lora], tok, root / "peft", dtype=torch.float16)
+            cache[name] = dict(tokenizer=tok, base=base, lora=lora, merged=merged, peft=ref, rows=rows)
+        return cache[name]
+
+    return build
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_merge_equals_peft_and_keeps_the_tokenizer_byte_for_byte(family, name):
+    f = family(name)
+    ours, ref = hf_tensors(f["merged"]), hf_tensors(f["peft"])
+    assert sorted(ours) == sorted(ref)
+    assert all(torch.equal(ours[k], ref[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], ref[k])]
+    base = hf_tensors(f["base"])
+    assert any(not torch.equal(ours[k], base[k]) for k in ours if "proj" in k)  # the adapter did change weights
+    if name == "qwen2":
+        assert "model.layers.0.self_attn.q_proj.bias" in ours and "lm_head.weight" not in ours
+    cfg = json.loads((f["merged"] / "config.json").read_text())
+    base_cfg = json.loads((f["base"] / "config.json").read_text())
+    assert cfg["architectures"] == base_cfg["architectures"]
+    assert cfg.get("rope_parameters") == base_cfg.get("rope_parameters")
+    assert cfg["tie_word_embeddings"] == base_cfg["tie_word_embeddings"]
+    for src in f["tokenizer"].iterdir():  # every tokenizer file, chat template included, byte for byte
+        assert (f["merged"] / src.name).read_bytes() == src.read_bytes(), src.name
+
+
+def test_tokenizer_json_tokenizers_take_added_tokens(family, tmp_path):
+    f = family("qwen2")
+    out = tmp_path / "tok"
+    proc = run_script("merge_tokenizers.py", "--base", f["tokenizer"], "--add-token", "<|my_pad|>", "--output", out,
+                      check=True)
+    assert "with id 151646" in proc.stdout
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    ref = AutoTokenizer.from_pretrained(f["tokenizer"])
+    assert len(tok) == len(ref) + 1 and tok.convert_tokens_to_ids("<|my_pad|>") == 151646
+    assert tok("a <|my_pad|> b").input_ids == ref("a ").input_ids + [151646] + ref(" b").input_ids
+    assert tok.chat_template == ref.chat_template
+    again = run_script("merge_tokenizers.py", "--base", f["tokenizer"], "--add-token", "<|im_end|>", "--output",
+                       tmp_path / "dup")
+    assert again.returncode == 1 and "already a token" in again.stderr and not (tmp_path / "dup").exists()
+
+
+def test_unsupported_architecture_gets_one_line(family, tmp_path):
+    f = family("mistral")
+    base = tmp_path / "gpt2"
+    shutil.copytree(f["base"], base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (base / "config.json").write_text(json.dumps(cfg))
+    for script, args in (("merge_lora.py", ["--base", base, "--output", tmp_path / "out"]),
+                         ("export_gguf.py", ["--model", base, "--output", tmp_path / "out.gguf"])):
+        proc = run_script(script, *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert "GPT2LMHeadModel" in lines[0] and "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in lines[0]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_batched_equals_one_at_a_time_with_the_chat_template(family, name):
+    f = family(name)
+    loaded = load_model(f["merged"], echo=lambda *a: None, device="cpu", dtype="float32")
+    tpl = bind_template(get_template("auto"), loaded.tokenizer)
+    if name == "mistral":
+        assert tpl.name == "alpaca"  # no chat template: the Chinese-Alpaca recipe's
+    else:
+        assert tpl.name == "chat" and tpl.special_in_text
+    gen = Generator(loaded, GenerationSettings(do_sample=False, max_new_tokens=6, repetition_penalty=1.1))
+    gen.add_special = not tpl.special_in_text
+    prompts = [tpl.prompt(q) for q in ("Hi", "What is the capital of France?", "写一首诗", "1 2 3 4 5 6 7 8 9")]
+    ids = gen.encode(prompts[0])
+    if name.startswith("llama3"):
+        assert ids[0] == 128000 and ids.count(128000) == 1  # BOS once: from the template, not added again
+    batched = gen.generate(prompts, batch_size=4)
+    single = [gen.generate([p], batch_size=1)[0] for p in prompts]
+    assert [g.ids for g in batched] == [g.ids for g in single]
+    assert all(len(g.ids) > 0 for g in batched)
