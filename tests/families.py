@@ -245,3 +245,45 @@ def family_tokenizer(family: str, out: Path) -> tuple[Path, int]:
     if family == "qwen2":
         return bpe_tokenizer("qwen2", out), 151936
     return spm_tokenizer(out), 32000
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's converter and GGUF comparison
+
+
+def convert_hf_to_gguf(folder: Path, out: Path, outtype: str = "f16") -> Path:
+    """llama.cpp's own convert_hf_to_gguf.py (with its own gguf-py) on a Hugging Face folder."""
+    tree = llama_cpp_tree()
+    env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py"), "NO_LOCAL_GGUF": ""}
+    proc = subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(out),
+                           "--outtype", outtype], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"convert_hf_to_gguf.py failed:\n{proc.stderr[-4000:]}")
+    return out
+
+
+def _field_value(field):
+    import gguf
+
+    types = field.types
+    if not types:
+        return None
+    if types[0] == gguf.GGUFValueType.ARRAY:
+        sub = types[-1]
+        if sub == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
+        return [field.parts[i].tolist() for i in field.data]
+    if types[0] == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[-1]).decode("utf-8", "replace")
+    return field.parts[-1].tolist()
+
+
+def read_gguf(path: Path) -> tuple[dict, dict]:
+    """(metadata {key: value}, tensors {name: (type name, shape, bytes)}) of a GGUF file."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    meta = {k: _field_value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), bytes(t.data.tobytes()))
+               for t in r.tensors}
+    return meta, tensors

@@ -6,12 +6,13 @@ own converter and loader."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from families import FAMILIES, family_tokenizer, make_family_model, make_lora
+from families import FAMILIES, convert_hf_to_gguf, family_tokenizer, make_family_model, make_lora, read_gguf
 from helpers import hf_tensors, peft_merge, run_script
 
 from llamaforge.generate import GenerationSettings, Generator, bind_template, get_template, load_model
@@ -109,3 +110,68 @@ def test_greedy_batched_equals_one_at_a_time_with_the_chat_template(family, name
     single = [gen.generate([p], batch_size=1)[0] for p in prompts]
     assert [g.ids for g in batched] == [g.ids for g in single]
     assert all(len(g.ids) > 0 for g in batched)
+
+
+# --- GGUF: against llama.cpp's converter, loaded by llama.cpp ---------------------------------
+
+# Keys where llamaforge's GGUF may differ from convert_hf_to_gguf.py's, and why: general.* that the
+# converter guesses from the folder name, README and generation_config.json (name, basename, size
+# label, finetune, sampling defaults) -- llamaforge names the model after its folder or --name; and
+# llamaforge's own key, by which it knows the file as its output.
+ALLOWED_METADATA_DIFFERENCES = re.compile(r"^(general\.(name|basename|size_label|finetune|version|sampling\..*)"
+                                          r"|llamaforge\.version)$")
+
+
+@pytest.fixture(scope="session")
+def family_gguf(family, tmp_path_factory):
+    cache = {}
+
+    def build(name: str, outtype: str) -> tuple[Path, Path]:
+        if (name, outtype) not in cache:
+            f = family(name)
+            root = tmp_path_factory.mktemp(f"gguf-{name}-{outtype}")
+            ours = root / "ours.gguf"
+            run_script("export_gguf.py", "--model", f["merged"], "--output", ours, "--outtype", outtype, check=True)
+            cache[name, outtype] = ours, convert_hf_to_gguf(f["merged"], root / "ref.gguf", outtype)
+        return cache[name, outtype]
+
+    return build
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gguf_equals_llama_cpp_converter(family_gguf, name, outtype):
+    ours, ref = family_gguf(name, outtype)
+    meta, tensors = read_gguf(ours)
+    ref_meta, ref_tensors = read_gguf(ref)
+    assert sorted(tensors) == sorted(ref_tensors)
+    assert [k for k in tensors if tensors[k] != ref_tensors[k]] == []  # type, shape and bytes of every tensor
+    differing = sorted(k for k in set(meta) | set(ref_meta) if meta.get(k) != ref_meta.get(k))
+    assert [k for k in differing if not ALLOWED_METADATA_DIFFERENCES.match(k)] == []
+    arch = "qwen2" if name == "qwen2" else "llama"
+    assert meta["general.architecture"] == arch
+    assert meta["tokenizer.ggml.model"] == ("llama" if name == "mistral" else "gpt2")
+    assert meta.get("tokenizer.ggml.pre") == {"llama3": "llama-bpe", "llama32": "llama-bpe", "qwen2": "qwen2",
+                                              "mistral": "default"}[name]
+    assert ("rope_freqs.weight" in tensors) == name.startswith("llama3")
+    assert ("output.weight" in tensors) == (name in ("llama3", "mistral"))
+    if name == "qwen2":
+        assert tensors["blk.0.attn_q.bias"][0] == "F32"
+    if name != "mistral":
+        assert "tokenizer.chat_template" in meta and "tokenizer.ggml.merges" in meta
+
+
+def test_pre_tokenizer_of_an_unknown_tokenizer_is_an_error(family, tmp_path):
+    """A tokenizer whose pre-tokenizer llama.cpp does not know is refused, never written as a default:
+    Llama-3's without its BOS post-processor (llama.cpp would take it for smaug-bpe)... and one with a
+    changed pre-tokenizer regex, whose hash is in no table."""
+    f = family("llama3")
+    model = tmp_path / "m"
+    shutil.copytree(f["merged"], model)
+    tj = json.loads((model / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Whitespace"}
+    (model / "tokenizer.json").write_text(json.dumps(tj))
+    proc = run_script("export_gguf.py", "--model", model, "--output", tmp_path / "x.gguf")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "pre-tokenizer" in lines[0] and "Fix:" in lines[0]
+    assert not (tmp_path / "x.gguf").exists()

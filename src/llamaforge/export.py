@@ -32,10 +32,12 @@ from .checksums import SUMS, sums_text
 from .errors import LlamaforgeError
 from .formats import ModelSource, TensorInfo, read_hf_config
 from .fsutil import atomic_dir, atomic_files, guard_output, require_dir, sums_header
-from .gguf_file import GGUF_TYPES, Converter, begin_gguf_file, gguf_metadata, gguf_nbytes, gguf_qtype, load_gguf
+from .gguf_file import (
+    GGUF_TYPES, Converter, begin_gguf_file, extra_tensors, gguf_metadata, gguf_nbytes, gguf_qtype, load_gguf,
+)
 from .names import (
-    EMBED, OUTPUT, DERIVED_HF, LlamaDims, TensorName, by_hf, check_shardable, default_num_shards, dims_from_config,
-    hf_order, meta_order, params_from_dims, permute_into, shard_ranges,
+    DERIVED_HF, EMBED, FAMILIES, OUTPUT, Family, LlamaDims, TensorName, by_hf, check_shardable, default_num_shards,
+    dims_from_config, hf_order, meta_order, params_from_dims, permute_into, shard_ranges,
 )
 from .pth import TorchZipWriter
 from .stream import COPY_BLOCK_ELEMS, BlockReader, HashingWriter, Read, block_rows
@@ -59,8 +61,18 @@ class ExportSource:
     config: dict
     dims: LlamaDims
     src: ModelSource
-    tokenizer: Path
+    tokenizer: Path | None  # tokenizer.model (SentencePiece), or None for a tokenizer.json tokenizer
     has_output: bool  # lm_head.weight is stored; without it (tied embeddings) the head is the embedding
+    tokenizer_json: Path | None = None  # tokenizer.json when there is no tokenizer.model (Llama-3, Qwen2)
+    permute: bool = True  # q/k rows go interleaved (Meta; GGUF of the llama architecture); Qwen2's stay
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.dims.family]
+
+    def heads_of(self, t: TensorName) -> int | None:
+        """Heads of a q/k tensor that is permuted on the way out, else None."""
+        return self.dims.heads_of(t) if self.permute else None
 
     def hf_name(self, t: TensorName) -> str:
         """The stored tensor behind t (lm_head of a tied model is the embedding)."""
@@ -75,25 +87,28 @@ def open_model(folder: str | os.PathLike) -> ExportSource:
     folder = require_dir(folder, "model folder")
     cfg = read_hf_config(folder)
     dims = dims_from_config(cfg, folder / "config.json")
+    fam = FAMILIES[dims.family]
     tok = folder / "tokenizer.model"
+    tok_json = folder / "tokenizer.json"
     if not tok.is_file():
-        raise LlamaforgeError(
-            "no tokenizer.model in the model folder (Meta and GGUF exports carry the SentencePiece vocabulary)",
-            folder, "merge with a tokenizer folder that holds tokenizer.model (tokenizer: in config.yaml), "
-                    "or copy the model's tokenizer.model into the folder",
-        )
+        tok = None
+        if not tok_json.is_file():
+            raise LlamaforgeError(
+                "no tokenizer in the model folder (tokenizer.model or tokenizer.json: Meta and GGUF exports carry the "
+                "vocabulary)", folder, "merge with a tokenizer folder (tokenizer: in config.yaml), or copy the "
+                "model's tokenizer files into the folder")
     src = ModelSource(folder)
     try:
-        table = by_hf(dims.n_layers)
+        table = by_hf(dims.n_layers, biases=fam.qkv_bias)
         unknown = [k for k in src.keys() if k not in table and not DERIVED_HF.search(k)]
         if unknown:
             raise LlamaforgeError(
                 f"tensor {unknown[0]} has no Meta or GGUF name ({len(unknown)} unknown tensors)", folder,
-                "export plain LLaMA models (LlamaForCausalLM without extra modules)",
+                f"export plain {fam.architecture} models (without extra modules)",
             )
         # Only a model with tie_word_embeddings may lack lm_head.weight.
         has_output = OUTPUT.hf in src
-        for t in hf_order(dims.n_layers, with_output=has_output or not dims.tied):
+        for t in hf_order(dims.n_layers, with_output=has_output or not dims.tied, biases=fam.qkv_bias):
             if t.hf not in src:
                 raise LlamaforgeError(f"the model has no {t.hf}", folder,
                                       "the folder is incomplete or its config.json belongs to another model")
@@ -105,11 +120,19 @@ def open_model(folder: str | os.PathLike) -> ExportSource:
                 )
             if not info.dtype.is_floating_point:
                 raise LlamaforgeError(f"{t.hf} is {info.dtype}, not a float tensor", folder, "export float weights")
-        check_vocab_padding(tok, dims.vocab)
+        if tok is not None:
+            check_vocab_padding(tok, dims.vocab)
+        else:  # byte-level BPE: the releases pad the embeddings freely (Qwen2: 151936 rows, 151665 tokens)
+            from .tokenizer import tokenizer_length
+
+            n = tokenizer_length(folder)
+            if n > dims.vocab:
+                raise LlamaforgeError(f"the tokenizer has {n} tokens but the model has only {dims.vocab} embedding rows",
+                                      tok_json, "use the tokenizer the model was merged with")
     except BaseException:
         src.close()
         raise
-    return ExportSource(folder, cfg, dims, src, tok, has_output)
+    return ExportSource(folder, cfg, dims, src, tok, has_output, None if tok else tok_json)
 
 
 def check_vocab_padding(tokenizer: Path, rows: int) -> int:
@@ -162,33 +185,33 @@ def plan_reads(model: ExportSource, names: Iterable[TensorName], n_shards: int =
         info = model.src.info(model.hf_name(t))
         shards = tuple(shard_ranges(t, info.shape, n_shards, model.folder)) if n_shards > 1 else None
         r = TensorRead(t, info, shards)
-        if not r.column_split and model.dims.heads_of(t) is None:
+        if not r.column_split and model.heads_of(t) is None:
             r = TensorRead(t, info, shards, model.src.byte_range(info.name))
         reads.append(r)
     return reads
 
 
-def _transformed(dims: LlamaDims, r: TensorRead) -> bool:
+def _transformed(model: ExportSource, r: TensorRead) -> bool:
     """Whether the tensor is rearranged on the way (q/k permuted, or gathered as column slices)."""
-    return r.column_split or dims.heads_of(r.t) is not None
+    return r.column_split or model.heads_of(r.t) is not None
 
 
-def _block_rows(dims: LlamaDims, r: TensorRead) -> int:
+def _block_rows(model: ExportSource, r: TensorRead) -> int:
     """Rows per block of a rearranged tensor (whole heads for q/k: the permutation is per head)."""
-    unit = dims.hd if dims.heads_of(r.t) is not None else 1
+    unit = model.dims.hd if model.heads_of(r.t) is not None else 1
     return block_rows(r.info.numel // r.info.shape[0], unit, values=COPY_BLOCK_ELEMS)
 
 
 def _fill(model: ExportSource, r: TensorRead, buf: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """Read r's tensor (q/k permuted, or as column slices) from the model into the front of `buf`."""
     src, info = model.src, r.info
-    if not _transformed(model.dims, r):
+    if not _transformed(model, r):
         return src.read_flat(info.name, 0, info.numel, buf).view(info.shape)
     rows = info.shape[0]
     width = info.numel // rows
     out = buf[: info.nbytes].view(info.dtype)
-    heads = model.dims.heads_of(r.t)
-    step = _block_rows(model.dims, r)
+    heads = model.heads_of(r.t)
+    step = _block_rows(model, r)
     for a in range(0, rows, step):
         b = min(rows, a + step)
         blk = src.read_flat(info.name, a * width, (b - a) * width, scratch).view(b - a, width)
@@ -206,8 +229,8 @@ def tensor_stream(model: ExportSource, reads: list[TensorRead]) -> BlockReader:
     """The export's stream: whole tensors, each valid until the next is asked for (the pth sink
     needs whole records), read and rearranged in the reader thread."""
     def blocks():
-        scratch_bytes = max((_block_rows(model.dims, r) * (r.info.nbytes // r.info.shape[0])
-                             for r in reads if _transformed(model.dims, r)), default=0)
+        scratch_bytes = max((_block_rows(model, r) * (r.info.nbytes // r.info.shape[0])
+                             for r in reads if _transformed(model, r)), default=0)
         scratch = torch.empty(scratch_bytes, dtype=torch.uint8)  # the reader thread's own
         for r in reads:
             yield Read(r, r.info.nbytes, lambda buf, r=r: _fill(model, r, buf, scratch))
@@ -244,6 +267,10 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
     m = open_model(model)
     try:
         dims = m.dims
+        if not m.family.meta:
+            raise LlamaforgeError(
+                f"{m.family.architecture} has no Meta consolidated.NN.pth format (Meta's is LLaMA's alone)",
+                m.folder / "config.json", "export it as Hugging Face (hf) or GGUF (gguf-f16, gguf-q8_0) instead")
         n = int(num_shards) if num_shards else default_num_shards(dims.hidden)
         if n < 1:
             raise LlamaforgeError(f"--num-shards {n} is not a positive number", None, "pass 1 or more")
@@ -307,17 +334,25 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
     guard_output(sums, "sha256", [("model folder", model)])
     m = open_model(model)
     try:
+        # llama.cpp's llama architecture (LLaMA, Mistral) wants q/k interleaved as Meta stores them; its
+        # qwen2 architecture ropes the halves as Hugging Face does, so Qwen2's stay as they are
+        m.permute = m.family.permute_qk
         # no output.weight for tied embeddings: llama.cpp then uses token_embd, as convert_hf_to_gguf.py writes it
-        jobs = plan_reads(m, hf_order(m.dims.n_layers, with_output=m.has_output))
+        jobs = plan_reads(m, hf_order(m.dims.n_layers, with_output=m.has_output, biases=m.family.qkv_bias))
         qtypes = [gguf_qtype(gguf, j.t, j.info.shape, outtype) for j in jobs]
-        writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer = gguf.GGUFWriter(path=None, arch=m.family.gguf_arch)
         gguf_metadata(gguf, writer, m, outtype, name or m.folder.name)
+        extra = extra_tensors(m)  # rope_freqs (llama3 rope scaling): first, as the converter writes it
+        for ename, etensor in extra:
+            writer.add_tensor_info(ename, tuple(etensor.shape), np.float32, etensor.numel() * 4,
+                                   raw_dtype=gguf.GGMLQuantizationType.F32)
         sizes = []
         for j, q in zip(jobs, qtypes):
             nb = gguf_nbytes(gguf, q, j.info.shape)
             sizes.append(nb)
             writer.add_tensor_info(j.t.gguf, j.info.shape, np.float32, nb, raw_dtype=q)
-        echo(f"exporting {m.folder} to GGUF {outtype}: {len(jobs)} tensors, {sum(sizes) / 1e9:.2f} GB, "
+        echo(f"exporting {m.folder} ({m.family.architecture}) to GGUF {outtype}: {len(jobs) + len(extra)} tensors, "
+             f"{sum(sizes) / 1e9:.2f} GB, "
              f"vocabulary {m.dims.vocab}")
         align = writer.data_alignment
         # the GGUF and its .sha256 appear together: a kill in between leaves the .sha256 missing
@@ -329,6 +364,9 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
                 begin_gguf_file(gguf, writer, f, output)
                 conv = Converter(gguf)
                 try:
+                    for _, etensor in extra:
+                        f.write(memoryview(etensor.numpy()).cast("B"))
+                        writer.write_padding(f, etensor.numel() * 4, align)
                     for blk, q, nb in zip(tensor_stream(m, jobs), qtypes, sizes, strict=True):
                         job, tensor = blk.key, blk.data
                         start = f.tell()

@@ -9,6 +9,9 @@ quantized to Q8_0 with `gguf.quants` (bit-exact with llama.cpp), norms and 1-D t
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
+import json
 import math
 
 import torch
@@ -26,6 +29,9 @@ def load_gguf():
         import gguf
     except ImportError:  # pragma: no cover - a dependency
         raise LlamaforgeError("the gguf package is not installed", None, "pip install gguf") from None
+    import logging
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines ("for Little Endian only") are noise
     return gguf
 
 
@@ -86,27 +92,154 @@ def _token_vocab(model) -> dict:
         tokens.append(f"[PAD{i}]".encode("utf-8"))
         scores.append(-10000.0)
         types.append(UNUSED)
+    # tokens the Hugging Face files add or re-declare (Mistral's and Llama-2's tokenizer_config.json
+    # list <unk>, <s>, </s> in added_tokens_decoder): typed and scored as the converter does
+    USER_DEFINED, CONTROL = 4, 3
+    at_path = model.folder / "added_tokens.json"
+    if at_path.is_file():
+        for key, tid in read_json(at_path, "added_tokens.json").items():
+            if 0 <= int(tid) < vocab:
+                tokens[int(tid)], scores[int(tid)], types[int(tid)] = key.encode("utf-8"), -1000.0, USER_DEFINED
+    tc_path = model.folder / "tokenizer_config.json"
+    tc = read_json(tc_path, "tokenizer_config.json") if tc_path.is_file() else {}
+    for tid, data in (tc.get("added_tokens_decoder") or {}).items():
+        tid, token = int(tid), data["content"]
+        if not 0 <= tid < vocab:
+            continue
+        if data.get("special") or _looks_special(token):
+            types[tid] = CONTROL
+        else:
+            token = token.replace("\u2581", " ")
+            types[tid] = USER_DEFINED
+        scores[tid] = -1000.0
+        tokens[tid] = token.encode("utf-8")
     ids = special_ids(proto, model.folder)
     if "pad" not in ids and model.config.get("pad_token_id") is not None:
         pid = int(model.config["pad_token_id"])
         if 0 <= pid < vocab:
             ids["pad"] = pid
-    add_bos, add_eos = True, False
-    tc_path = model.folder / "tokenizer_config.json"
-    if tc_path.is_file():
-        tc = read_json(tc_path, "tokenizer_config.json")
-        add_bos = bool(tc.get("add_bos_token", True))
-        add_eos = bool(tc.get("add_eos_token", False))
+    add_bos = bool(tc.get("add_bos_token", True))
+    add_eos = bool(tc.get("add_eos_token", False))
     return {"tokens": tokens, "scores": scores, "types": types, "ids": ids, "add_bos": add_bos, "add_eos": add_eos,
             "pieces": len(pieces)}
 
 
+# ---- byte-level BPE (tokenizer.json: Llama-3, Qwen2, SmolLM2, ...) ------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def pre_tokenizer_table() -> tuple[str, dict[str, str]]:
+    """(chktxt, {sha256 of its encoding: pre-tokenizer name}) of llama.cpp's convert_hf_to_gguf.py
+    (get_vocab_base_pre), shipped in llamaforge/data/gguf_pre_tokenizers.json."""
+    from importlib import resources
+
+    data = json.loads(resources.files("llamaforge").joinpath("data", "gguf_pre_tokenizers.json")
+                      .read_text(encoding="utf-8"))
+    return data["chktxt"], dict(data["hashes"])  # later entries win, as the converter's chain of ifs
+
+
+def pre_tokenizer(tok, path) -> str:
+    """The tokenizer.ggml.pre name of a Hugging Face tokenizer, decided as llama.cpp's converter does:
+    encode a fixed text (special tokens included, so a BOS counts) and look the sha256 of the id list
+    up; an unknown hash is an error, never a silent default (llama.cpp would pre-tokenize it wrong)."""
+    chktxt, table = pre_tokenizer_table()
+    chkhsh = hashlib.sha256(str(tok.encode(chktxt)).encode()).hexdigest()
+    name = table.get(chkhsh)
+    if name is None:
+        raise LlamaforgeError(
+            f"llama.cpp does not know this tokenizer's pre-tokenizer (chkhsh {chkhsh})", path,
+            "use the tokenizer.json released with the base model (llama.cpp recognises Llama-3, Qwen2, SmolLM2 and "
+            "others by it); a tokenizer of your own needs its hash added to llama.cpp's convert_hf_to_gguf_update.py")
+    return name
+
+
+def _bpe_vocab(model) -> dict:
+    """tokens and types of a byte-level BPE tokenizer, as convert_hf_to_gguf.py's get_vocab_base:
+    the vocabulary by id padded to the embedding rows with [PAD{id}] (UNUSED), added special tokens
+    (and those that look special, <|...|>) CONTROL, other added tokens USER_DEFINED."""
+    from .tokenizer import load_hf_tokenizer
+
+    gguf = load_gguf()
+    T = gguf.TokenType
+    tok = load_hf_tokenizer(model.folder)
+    vocab = tok.get_vocab()
+    rows = model.dims.vocab
+    if vocab and max(vocab.values()) >= rows:
+        raise LlamaforgeError(f"the tokenizer has ids up to {max(vocab.values())} but the model has {rows} embedding rows",
+                              model.tokenizer_json, "use the tokenizer the model was merged with")
+    pre = pre_tokenizer(tok, model.tokenizer_json)
+    reverse = {i: t for t, i in vocab.items()}
+    added = tok.get_added_vocab()
+    decoder = tok.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(rows):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(T.UNUSED)
+            continue
+        token = reverse[i]
+        if token in added:
+            if not decoder[i].normalized:
+                token = tok.decode(tok.encode(token, add_special_tokens=False))
+            if decoder[i].special or _looks_special(token):
+                types.append(T.CONTROL)
+            else:
+                token = token.replace("\u2581", " ")
+                types.append(T.USER_DEFINED)
+        else:
+            types.append(T.NORMAL)
+        tokens.append(token)
+    return {"tokens": tokens, "types": types, "pre": pre}
+
+
+def _looks_special(token: str) -> bool:
+    """convert_hf_to_gguf.py's does_token_look_special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def llama3_rope_factors(hd: int, params: dict) -> torch.Tensor:
+    """rope_freqs.weight for llama3 rope scaling, as convert_hf_to_gguf.py's LlamaModel computes it
+    (float32, one factor per rotary frequency)."""
+    base = params.get("rope_theta", 10000.0)
+    freqs = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    factor = params.get("factor", 8.0)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    old_ctx = params.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def extra_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """Tensors the GGUF holds that the Hugging Face folder does not (written first, as the converter
+    writes its generate_extra_tensors): rope_freqs for llama3 rope scaling."""
+    from .names import FAMILIES, rope_settings
+
+    _, rtype, rp = rope_settings(model.config)
+    if FAMILIES[model.dims.family].gguf_arch == "llama" and str(rtype).lower() == "llama3":
+        return [("rope_freqs.weight", llama3_rope_factors(model.dims.hd, {"rope_theta": model.dims.rope_theta, **rp}))]
+    return []
+
+
 def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
-    """The KV metadata of convert_hf_to_gguf.py's LlamaModel (TextModel.set_gguf_parameters,
-    LlamaModel.set_gguf_parameters, _set_vocab_sentencepiece)."""
-    from .names import rope_settings
+    """The KV metadata of convert_hf_to_gguf.py's LlamaModel / Qwen2Model (TextModel.set_gguf_parameters,
+    LlamaModel.set_gguf_parameters and set_vocab: _set_vocab_sentencepiece or _set_vocab_gpt2)."""
+    from .names import FAMILIES, rope_settings
 
     d = model.dims
+    arch = FAMILIES[d.family].gguf_arch
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     writer.add_type(gguf.GGUFType.MODEL)
@@ -117,39 +250,72 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
     writer.add_feed_forward_length(d.intermediate)
     writer.add_head_count(d.n_heads)
     writer.add_head_count_kv(d.n_kv_heads)
-    writer.add_rope_freq_base(d.rope_theta)
-    writer.add_layer_norm_rms_eps(d.norm_eps)
-    writer.add_file_type(ftype)
-    writer.add_vocab_size(d.vocab)
-    writer.add_rope_dimension_count(d.hd)
-    if d.head_dim and d.head_dim * d.n_heads != d.hidden:
-        writer.add_key_length(d.hd)
-        writer.add_value_length(d.hd)
     _, rtype, rp = rope_settings(model.config)
+    rtype = str(rtype).lower()
     if rtype == "linear" and rp.get("factor"):
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rp["factor"]))
-    elif rtype not in ("default", None):
+    elif rtype == "yarn" and rp.get("factor"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rp["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
+    elif rtype == "llama3" and arch == "llama":
+        pass  # rope_freqs.weight (extra_tensors)
+    elif rtype not in ("default", "none"):
         raise LlamaforgeError(f"rope scaling {rtype!r} is not supported by this exporter", model.folder / "config.json",
                               "export with llama.cpp's convert_hf_to_gguf.py")
-    v = _token_vocab(model)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(v["tokens"])
-    writer.add_token_scores(v["scores"])
-    writer.add_token_types(v["types"])
-    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                     ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
-        if key in v["ids"]:
-            add(v["ids"][key])
-    writer.add_add_bos_token(v["add_bos"])
-    writer.add_add_eos_token(v["add_eos"])
+    writer.add_rope_freq_base(d.rope_theta)
+    writer.add_layer_norm_rms_eps(d.norm_eps)
+    if model.config.get("head_dim") is not None:
+        writer.add_key_length(d.hd)
+        writer.add_value_length(d.hd)
+    writer.add_file_type(ftype)
+    if arch == "llama":
+        writer.add_vocab_size(d.vocab)
+        writer.add_rope_dimension_count(d.hd)
+    if model.tokenizer is not None:
+        _sentencepiece_metadata(gguf, writer, model, arch)
+    else:
+        v = _bpe_vocab(model)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(v["pre"])
+        writer.add_token_list(v["tokens"])
+        writer.add_token_types(v["types"])
+        from .gguf_vocab import SpecialVocab
+
+        SpecialVocab(model.folder, load_merges=True).add_to_gguf(writer, quiet=True)
+        if arch == "llama" and d.vocab == 49152:
+            writer.add_add_bos_token(False)  # the converter's rule for this vocabulary size (Granite, SmolLM)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     # by this key a later run knows the file as its own output (and may replace it)
     from . import __version__
 
     writer.add_string(GGUF_OWN_KEY, __version__)
 
+
+def _sentencepiece_metadata(gguf, writer, model, arch: str) -> None:
+    v = _token_vocab(model)
+    if arch == "llama":
+        tc_path = model.folder / "tokenizer_config.json"
+        tc = read_json(tc_path, "tokenizer_config.json") if tc_path.is_file() else {}
+        if isinstance(tc, dict) and tc.get("add_prefix_space") is not None:
+            writer.add_add_space_prefix(bool(tc["add_prefix_space"]))
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(v["tokens"])
+    writer.add_token_scores(v["scores"])
+    writer.add_token_types(v["types"])
+    # the special ids, add_bos/add_eos/add_sep and the chat template as the converter takes them
+    # (gguf-py's SpecialVocab: tokenizer.json's post-processor, tokenizer_config.json, config.json);
+    # the SentencePiece model's own ids where those files name none (a bare tokenizer.model folder)
+    from .gguf_vocab import SpecialVocab
+
+    sv = SpecialVocab(model.folder, n_vocab=len(v["tokens"]))
+    for key, tid in v["ids"].items():
+        sv.special_token_ids.setdefault(key, tid)
+    sv.add_special_token.setdefault("bos", v["add_bos"])
+    sv.add_special_token.setdefault("eos", v["add_eos"])
+    sv.add_to_gguf(writer, quiet=True)
 
 
 def begin_gguf_file(gguf, writer, f: HashingWriter, path) -> None:
