@@ -175,3 +175,48 @@ def test_pre_tokenizer_of_an_unknown_tokenizer_is_an_error(family, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "pre-tokenizer" in lines[0] and "Fix:" in lines[0]
     assert not (tmp_path / "x.gguf").exists()
+
+
+def _llama_cpp(path: Path, **kw):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), verbose=False, **kw)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_llama_cpp_loads_the_gguf_with_the_logits_of_the_hf_model(family, family_gguf, name):
+    """llama.cpp runs our F16 GGUF and gets the merged Hugging Face model's logits (float32 forward)."""
+    from transformers import AutoModelForCausalLM
+
+    f = family(name)
+    ours, _ = family_gguf(name, "f16")
+    ids = [5, 17, 300, 1000, 42, 7, 99, 2500, 31, 12]
+    llm = _llama_cpp(ours, n_ctx=64, logits_all=True, n_threads=2)
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(f["merged"], dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    assert got.shape == want.shape
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() < 0.02 * scale, ((got - want).abs().max().item(), scale)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_bpe_ggufs_tokenize_llama_cpp_test_vectors_in_llama_cpp_and_hf(family, family_gguf, name):
+    from transformers import AutoTokenizer
+
+    from families import vocab_tests
+
+    f = family(name)
+    cases = vocab_tests("llama-bpe" if name == "llama3" else "qwen2")
+    assert len(cases) >= 46
+    llm = _llama_cpp(family_gguf(name, "f16")[0], vocab_only=True)
+    tok = AutoTokenizer.from_pretrained(f["merged"])
+    assert [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t, _ in cases] == [i for _, i in cases]
+    assert [tok.encode(t, add_special_tokens=False) for t, _ in cases] == [i for _, i in cases]
+    # and the BOS rule: Llama-3 adds <|begin_of_text|>, Qwen2 nothing, in both
+    first = llm.tokenize(b"Hello", add_bos=True)[0]
+    assert first == (128000 if name == "llama3" else tok.encode("Hello")[0])
+    assert tok("Hello").input_ids[0] == first
