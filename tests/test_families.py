@@ -250,3 +250,40 @@ def test_a_real_model_answers_a_real_question_after_merge_and_gguf(tmp_path):
     answer = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
                                         max_tokens=16, temperature=0)["choices"][0]["message"]["content"]
     assert "Paris" in answer, answer
+
+
+# --- Meta's format: LLaMA's alone -------------------------------------------------------------
+
+LLAMA3_TOKENIZER_MODEL_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"  # Meta's release
+
+
+@pytest.mark.parametrize("name", ["llama3", "llama32"])
+def test_llama3_meta_export_has_params_and_metas_own_tokenizer_model(family, name, tmp_path):
+    import hashlib
+
+    from llamaforge.names import permute_into
+
+    f = family(name)
+    out = tmp_path / "meta"
+    run_script("export_pth.py", "--model", f["merged"], "--output", out, check=True)
+    params = json.loads((out / "params.json").read_text())
+    assert params["n_kv_heads"] == 2 and params["n_heads"] == 4 and params["rope_theta"] == 500000.0
+    assert params["use_scaled_rope"] is True and params["vocab_size"] == 128256
+    assert params.get("rope_scaling_factor") == (32.0 if name == "llama32" else None)
+    # the tokenizer.model of Meta's Llama-3 release, byte for byte, rebuilt from the tokenizer.json
+    assert hashlib.sha256((out / "tokenizer.model").read_bytes()).hexdigest() == LLAMA3_TOKENIZER_MODEL_SHA256
+    sd = torch.load(out / "consolidated.00.pth", weights_only=True)
+    hf = hf_tensors(f["merged"])
+    assert torch.equal(sd["tok_embeddings.weight"], hf["model.embed_tokens.weight"])
+    head = hf.get("lm_head.weight", hf["model.embed_tokens.weight"])  # tied (3.2): Meta stores the head anyway
+    assert torch.equal(sd["output.weight"], head)
+    wk = hf["model.layers.1.self_attn.k_proj.weight"]
+    assert torch.equal(sd["layers.1.attention.wk.weight"], permute_into(torch.empty_like(wk), wk, 2, to_meta=True))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral"])
+def test_families_without_a_meta_format_are_refused(family, name, tmp_path):
+    proc = run_script("export_pth.py", "--model", family(name)["merged"], "--output", tmp_path / "meta")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "no Meta consolidated.NN.pth format" in lines[0]
+    assert not (tmp_path / "meta").exists()

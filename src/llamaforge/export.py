@@ -97,6 +97,14 @@ def open_model(folder: str | os.PathLike) -> ExportSource:
                 "no tokenizer in the model folder (tokenizer.model or tokenizer.json: Meta and GGUF exports carry the "
                 "vocabulary)", folder, "merge with a tokenizer folder (tokenizer: in config.yaml), or copy the "
                 "model's tokenizer files into the folder")
+        from .tokenizer import is_byte_level_bpe
+
+        if not is_byte_level_bpe(tok_json):
+            raise LlamaforgeError(
+                "no tokenizer.model in the model folder, and its tokenizer.json is a SentencePiece-style one (Meta and "
+                "GGUF exports carry the SentencePiece vocabulary itself)", folder,
+                "merge with a tokenizer folder that holds tokenizer.model (tokenizer: in config.yaml), or copy the "
+                "model's tokenizer.model into the folder")
     src = ModelSource(folder)
     try:
         table = by_hf(dims.n_layers, biases=fam.qkv_bias)
@@ -275,6 +283,22 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
         if n < 1:
             raise LlamaforgeError(f"--num-shards {n} is not a positive number", None, "pass 1 or more")
         params = params_from_dims(dims, m.folder / "config.json")
+        from .names import rope_settings
+
+        _, rtype, rp = rope_settings(m.config)
+        if str(rtype).lower() == "llama3":  # Llama-3.1/3.2: Meta's reference code scales its rope frequencies
+            params["use_scaled_rope"] = True
+            if float(rp.get("factor", 8.0)) != 8.0:
+                params["rope_scaling_factor"] = float(rp["factor"])  # 3.2's 32 (llama-models' ModelArgs)
+        elif rtype not in ("default", None):
+            raise LlamaforgeError(f"rope scaling {rtype!r} has no Meta params.json form", m.folder / "config.json",
+                                  "export this model to GGUF or Hugging Face format instead")
+        if m.tokenizer is not None:
+            tokenizer_bytes = m.tokenizer.read_bytes()
+        else:  # Llama-3: Meta's tokenizer.model is tiktoken's text form of the BPE ranks
+            from .tokenizer import tiktoken_model
+
+            tokenizer_bytes = tiktoken_model(m.tokenizer_json)
         check_shardable(dims, n, m.folder)
         jobs = plan_reads(m, meta_order(dims.n_layers), n)
         echo(f"exporting {m.folder} to Meta format: {n} shard(s), {sum(j.info.nbytes for j in jobs) / 1e9:.2f} GB "
@@ -307,7 +331,7 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
                 hashes[name] = f.hexdigest
                 echo(f"  {name}: {len(plan)} tensors, {sum(i.nbytes for i in plan) / 1e9:.2f} GB")
             for name, data in (("params.json", (json.dumps(params) + "\n").encode()),
-                               ("tokenizer.model", m.tokenizer.read_bytes())):
+                               ("tokenizer.model", tokenizer_bytes)):
                 (tmp / name).write_bytes(data)
                 hashes[name] = hashlib.sha256(data).hexdigest()
             (tmp / SUMS).write_text(sums_text(hashes, sums_header("export_pth")), encoding="utf-8")

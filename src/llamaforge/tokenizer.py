@@ -323,6 +323,21 @@ def check_tokenizer_json(folder: str | os.PathLike) -> None:
                                       "restore it from the tokenizer's release, or rebuild the tokenizer")
 
 
+def is_byte_level_bpe(tokenizer_json: Path) -> bool:
+    """A GPT-2-style byte-level BPE tokenizer.json (Llama-3, Qwen2, SmolLM2): a BPE model without
+    byte fallback and a ByteLevel decoder -- not a SentencePiece-style BPE (byte_fallback, Metaspace),
+    which only its tokenizer.model describes exactly."""
+    from .fsutil import read_json
+
+    data = read_json(tokenizer_json, "tokenizer.json")
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("byte_fallback"):
+        return False
+    decoder = data.get("decoder") or {}
+    kinds = [d.get("type") for d in decoder.get("decoders", [decoder]) if isinstance(d, dict)]
+    return "ByteLevel" in kinds
+
+
 def tokenizer_length(folder: Path) -> int:
     """Tokens of a tokenizer folder without importing transformers: its SentencePiece pieces, or
     more when tokenizer.json or added_tokens.json give ids beyond them."""
@@ -571,3 +586,41 @@ def add_tokens_json(base: str | os.PathLike, output: str | os.PathLike, add_toke
             json.dump(summary, f, ensure_ascii=False, indent=2)
             f.write("\n")
     return summary
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, by which byte-level BPE vocabularies spell bytes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def tiktoken_model(tokenizer_json: Path) -> bytes:
+    """Meta's Llama-3 tokenizer.model from a byte-level BPE tokenizer.json: one "base64(token bytes)
+    rank" line per BPE token, by id (its special tokens live in Meta's code, not in the file)."""
+    import base64
+
+    from .fsutil import read_json
+
+    data = read_json(tokenizer_json, "tokenizer.json")
+    vocab = data["model"]["vocab"]
+    special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
+    decode = {c: b for b, c in _bytes_to_unicode().items()}
+    lines = []
+    for token, rank in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if token in special:
+            continue
+        try:
+            raw = bytes(decode[c] for c in token)
+        except KeyError:
+            raise LlamaforgeError(f"token {token!r} is not a byte-level BPE token", tokenizer_json,
+                                  "export a model with a byte-level BPE tokenizer (Llama-3's)") from None
+        lines.append(f"{base64.b64encode(raw).decode()} {rank}\n")
+    return "".join(lines).encode()
