@@ -287,3 +287,31 @@ def test_families_without_a_meta_format_are_refused(family, name, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "no Meta consolidated.NN.pth format" in lines[0]
     assert not (tmp_path / "meta").exists()
+
+
+@pytest.mark.parametrize("name", ["llama3", "llama32"])
+def test_llama3_meta_folder_imports_back_to_the_same_model_and_tokenizer(family, name, tmp_path):
+    """Meta's Llama-3 layout (params.json with use_scaled_rope, tiktoken tokenizer.model) imports as a
+    Hugging Face folder: the same tensors, llama3 rope scaling, and a tokenizer.json that tokenizes
+    llama.cpp's Llama-3 test vectors exactly and is recognised as llama-bpe."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from families import vocab_tests
+    from llamaforge.gguf_file import pre_tokenizer
+
+    f = family(name)
+    meta, back = tmp_path / "meta", tmp_path / "back"
+    run_script("export_pth.py", "--model", f["merged"], "--output", meta, check=True)
+    run_script("import_pth.py", "--input", meta, "--output", back, check=True)
+    ours, orig = hf_tensors(back), hf_tensors(f["merged"])
+    if name == "llama32":  # Meta stores the head; the import keeps it (untied)
+        orig["lm_head.weight"] = orig["model.embed_tokens.weight"]
+    assert sorted(ours) == sorted(orig) and all(torch.equal(ours[k], orig[k]) for k in ours)
+    cfg, ref = AutoConfig.from_pretrained(back), AutoConfig.from_pretrained(f["merged"])
+    assert cfg.rope_parameters == ref.rope_parameters and cfg.num_key_value_heads == 2
+    assert cfg.max_position_embeddings == 131072
+    tok = AutoTokenizer.from_pretrained(back)
+    cases = vocab_tests("llama-bpe")
+    assert [tok.encode(t, add_special_tokens=False) for t, _ in cases] == [i for _, i in cases]
+    assert tok("Hi").input_ids[0] == 128000 and len(tok) == 128256
+    assert pre_tokenizer(tok, back) == "llama-bpe"

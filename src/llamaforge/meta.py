@@ -31,7 +31,7 @@ from .formats import torch_load_error, ShardedSafetensorsWriter, TensorInfo, par
 from .fsutil import atomic_dir, guard_output, hash_files, require_dir, write_json
 from .names import DERIVED_META, EMBED, by_meta, config_from_dims, dims_from_params, hf_order, permute_into
 from .stream import COPY_BLOCK_ELEMS, BlockReader, Read, block_rows, row_ranges
-from .tokenizer import load_proto, special_ids, tokenizer_folder_model, write_hf_tokenizer
+from .tokenizer import is_tiktoken_model, load_proto, special_ids, tokenizer_folder_model, write_hf_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
     params = _read_params(folder)
     paths = meta_shards(folder)
     tok_path = find_tokenizer(folder, tokenizer)
-    proto = load_proto(tok_path, "tokenizer.model")
+    tiktoken = is_tiktoken_model(tok_path)  # Llama-3: Meta's tokenizer.model is tiktoken's, not SentencePiece's
+    proto = None if tiktoken else load_proto(tok_path, "tokenizer.model")
     shard_bytes = parse_size(max_shard_size)
     shards = [PthFile(p) for p in paths]
     try:
@@ -211,7 +212,7 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
                 raise LlamaforgeError(f"{t.meta} has shape {list(shape)} but params.json implies {list(want)}",
                                       folder / "params.json", "use the params.json of this checkpoint")
             plan.append((t, TensorInfo(t.hf, dtypes.pop(), shape)))
-        n_pieces = len(proto.pieces)
+        n_pieces = len(proto.pieces) if proto is not None else dims.vocab  # tiktoken: checked when converted
         if n_pieces != dims.vocab:
             raise LlamaforgeError(f"tokenizer.model has {n_pieces} pieces but the embeddings have {dims.vocab} rows",
                                   tok_path, "use the tokenizer.model released with these weights")
@@ -230,16 +231,19 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
                 writer.abort()
                 raise
             outputs = writer.close()
-            ids = special_ids(proto)
-            pad = ids.get("pad")
-            cfg = config_from_dims(dims, dtype_name, ids.get("bos"), ids.get("eos"), pad)
-            write_json(tmp / "config.json", cfg)
-            write_json(tmp / "generation_config.json",
-                       {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None})
-            # a pad piece the trainer spec does not name ([PAD] of Chinese-Alpaca) is an added special token
-            pads = [proto.pieces[pad].piece] if pad is not None and pad != proto.trainer_spec.pad_id else []
-            write_hf_tokenizer(proto, tmp, pads, model_bytes=tok_path.read_bytes(),
-                               model_max_length=dims.max_positions)
+            if tiktoken:
+                _write_llama3_files(tmp, params, dims, dtype_name, tok_path)
+            else:
+                ids = special_ids(proto)
+                pad = ids.get("pad")
+                cfg = config_from_dims(dims, dtype_name, ids.get("bos"), ids.get("eos"), pad)
+                write_json(tmp / "config.json", cfg)
+                write_json(tmp / "generation_config.json",
+                           {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None})
+                # a pad piece the trainer spec does not name ([PAD] of Chinese-Alpaca) is an added special token
+                pads = [proto.pieces[pad].piece] if pad is not None and pad != proto.trainer_spec.pad_id else []
+                write_hf_tokenizer(proto, tmp, pads, model_bytes=tok_path.read_bytes(),
+                                   model_max_length=dims.max_positions)
             outputs = hash_files(tmp, outputs)
             manifest = {
                 "llamaforge": "import_pth",
@@ -254,6 +258,27 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
     finally:
         for s in shards:
             s.close()
+
+
+def _write_llama3_files(tmp: Path, params: dict, dims, dtype_name: str, tok_path: Path) -> None:
+    """config.json (llama3 rope scaling when params.json says use_scaled_rope), generation_config.json
+    and the tokenizer (tokenizer.json from Meta's tiktoken tokenizer.model) of a
+    Llama-3.x import, as transformers' convert_llama_weights_to_hf writes them."""
+    from .tokenizer import LLAMA3_SPECIAL_TOKENS, write_llama3_tokenizer
+
+    ranks = dims.vocab - len(LLAMA3_SPECIAL_TOKENS)
+    bos, eos = ranks, ranks + 1  # <|begin_of_text|>, <|end_of_text|>
+    cfg = config_from_dims(dims, dtype_name, bos, eos, None)
+    eos_ids = eos
+    if params.get("use_scaled_rope"):
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(params.get("rope_scaling_factor", 8.0)),
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192}
+        eos_ids = [eos, ranks + 8, ranks + 9]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+    write_json(tmp / "config.json", cfg)
+    write_json(tmp / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos_ids})
+    # Meta's tiktoken tokenizer.model is not copied: in a Hugging Face folder that name means SentencePiece
+    write_llama3_tokenizer(tok_path, tmp, dims.vocab, dims.max_positions)
 
 
 def _reads(shards: list[PthFile], plan, dims, n: int):

@@ -456,9 +456,14 @@ def params_from_dims(dims: LlamaDims, path=None) -> dict:
 
 def default_max_positions(params: dict) -> int:
     """Meta's params.json has no context length. LLaMA-1 (norm_eps 1e-6) was trained on 2048 tokens,
-    LLaMA-2 (norm_eps 1e-5) on 4096; `max_seq_len`, when present, wins."""
+    LLaMA-2 (norm_eps 1e-5) on 4096, Llama-3 (rope_theta 500000) on 8192, and Llama-3.1/3.2
+    (use_scaled_rope) reach 131072; `max_seq_len`, when present, wins."""
     if params.get("max_seq_len"):
         return int(params["max_seq_len"])
+    if params.get("use_scaled_rope"):  # Llama-3.1/3.2: 128K
+        return 131072
+    if float(params.get("rope_theta", 10000.0)) == 500000.0:  # Llama-3: 8K
+        return 8192
     return 4096 if float(params.get("norm_eps", 1e-6)) >= 1e-5 else 2048
 
 

@@ -624,3 +624,107 @@ def tiktoken_model(tokenizer_json: Path) -> bytes:
                                   "export a model with a byte-level BPE tokenizer (Llama-3's)") from None
         lines.append(f"{base64.b64encode(raw).decode()} {rank}\n")
     return "".join(lines).encode()
+
+
+# ---- Meta's Llama-3 tokenizer.model (tiktoken) -> tokenizer.json --------------------------------
+
+# Meta's Llama-3.1/3.2 special tokens, after the 128000 BPE ranks (llama-models' tokenizer.py)
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+    "<|eot_id|>", "<|python_tag|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - 11 + 2)]
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def is_tiktoken_model(path: Path) -> bool:
+    """Meta's Llama-3 tokenizer.model: text lines "base64 rank", not a SentencePiece protobuf."""
+    import re
+
+    with open(path, "rb") as f:
+        head = f.read(256)
+    first = head.split(b"\n", 1)[0]
+    return bool(re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", first))
+
+
+def _tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    import base64
+    import binascii
+
+    ranks = {}
+    try:
+        for n, line in enumerate(path.read_bytes().splitlines()):
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except (ValueError, binascii.Error):
+        raise LlamaforgeError(f"line {n + 1} is not 'base64 rank'", path,
+                              "use the tokenizer.model of Meta's Llama-3 release") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise LlamaforgeError("the ranks are not 0 .. N-1", path, "use the tokenizer.model of Meta's Llama-3 release")
+    return ranks
+
+
+def _merges_of(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merges of a tiktoken rank table, as Meta's Llama-3 tokenizer.json lists them (transformers'
+    TikTokenConverter): every split of a token into two tokens, by the token's rank, then by the
+    halves' ranks."""
+    merges = []
+    for token, rank in ranks.items():
+        local = [(token[:i], token[i:], rank) for i in range(1, len(token))
+                 if token[:i] in ranks and token[i:] in ranks]
+        local.sort(key=lambda m: (ranks[m[0]], ranks[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: m[2])
+    return [(a, b) for a, b, _ in merges]
+
+
+def llama3_tokenizer_json(path: Path, rows: int) -> dict:
+    """A Hugging Face tokenizer.json for Meta's Llama-3 tokenizer.model: its ranks as a byte-level BPE
+    (merges recovered from the ranks, ignore_merges as Meta's tokenizer.json has it), Llama-3's split
+    pattern, the special tokens of llama-models after the ranks, BOS put in front."""
+    ranks = _tiktoken_ranks(path)
+    n = len(ranks)
+    if n + len(LLAMA3_SPECIAL_TOKENS) != rows:
+        raise LlamaforgeError(
+            f"tokenizer.model has {n} ranks + {len(LLAMA3_SPECIAL_TOKENS)} special tokens, but the embeddings have "
+            f"{rows} rows", path, "use the tokenizer.model released with these weights")
+    spell = _bytes_to_unicode()
+    text = {tok: "".join(spell[b] for b in tok) for tok in ranks}
+    vocab = {text[tok]: r for tok, r in sorted(ranks.items(), key=lambda kv: kv[1])}
+    merges = [[text[a], text[b]] for a, b in _merges_of(ranks)]
+    added = [{"id": n + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)]
+    bos = "<|begin_of_text|>"
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": {"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            {"type": "TemplateProcessing",
+             "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+             "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                      {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+             "special_tokens": {bos: {"id": bos, "ids": [n], "tokens": [bos]}}}]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": vocab, "merges": merges},
+    }
+
+
+def write_llama3_tokenizer(path: Path, out_dir: Path, rows: int, model_max_length: int) -> None:
+    """tokenizer.json + tokenizer_config.json (+ Meta's tokenizer.model, kept) for a Llama-3 import."""
+    out = Path(out_dir)
+    tj = llama3_tokenizer_json(path, rows)
+    with open(out / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(tj, f, ensure_ascii=False, indent=None, separators=(",", ":"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+           "eos_token": "<|end_of_text|>", "clean_up_tokenization_spaces": True,
+           "model_input_names": ["input_ids", "attention_mask"], "model_max_length": int(model_max_length)}
+    with open(out / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump(cfg, f, ensure_ascii=False, indent=2, sort_keys=True)
+        f.write("\n")
