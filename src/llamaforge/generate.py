@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 from .errors import LlamaforgeError
 from . import defaults as D
 from .fsutil import atomic_file, guard_output, read_text, require_dir, write_json
-from .tokenizer import HF_FILES
+from .tokenizer import HF_FILES, ships_padding
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +348,8 @@ def plan_vocab(base_vocab: int, adapters: Sequence[AdapterInfo], tokenizer_len: 
         cur = rows
         sizes.append(cur)
     # embeddings padded past the tokenizer, as released (Qwen2: 151936 rows for 151665 tokens): the merge's rule
-    padded = tokenizer_len is not None and tokenizer_len < cur == base_vocab and all(a.rows is None for a in adapters)
+    padded = (tokenizer_len is not None and tokenizer_len < cur == base_vocab and all(a.rows is None for a in adapters)
+              and ships_padding(base_path, base_vocab))
     if tokenizer_len is not None and tokenizer_len != cur and not padded:
         chain = " -> ".join(str(s) for s in sizes)
         if tokenizer_len > cur and all(a.rows is None for a in adapters):

@@ -41,7 +41,7 @@ from .fsutil import atomic_dir, guard_output, hash_files, require_dir, sha256_ca
 from .lora import Adapter, Factors, LoraUpdate, apply_factors, load_factors, open_adapter
 from .names import EMBED_HF, LM_HEAD_HF, family_of, hf_tensor_order
 from .stream import BLOCK_ELEMS, BlockReader, Read, Stage, block_rows, row_ranges
-from .tokenizer import has_tokenizer, tokenizer_files, tokenizer_length
+from .tokenizer import has_tokenizer, ships_padding, tokenizer_files, tokenizer_length
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,8 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
         base_rows = src.info(EMBED_HF).shape[0]
         # Qwen2 and others ship embeddings padded past the tokenizer (151936 rows, 151665 tokens):
         # kept as released when no adapter changed the vocabulary.
-        padded = tok_len < rows == base_rows and not any(EMBED_HF in ad.full for ad in adapters)
+        padded = (tok_len < rows == base_rows and not any(EMBED_HF in ad.full for ad in adapters)
+                  and ships_padding(base, base_rows))
         if padded:
             echo(f"the embeddings have {rows - tok_len} rows past the tokenizer's {tok_len} tokens, as the base "
                  "ships them (padding)")

@@ -374,6 +374,17 @@ def tokenizer_length(folder: Path) -> int:
     return max(ids) + 1
 
 
+def ships_padding(folder: str | os.PathLike | None, rows: int) -> bool:
+    """Whether a model folder's own tokenizer is shorter than its embedding rows: the release pads
+    its embeddings (Qwen2: 151936 rows for 151665 tokens), so a tokenizer up to `rows` fits it."""
+    if folder is None or not Path(folder).is_dir() or not has_tokenizer(folder):
+        return False
+    try:
+        return tokenizer_length(Path(folder)) < rows
+    except LlamaforgeError:
+        return False
+
+
 def load_hf_tokenizer(folder: str | os.PathLike):
     """AutoTokenizer for a folder, never trusting remote code."""
     from transformers import AutoTokenizer
@@ -654,7 +665,7 @@ def _tiktoken_ranks(path: Path) -> dict[bytes, int]:
 
     ranks = {}
     try:
-        for n, line in enumerate(path.read_bytes().splitlines()):
+        for n, line in enumerate(path.read_bytes().splitlines()):  # noqa: B007 (n names the bad line)
             if line.strip():
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
