@@ -315,3 +315,38 @@ def test_llama3_meta_folder_imports_back_to_the_same_model_and_tokenizer(family,
     assert [tok.encode(t, add_special_tokens=False) for t, _ in cases] == [i for _, i in cases]
     assert tok("Hi").input_ids[0] == 128000 and len(tok) == 128256
     assert pre_tokenizer(tok, back) == "llama-bpe"
+
+
+@pytest.mark.slow
+def test_the_pipeline_builds_each_family_with_its_evaluation(family, tmp_path):
+    """config.yaml entries for Llama-3.1, Qwen2 and Mistral (base + LoRA, a tokenizer.json-only
+    tokenizer extended with a token for Qwen2): merge, GGUF Q8_0 and every eval/ output."""
+    import yaml
+
+    from helpers import copy_workflow, snakemake
+
+    wf = copy_workflow(tmp_path / "llamaforge")
+    cfg = yaml.safe_load((wf / "config.yaml").read_text())
+    cfg["demo"]["enabled"] = False
+    cfg["tokenizers"] = {"qwen-pad": {"base": str(family("qwen2")["tokenizer"]), "add_tokens": ["<|my_pad|>"]}}
+    cfg["models"] = {}
+    for name in ("llama3", "qwen2", "mistral"):
+        f = family(name)
+        cfg["models"][name] = {"base": str(f["base"]), "loras": [str(f["lora"])], "exports": ["hf", "gguf-q8_0"]}
+    cfg["models"]["qwen2"]["tokenizer"] = "tokenizers/qwen-pad"
+    cfg["eval"]["generation"].update(max_new_tokens=4)
+    cfg["eval"]["perplexity"].update(max_length=64, stride=32)
+    (wf / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    snakemake(wf, "--cores", "2", timeout=1800)
+    for name in ("llama3", "qwen2", "mistral"):
+        summary = json.loads((wf / "eval" / name / "summary.json").read_text())
+        eq = json.loads((wf / "eval" / name / "equivalence.json").read_text())
+        assert eq["passed"] and eq["top1_agreement"] == 1.0, (name, eq)
+        ppl = json.loads((wf / "eval" / name / "perplexity.json").read_text())
+        assert ppl["perplexity"] > 1 and ppl["scored_tokens"] > 50
+        preds = json.loads((wf / "eval" / name / "predictions.json").read_text())
+        gen = json.loads((wf / "eval" / name / "generation_config.json").read_text())
+        assert gen["template"] == ("alpaca" if name == "mistral" else "chat") and len(preds) > 0
+        assert summary["llamaforge"] and (wf / "exports" / name / f"{name}-q8_0.gguf").is_file()
+    assert (wf / "merged/qwen2/tokenizer.json").read_bytes() == (wf / "tokenizers/qwen-pad/tokenizer.json").read_bytes()
+    assert "Nothing to be done" in snakemake(wf, "--cores", "2", "-n").stdout
