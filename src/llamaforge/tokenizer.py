@@ -472,19 +472,25 @@ def merge_tokenizers(base: str | os.PathLike, extra: str | os.PathLike | None, o
             raise LlamaforgeError("an extra SentencePiece model cannot be merged into a tokenizer.json tokenizer", extra,
                                   "drop extra: (--extra) and list the new tokens under add_tokens: (--add-token)")
         return add_tokens_json(base, output, add_tokens, echo)
-    if extra is None:
-        raise LlamaforgeError("a SentencePiece base needs an extra model to merge", base,
-                              "set extra: in config.yaml (--extra), or give a tokenizer.json folder as base")
+    if extra is None and not add_tokens:
+        raise LlamaforgeError("nothing to merge: no extra SentencePiece model and no token to add", base,
+                              "set extra: (--extra) and/or add_tokens: (--add-token) in config.yaml")
     guard_output(output, "tokenizer", [("base SentencePiece model", base), ("extra SentencePiece model", extra)])
-    base_path, extra_path = Path(base), Path(extra)
+    base_path = Path(base)
     base_proto = load_proto(base_path, "base SentencePiece model")
-    extra_proto = load_proto(extra_path, "extra SentencePiece model")
+    if extra is None:  # only tokens added (e.g. [PAD] to LLaMA's own model)
+        extra_path, extra_proto = None, _pb2().ModelProto()
+    else:
+        extra_path = Path(extra)
+        extra_proto = load_proto(extra_path, "extra SentencePiece model")
     merged, res = merge_protos(base_proto, extra_proto, list(add_tokens), base_path, extra_path)
     base_sp = spm.SentencePieceProcessor(model_proto=base_path.read_bytes())
 
     echo(f"base: {base_path} ({res.base_pieces} pieces), extra: {extra_path} ({res.extra_pieces} pieces)")
     echo(f"Before: {res.base_pieces}")
-    if not res.added:
+    if extra_path is None:
+        pass  # tokens only
+    elif not res.added:
         log.warning("%s adds no piece that %s lacks; the output equals the base", extra_path, base_path)
         echo(f"WARNING: {extra_path} adds no new piece; the merged vocabulary equals the base")
     else:
@@ -501,7 +507,7 @@ def merge_tokenizers(base: str | os.PathLike, extra: str | os.PathLike | None, o
     summary = {
         "llamaforge": "merge_tokenizers",
         "base": os.fspath(base_path),
-        "extra": os.fspath(extra_path),
+        "extra": None if extra_path is None else os.fspath(extra_path),
         "base_pieces": res.base_pieces,
         "extra_pieces": res.extra_pieces,
         "added_pieces": len(res.added),
