@@ -191,6 +191,22 @@ def base_with_duplicate_key(case: Path, world: Path) -> Path:
     return base
 
 
+def base_of_another_family(case: Path, world: Path) -> Path:
+    base = case / "base"
+    shutil.copytree(world / "base", base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.update(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox")
+    (base / "config.json").write_text(json.dumps(cfg))
+    return base
+
+
+def meta_with_garbled_tiktoken(case: Path, world: Path) -> Path:
+    meta = case / "meta"
+    shutil.copytree(world / "pth", meta)
+    (meta / "tokenizer.model").write_text("IQ== 0\nIg== 1\nnot-base64!! x\n")
+    return meta
+
+
 DEEP = "[" * 100000 + "]" * 100000
 
 
@@ -365,6 +381,18 @@ CASES = [
                                                          "--alpaca-json", c / "n.jsonl", "--num-requests", "1",
                                                          "--base-url", "http://127.0.0.1:9/v1"],
      ["--alpaca-json is one of the crawl's own files"]),
+    # today's families
+    ("merge-unsupported-architecture", lambda w, c: merge_args(base_of_another_family(c, w), [w / "lora"], c / "m"),
+     ["architecture 'GPTNeoXForCausalLM'", "is not supported; supported: LlamaForCausalLM"]),
+    ("gguf-unsupported-architecture", lambda w, c: ["export_gguf.py", "--model", base_of_another_family(c, w),
+                                                    "--output", c / "m.gguf"],
+     ["architecture 'GPTNeoXForCausalLM'"]),
+    ("tokenizer-extra-into-tokenizer-json", lambda w, c: ["merge_tokenizers.py", "--base", w / "merged", "--extra",
+                                                          w / "sp" / "chinese.model", "--output", c / "t"],
+     ["cannot be merged into a tokenizer.json tokenizer"]),
+    ("import-garbled-tiktoken-tokenizer", lambda w, c: ["import_pth.py", "--input", meta_with_garbled_tiktoken(c, w),
+                                                        "--output", c / "hf"],
+     ["line 3 is not 'base64 rank'"]),
     ("crawl-nan-price", lambda w, c: ["crawl_prompts.py", "--output", c / "n.jsonl", "--price-in", "nan",
                                       "--num-requests", "1", "--base-url", "http://127.0.0.1:9/v1"],
      ["prices must be 0 or more"]),

@@ -216,6 +216,11 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
         if n_pieces != dims.vocab:
             raise LlamaforgeError(f"tokenizer.model has {n_pieces} pieces but the embeddings have {dims.vocab} rows",
                                   tok_path, "use the tokenizer.model released with these weights")
+        llama3_tokenizer = None
+        if tiktoken:  # converted (and checked against the embedding rows) before any weight is read
+            from .tokenizer import llama3_tokenizer_json
+
+            llama3_tokenizer = llama3_tokenizer_json(tok_path, dims.vocab)
         dtype = plan[0][1].dtype
         dtype_name = str(dtype).removeprefix("torch.")
         total = sum(info.nbytes for _, info in plan)
@@ -232,7 +237,7 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
                 raise
             outputs = writer.close()
             if tiktoken:
-                _write_llama3_files(tmp, params, dims, dtype_name, tok_path)
+                _write_llama3_files(tmp, params, dims, dtype_name, llama3_tokenizer)
             else:
                 ids = special_ids(proto)
                 pad = ids.get("pad")
@@ -260,7 +265,7 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
             s.close()
 
 
-def _write_llama3_files(tmp: Path, params: dict, dims, dtype_name: str, tok_path: Path) -> None:
+def _write_llama3_files(tmp: Path, params: dict, dims, dtype_name: str, tokenizer_json: dict) -> None:
     """config.json (llama3 rope scaling when params.json says use_scaled_rope), generation_config.json
     and the tokenizer (tokenizer.json from Meta's tiktoken tokenizer.model) of a
     Llama-3.x import, as transformers' convert_llama_weights_to_hf writes them."""
@@ -278,7 +283,7 @@ def _write_llama3_files(tmp: Path, params: dict, dims, dtype_name: str, tok_path
     write_json(tmp / "config.json", cfg)
     write_json(tmp / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos_ids})
     # Meta's tiktoken tokenizer.model is not copied: in a Hugging Face folder that name means SentencePiece
-    write_llama3_tokenizer(tok_path, tmp, dims.vocab, dims.max_positions)
+    write_llama3_tokenizer(tokenizer_json, tmp, dims.max_positions)
 
 
 def _reads(shards: list[PthFile], plan, dims, n: int):

@@ -733,10 +733,9 @@ def llama3_tokenizer_json(path: Path, rows: int) -> dict:
     }
 
 
-def write_llama3_tokenizer(path: Path, out_dir: Path, rows: int, model_max_length: int) -> None:
-    """tokenizer.json + tokenizer_config.json (+ Meta's tokenizer.model, kept) for a Llama-3 import."""
+def write_llama3_tokenizer(tj: dict, out_dir: Path, model_max_length: int) -> None:
+    """tokenizer.json (from llama3_tokenizer_json) + tokenizer_config.json for a Llama-3 import."""
     out = Path(out_dir)
-    tj = llama3_tokenizer_json(path, rows)
     with open(out / "tokenizer.json", "w", encoding="utf-8") as f:
         json.dump(tj, f, ensure_ascii=False, indent=None, separators=(",", ":"))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
