@@ -1,25 +1,51 @@
 #!/usr/bin/env python
-"""Export a Hugging Face LLaMA folder (e.g. merged/NAME) to one GGUF file for llama.cpp."""
+"""Export a Hugging Face model folder (e.g. merged/NAME) to one GGUF file for llama.cpp, with its
+.sha256 and an Ollama Modelfile beside it. f16/bf16/q8_0 are written by llamaforge; q4_0 ... q6_k
+by llama.cpp's own quantizer from llamaforge's F16 (needs the gguf extra: llama-cpp-python)."""
 
 import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
 from llamaforge.cli import Command, setup_logging, user_errors
+from llamaforge.gguf_file import GGUF_TYPES
+from llamaforge.quantize import LLAMA_CPP_TYPES
+
+PARAMETERS = ("temperature", "top_k", "top_p", "repeat_penalty", "num_predict", "seed")
+
+
+def _parameter(ctx, param, values):
+    out = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or key not in PARAMETERS:
+            raise click.BadParameter(f"{v!r}: give KEY=VALUE with KEY one of {', '.join(PARAMETERS)}")
+        try:
+            out[key] = int(value) if key in ("top_k", "num_predict", "seed") else float(value)
+        except ValueError:
+            raise click.BadParameter(f"{v!r}: {value!r} is not a number") from None
+    return out
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", required=True, type=click.Path(file_okay=False), help="Hugging Face model folder.")
 @click.option("--output", required=True, type=click.Path(dir_okay=False),
-              help="Output .gguf file (written atomically, with FILE.sha256 beside it).")
-@click.option("--outtype", type=click.Choice(["f16", "bf16", "q8_0"]), default="f16", show_default=True,
-              help="Weight type; norms stay F32.")
+              help="Output .gguf file (written atomically, with FILE.sha256 and STEM.Modelfile beside it).")
+@click.option("--outtype", type=click.Choice(list(GGUF_TYPES + LLAMA_CPP_TYPES)), default="f16", show_default=True,
+              help="Weight type; norms stay F32. q4_0 ... q6_k: llama.cpp's quantizer (llama-quantize's types).")
 @click.option("--name", default=None, help="general.name in the metadata (default: the model folder's name).")
-def main(model, output, outtype, name):
+@click.option("--modelfile/--no-modelfile", default=True, show_default=True,
+              help="Write STEM.Modelfile for Ollama (FROM, TEMPLATE of the prompt format, stop strings).")
+@click.option("--parameter", "parameters", multiple=True, callback=_parameter, metavar="KEY=VALUE",
+              help=f"A Modelfile PARAMETER ({', '.join(PARAMETERS)}); repeatable.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Threads of llama.cpp's quantizer (0: all cores).")
+def main(model, output, outtype, name, modelfile, parameters, threads):
     setup_logging()
     with user_errors():
         from llamaforge.export import export_gguf
 
-        export_gguf(model, output, outtype=outtype, name=name, echo=click.echo)
+        export_gguf(model, output, outtype=outtype, name=name, echo=click.echo,
+                    modelfile=parameters if modelfile else None, threads=threads)
 
 
 if __name__ == "__main__":

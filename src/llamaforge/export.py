@@ -343,68 +343,125 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
 
 
 def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: str = "f16",
-                name: str | None = None, echo: Callable[[str], None] = print) -> str:
-    """Write the GGUF file `output` (+ `output.sha256`) atomically; return its sha256."""
-    if outtype not in GGUF_TYPES:
-        raise LlamaforgeError(f"unknown --outtype {outtype!r}", None, f"use one of {', '.join(GGUF_TYPES)}")
-    gguf = load_gguf()
-    import numpy as np
+                name: str | None = None, echo: Callable[[str], None] = print, modelfile: dict | None = None,
+                threads: int = 0) -> str:
+    """Write the GGUF file `output` (+ `output.sha256`, + `{stem}.Modelfile` for Ollama unless
+    modelfile is None) atomically; return its sha256.
 
+    f16, bf16 and q8_0 are written here; the llama.cpp types (q4_0 ... q6_k, quantize.LLAMA_CPP_TYPES)
+    are made by llama.cpp's own quantizer from the F16 GGUF written here first (a temporary file).
+    `modelfile`: the generation parameters for the Modelfile (Ollama's names: temperature, top_k,
+    top_p, repeat_penalty, num_predict)."""
+    from .quantize import LLAMA_CPP_TYPES, load_llama_cpp, modelfile_path
+
+    quantized = outtype in LLAMA_CPP_TYPES
+    if outtype not in GGUF_TYPES and not quantized:
+        raise LlamaforgeError(f"unknown --outtype {outtype!r}", None,
+                              f"use one of {', '.join(GGUF_TYPES + LLAMA_CPP_TYPES)}")
+    if quantized:
+        load_llama_cpp(outtype)  # before anything is read: without it, one line saying what to install
+    gguf = load_gguf()
     output = Path(output)
     if output.is_dir() and not output.is_symlink():
         raise LlamaforgeError("the GGUF output is a folder", output, "give a file name ending in .gguf")
     sums = output.with_name(output.name + ".sha256")
+    mfile = modelfile_path(output) if modelfile is not None else None
     guard_output(output, "gguf", [("model folder", model)])
     guard_output(sums, "sha256", [("model folder", model)])
+    if mfile is not None:
+        guard_output(mfile, "text", [("model folder", model)])
     m = open_model(model)
     try:
-        # llama.cpp's llama architecture (LLaMA, Mistral) wants q/k interleaved as Meta stores them; its
-        # qwen2 architecture ropes the halves as Hugging Face does, so Qwen2's stay as they are
-        m.permute = m.family.permute_qk
-        # no output.weight for tied embeddings: llama.cpp then uses token_embd, as convert_hf_to_gguf.py writes it
-        jobs = plan_reads(m, hf_order(m.dims.n_layers, with_output=m.has_output, biases=m.family.qkv_bias))
-        qtypes = [gguf_qtype(gguf, j.t, j.info.shape, outtype) for j in jobs]
-        writer = gguf.GGUFWriter(path=None, arch=m.family.gguf_arch)
-        gguf_metadata(gguf, writer, m, outtype, name or m.folder.name)
-        extra = extra_tensors(m)  # rope_freqs (llama3 rope scaling): first, as the converter writes it
-        for ename, etensor in extra:
-            writer.add_tensor_info(ename, tuple(etensor.shape), np.float32, etensor.numel() * 4,
-                                   raw_dtype=gguf.GGMLQuantizationType.F32)
-        sizes = []
-        for j, q in zip(jobs, qtypes):
-            nb = gguf_nbytes(gguf, q, j.info.shape)
-            sizes.append(nb)
-            writer.add_tensor_info(j.t.gguf, j.info.shape, np.float32, nb, raw_dtype=q)
-        echo(f"exporting {m.folder} ({m.family.architecture}) to GGUF {outtype}: {len(jobs) + len(extra)} tensors, "
-             f"{sum(sizes) / 1e9:.2f} GB, "
+        targets = [output, sums] + ([mfile] if mfile is not None else [])
+        plan = _plan_gguf(gguf, m, "f16" if quantized else outtype, name or m.folder.name)
+        need = plan["bytes"] * (2 if quantized else 1)
+        echo(f"exporting {m.folder} ({m.family.architecture}) to GGUF {outtype}: {plan['tensors']} tensors, "
+             f"{plan['bytes'] / 1e9:.2f} GB{' in F16, then llama.cpp quantizes' if quantized else ''}, "
              f"vocabulary {m.dims.vocab}")
-        align = writer.data_alignment
-        # the GGUF and its .sha256 appear together: a kill in between leaves the .sha256 missing
-        with atomic_files([output, sums], need_bytes=sum(sizes)) as (tmp_gguf, tmp_sums):
-            with open(tmp_gguf, "wb") as raw:
-                f = HashingWriter(raw)
-                # GGUFWriter writes the header, metadata and tensor infos into our (hashing) file; it
-                # never holds a tensor: the data is written below, one block of rows at a time.
-                begin_gguf_file(gguf, writer, f, output)
-                conv = Converter(gguf)
-                try:
-                    for _, etensor in extra:
-                        f.write(memoryview(etensor.numpy()).cast("B"))
-                        writer.write_padding(f, etensor.numel() * 4, align)
-                    for blk, q, nb in zip(tensor_stream(m, jobs), qtypes, sizes, strict=True):
-                        job, tensor = blk.key, blk.data
-                        start = f.tell()
-                        conv.write(f, q, tensor, job.source)
-                        if f.tell() - start != nb:
-                            raise RuntimeError(f"{job.t.gguf}: wrote {f.tell() - start} bytes, planned {nb}")
-                        writer.write_padding(f, nb, align)
-                finally:
-                    conv.close()
-                    f.close()
-                digest = f.hexdigest
+        # the GGUF, its .sha256 and its Modelfile appear together: a kill in between leaves the last missing
+        with atomic_files(targets, need_bytes=need) as tmps:
+            tmp_gguf, tmp_sums = tmps[0], tmps[1]
+            if quantized:
+                from .fsutil import scratch_file
+                from .quantize import fallbacks, quantize_gguf, type_summary
+
+                with scratch_file(output, output.stem + "-f16.gguf") as f16:
+                    _write_gguf(gguf, m, plan, f16, output)
+                    quantize_gguf(f16, tmp_gguf, outtype, threads)
+                digest = hashlib.sha256()
+                with open(tmp_gguf, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        digest.update(chunk)
+                digest = digest.hexdigest()
+                echo(f"llama.cpp quantized it to {outtype}: {type_summary(tmp_gguf)}")
+                fell = fallbacks(tmp_gguf, outtype)
+                if fell:
+                    echo(f"{len(fell)} tensor(s) fell back to another type (rows not a multiple of 256): "
+                         + ", ".join(f"{n} {t}" for n, t in fell[:12]) + (" ..." if len(fell) > 12 else ""))
+            else:
+                digest = _write_gguf(gguf, m, plan, tmp_gguf, output)
             tmp_sums.write_text(sums_text({output.name: digest}), encoding="utf-8")
-        echo(f"wrote {output} ({output.stat().st_size / 1e9:.2f} GB) and {sums.name}")
+            if mfile is not None:
+                from .quantize import modelfile_text
+
+                template = plan["chat_template"]
+                tmps[2].write_text(modelfile_text(output.name, template, modelfile), encoding="utf-8")
+        echo(f"wrote {output} ({output.stat().st_size / 1e9:.2f} GB), {sums.name}"
+             + (f" and {mfile.name}" if mfile is not None else ""))
         return digest
     finally:
         m.src.close()
 
+
+def _plan_gguf(gguf, m: ExportSource, outtype: str, name: str) -> dict:
+    """The GGUFWriter with every key and tensor info, the reads, types and sizes of one export."""
+    import numpy as np
+
+    # llama.cpp's llama architecture (LLaMA, Mistral) wants q/k interleaved as Meta stores them; its
+    # qwen2 architecture ropes the halves as Hugging Face does, so Qwen2's stay as they are
+    m.permute = m.family.permute_qk
+    # no output.weight for tied embeddings: llama.cpp then uses token_embd, as convert_hf_to_gguf.py writes it
+    jobs = plan_reads(m, hf_order(m.dims.n_layers, with_output=m.has_output, biases=m.family.qkv_bias))
+    qtypes = [gguf_qtype(gguf, j.t, j.info.shape, outtype) for j in jobs]
+    writer = gguf.GGUFWriter(path=None, arch=m.family.gguf_arch)
+    gguf_metadata(gguf, writer, m, outtype, name)
+    extra = extra_tensors(m)  # rope_freqs (llama3 rope scaling): first, as the converter writes it
+    for ename, etensor in extra:
+        writer.add_tensor_info(ename, tuple(etensor.shape), np.float32, etensor.numel() * 4,
+                               raw_dtype=gguf.GGMLQuantizationType.F32)
+    sizes = []
+    for j, q in zip(jobs, qtypes):
+        nb = gguf_nbytes(gguf, q, j.info.shape)
+        sizes.append(nb)
+        writer.add_tensor_info(j.t.gguf, j.info.shape, np.float32, nb, raw_dtype=q)
+    kv = writer.kv_data[0].get("tokenizer.chat_template")
+    return {"writer": writer, "jobs": jobs, "qtypes": qtypes, "sizes": sizes, "extra": extra,
+            "bytes": sum(sizes) + sum(e.numel() * 4 for _, e in extra), "tensors": len(jobs) + len(extra),
+            "chat_template": kv.value if kv is not None else None}
+
+
+def _write_gguf(gguf, m: ExportSource, plan: dict, path: Path, output: Path) -> str:
+    """Stream the planned GGUF into `path`; return its sha256."""
+    writer = plan["writer"]
+    align = writer.data_alignment
+    with open(path, "wb") as raw:
+        f = HashingWriter(raw)
+        # GGUFWriter writes the header, metadata and tensor infos into our (hashing) file; it
+        # never holds a tensor: the data is written below, one block of rows at a time.
+        begin_gguf_file(gguf, writer, f, output)
+        conv = Converter(gguf)
+        try:
+            for _, etensor in plan["extra"]:
+                f.write(memoryview(etensor.numpy()).cast("B"))
+                writer.write_padding(f, etensor.numel() * 4, align)
+            for blk, q, nb in zip(tensor_stream(m, plan["jobs"]), plan["qtypes"], plan["sizes"], strict=True):
+                job, tensor = blk.key, blk.data
+                start = f.tell()
+                conv.write(f, q, tensor, job.source)
+                if f.tell() - start != nb:
+                    raise RuntimeError(f"{job.t.gguf}: wrote {f.tell() - start} bytes, planned {nb}")
+                writer.write_padding(f, nb, align)
+        finally:
+            conv.close()
+            f.close()
+    return f.hexdigest

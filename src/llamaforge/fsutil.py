@@ -240,6 +240,22 @@ def atomic_files(targets: list[str | os.PathLike], need_bytes: int = 0) -> Itera
 
 
 @contextlib.contextmanager
+def scratch_file(beside: str | os.PathLike, name: str) -> Iterator[Path]:
+    """A temporary file `.{name}.tmp-HOST-PID-*` in `beside`'s folder for an intermediate (the F16
+    GGUF a quantized export is made from), removed afterwards; one left by a killed run is removed
+    by the next, as atomic_files' temporaries are."""
+    target = Path(beside).parent / name
+    _remove_stale(target)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
 def atomic_file(target: str | os.PathLike, mode: str = "wb", need_bytes: int = 0) -> Iterator:
     """Open a temporary file beside `target` for writing; rename it into place on success."""
     with atomic_files([target], need_bytes) as (tmp,):

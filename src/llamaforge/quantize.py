@@ -1,0 +1,135 @@
+"""GGUF quantization by llama.cpp's own quantizer, and the Ollama Modelfile beside each GGUF.
+
+The 4-6 bit types people run (Q4_0 ... Q6_K, Q4_K_M above all) are made by llama.cpp itself:
+llama-cpp-python's `llama_model_quantize` is the function `llama-quantize` calls, applied to
+llamaforge's own F16 GGUF, so the tensors are byte-identical to `llama-quantize`'s of that file
+(its output is deterministic). llama-cpp-python is the `gguf` extra; without it every other export
+still builds and asking for one of these types is one line saying what to install.
+
+K-quants work on rows that are a multiple of 256 values; llama.cpp quantizes other tensors with
+another type (its fallback), which `fallbacks` reads back from the file so the user sees it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import Counter
+from pathlib import Path
+
+from .errors import LlamaforgeError
+
+# --outtype names (llama-quantize's, lower case) made by llama.cpp's quantizer
+LLAMA_CPP_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
+                   "q5_k_s", "q5_k_m", "q6_k")
+K_QUANTS = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+INSTALL = "pip install 'llamaforge[gguf]' (llama-cpp-python; it compiles llama.cpp once, 10-20 minutes)"
+
+
+def load_llama_cpp(outtype: str):
+    """llama_cpp, or one clear error naming what to install."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LlamaforgeError(f"--outtype {outtype} is made by llama.cpp's quantizer, and llama-cpp-python is not "
+                              "installed", None, INSTALL) from None
+    return llama_cpp
+
+
+def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, outtype: str, threads: int = 0) -> None:
+    """llama-quantize SRC DST OUTTYPE, in-process: `llama_model_quantize` with the default parameters
+    (as the command line's) and the type's ftype."""
+    if outtype not in LLAMA_CPP_TYPES:
+        raise LlamaforgeError(f"unknown quantization type {outtype!r}", None, f"use one of {', '.join(LLAMA_CPP_TYPES)}")
+    llama_cpp = load_llama_cpp(outtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{outtype.upper()}")
+    params.nthread = int(threads)
+    rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
+    if rc != 0:
+        raise LlamaforgeError(f"llama.cpp's quantizer failed (return code {rc}); its log is above", src,
+                              "check that the F16 GGUF loads in llama.cpp, and that the disk has room")
+
+
+def tensor_types(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (GGML type name, shape)} of a GGUF file."""
+    import gguf
+
+    return {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape)) for t in gguf.GGUFReader(path).tensors}
+
+
+def fallbacks(path: str | os.PathLike, outtype: str) -> list[tuple[str, str]]:
+    """The 2-D tensors of a K-quant file that llama.cpp stored in a non-K type, because their rows
+    are not a multiple of 256 (its fallback): [(name, type)]. Empty for the other types."""
+    if not outtype.endswith(("_k", "_k_s", "_k_m", "_k_l")):
+        return []
+    return [(name, typ) for name, (typ, shape) in tensor_types(path).items()
+            if len(shape) == 2 and typ not in K_QUANTS]
+
+
+def type_summary(path: str | os.PathLike) -> str:
+    """"Q4_K 154, Q6_K 29, F32 61" for a GGUF file."""
+    counts = Counter(typ for typ, _ in tensor_types(path).values())
+    return ", ".join(f"{t} {n}" for t, n in counts.most_common())
+
+
+# ---------------------------------------------------------------------------------------------
+# Ollama Modelfile
+
+_TEMPLATES = {
+    # ChatML (Qwen2, SmolLM2, ...)
+    "chatml": ('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+               '{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n'
+               '{{ .Response }}<|im_end|>\n', ["<|im_start|>", "<|im_end|>"]),
+    # Llama-3.x Instruct
+    "llama3": ('{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
+               '{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}'
+               '<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>',
+               ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    # Mistral / Llama-2 chat
+    "inst": ("[INST] {{ if .System }}{{ .System }} {{ end }}{{ .Prompt }} [/INST]{{ .Response }}",
+             ["[INST]", "[/INST]"]),
+}
+
+
+def _alpaca_template() -> tuple[str, list[str]]:
+    from .generate import TEMPLATES
+
+    tpl = TEMPLATES["alpaca"]
+    turn = tpl.turn.replace("{instruction}", "{{ .Prompt }}")
+    return "{{ if .System }}{{ .System }}\n\n{{ end }}" + tpl.header + turn + "{{ .Response }}", [tpl.stop]
+
+
+def prompt_format(chat_template: str | None) -> str:
+    """The prompt format of a model by its tokenizer's chat template: chatml, llama3, inst, or alpaca
+    (no chat template: the Chinese-Alpaca recipe's)."""
+    if not chat_template:
+        return "alpaca"
+    if "<|im_start|>" in chat_template:
+        return "chatml"
+    if "<|start_header_id|>" in chat_template:
+        return "llama3"
+    if "[INST]" in chat_template:
+        return "inst"
+    return "alpaca"
+
+
+def modelfile_text(gguf_name: str, chat_template: str | None, settings: dict) -> str:
+    """An Ollama Modelfile: FROM ./{gguf}, the TEMPLATE of the model's prompt format (Go template
+    syntax, as Ollama's own library writes them), its stop strings, and generation parameters."""
+    fmt = prompt_format(chat_template)
+    template, stops = _alpaca_template() if fmt == "alpaca" else _TEMPLATES[fmt]
+    lines = [f"# llamaforge Modelfile: {gguf_name} for Ollama (ollama create NAME -f this file)", f"FROM ./{gguf_name}",
+             f'TEMPLATE """{template}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+             "repetition_penalty": "repeat_penalty", "max_new_tokens": "num_predict", "seed": "seed"}
+    for key, param in names.items():
+        if settings.get(key) is not None:
+            lines.append(f"PARAMETER {param} {settings[key]}")
+    return "\n".join(lines) + "\n"
+
+
+def modelfile_path(gguf_path: str | os.PathLike) -> Path:
+    p = Path(gguf_path)
+    return p.with_name(p.stem + ".Modelfile")
