@@ -16,6 +16,7 @@ from llamaforge.demo import demo_files  # noqa: E402
 from llamaforge.deps import script_closure  # noqa: E402
 from llamaforge.formats import largest_tensor_bytes  # noqa: E402
 from llamaforge.meta import find_tokenizer  # noqa: E402
+from llamaforge.quantize import LLAMA_CPP_TYPES  # noqa: E402
 
 
 wildcard_constraints:
@@ -164,6 +165,15 @@ def export_files(name):
         {"hf": f"merged/{name}", "pth": f"exports/{name}/pth"}.get(e, f"exports/{name}/{name}-{e[5:]}.gguf")
         for e in model_cfg(name)["exports"]
     ]
+
+
+def modelfile_parameters(wildcards):
+    """--parameter options of a GGUF's Ollama Modelfile: the evaluation's generation settings under
+    Ollama's names (greedy: temperature 0)."""
+    g = config["eval"]["generation"]
+    pairs = {"temperature": 0 if g["greedy"] else g["temperature"], "top_k": g["top_k"], "top_p": g["top_p"],
+             "repeat_penalty": g["repetition_penalty"], "num_predict": g["max_new_tokens"]}
+    return " ".join(f"--parameter {k}={v}" for k, v in pairs.items() if v is not None)
 
 
 def export_targets():

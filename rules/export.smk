@@ -2,7 +2,8 @@
 # sha256 verification.
 #
 #   exports/{model}/pth/                      consolidated.NN.pth, params.json, tokenizer.model, SHA256SUMS
-#   exports/{model}/{model}-{outtype}.gguf    + {model}-{outtype}.gguf.sha256   (outtype f16, bf16, q8_0)
+#   exports/{model}/{model}-{outtype}.gguf    + .gguf.sha256 + .Modelfile (f16, bf16, q8_0: llamaforge;
+#                                             q4_0 ... q6_k: llama.cpp's quantizer, from the f16)
 #   imported/{model}/                         a Meta base as a Hugging Face folder (common.smk's model_base_dir)
 #   verify/{model}                            report of the sha256 check; fails on any mismatch
 #
@@ -71,10 +72,12 @@ rule export_gguf:
     output:
         gguf="exports/{model}/{model}-{outtype}.gguf",
         sha256="exports/{model}/{model}-{outtype}.gguf.sha256",
+        modelfile="exports/{model}/{model}-{outtype}.Modelfile",
     wildcard_constraints:
         outtype="f16|bf16|q8_0",
     params:
         model="merged/{model}",
+        parameters=modelfile_parameters,
     log:
         "logs/export/{model}/gguf-{outtype}.log",
     benchmark:
@@ -87,7 +90,40 @@ rule export_gguf:
         "../envs/export.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python {input.script:q} --model {params.model:q} --output {output.gguf:q} "
-        "--outtype {wildcards.outtype} --name {wildcards.model:q} > {log:q} 2>&1"
+        "--outtype {wildcards.outtype} --name {wildcards.model:q} {params.parameters} > {log:q} 2>&1"
+
+
+# 4-6 bit GGUF by llama.cpp's own quantizer (llama-cpp-python, the gguf extra), from the F16 export
+rule quantize_gguf:
+    input:
+        script="scripts/export_gguf.py",
+        lib=script_lib("scripts/export_gguf.py"),
+        model=lambda wc: folder_files(f"merged/{wc.model}"),
+        f16="exports/{model}/{model}-f16.gguf",
+    output:
+        gguf="exports/{model}/{model}-{qtype}.gguf",
+        sha256="exports/{model}/{model}-{qtype}.gguf.sha256",
+        modelfile="exports/{model}/{model}-{qtype}.Modelfile",
+    wildcard_constraints:
+        qtype="|".join(LLAMA_CPP_TYPES),
+    params:
+        model="merged/{model}",
+        parameters=modelfile_parameters,
+    log:
+        "logs/export/{model}/gguf-{qtype}.log",
+    benchmark:
+        "logs/benchmarks/export/{model}/gguf-{qtype}.tsv"
+    threads: 2
+    resources:
+        # llama.cpp quantizes tensor by tensor: the largest tensor in F16 and F32, and its output
+        mem_mb=export_mem_mb,
+        runtime=export_runtime,
+    conda:
+        "../envs/export.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python {input.script:q} --model {params.model:q} --from-f16 {input.f16:q} "
+        "--output {output.gguf:q} --outtype {wildcards.qtype} --threads {threads} {params.parameters} "
+        "> {log:q} 2>&1"
 
 
 rule verify:

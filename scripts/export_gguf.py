@@ -39,13 +39,15 @@ def _parameter(ctx, param, values):
               help=f"A Modelfile PARAMETER ({', '.join(PARAMETERS)}); repeatable.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Threads of llama.cpp's quantizer (0: all cores).")
-def main(model, output, outtype, name, modelfile, parameters, threads):
+@click.option("--from-f16", type=click.Path(dir_okay=False), default=None,
+              help="Quantize this F16 GGUF of the model (written by llamaforge) instead of writing one.")
+def main(model, output, outtype, name, modelfile, parameters, threads, from_f16):
     setup_logging()
     with user_errors():
         from llamaforge.export import export_gguf
 
         export_gguf(model, output, outtype=outtype, name=name, echo=click.echo,
-                    modelfile=parameters if modelfile else None, threads=threads)
+                    modelfile=parameters if modelfile else None, threads=threads, from_f16=from_f16)
 
 
 if __name__ == "__main__":

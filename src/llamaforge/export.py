@@ -344,14 +344,15 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
 
 def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: str = "f16",
                 name: str | None = None, echo: Callable[[str], None] = print, modelfile: dict | None = None,
-                threads: int = 0) -> str:
+                threads: int = 0, from_f16: str | os.PathLike | None = None) -> str:
     """Write the GGUF file `output` (+ `output.sha256`, + `{stem}.Modelfile` for Ollama unless
     modelfile is None) atomically; return its sha256.
 
     f16, bf16 and q8_0 are written here; the llama.cpp types (q4_0 ... q6_k, quantize.LLAMA_CPP_TYPES)
     are made by llama.cpp's own quantizer from the F16 GGUF written here first (a temporary file).
     `modelfile`: the generation parameters for the Modelfile (Ollama's names: temperature, top_k,
-    top_p, repeat_penalty, num_predict)."""
+    top_p, repeat_penalty, num_predict). `from_f16`: quantize this F16 GGUF of `model`, written by
+    llamaforge before (the workflow's exports/{model}/{model}-f16.gguf), instead of writing one."""
     from .quantize import LLAMA_CPP_TYPES, load_llama_cpp, modelfile_path
 
     quantized = outtype in LLAMA_CPP_TYPES
@@ -360,20 +361,28 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
                               f"use one of {', '.join(GGUF_TYPES + LLAMA_CPP_TYPES)}")
     if quantized:
         load_llama_cpp(outtype)  # before anything is read: without it, one line saying what to install
+    elif from_f16 is not None:
+        raise LlamaforgeError(f"--from-f16 is for the llama.cpp types, not {outtype}", from_f16,
+                              f"drop --from-f16, or ask for one of {', '.join(LLAMA_CPP_TYPES)}")
     gguf = load_gguf()
     output = Path(output)
     if output.is_dir() and not output.is_symlink():
         raise LlamaforgeError("the GGUF output is a folder", output, "give a file name ending in .gguf")
     sums = output.with_name(output.name + ".sha256")
     mfile = modelfile_path(output) if modelfile is not None else None
-    guard_output(output, "gguf", [("model folder", model)])
-    guard_output(sums, "sha256", [("model folder", model)])
+    inputs = [("model folder", model), ("F16 GGUF", from_f16)]
+    guard_output(output, "gguf", inputs)
+    guard_output(sums, "sha256", inputs)
     if mfile is not None:
-        guard_output(mfile, "text", [("model folder", model)])
+        guard_output(mfile, "text", inputs)
+    if from_f16 is not None:
+        _check_f16(gguf, Path(from_f16))
     m = open_model(model)
     try:
         targets = [output, sums] + ([mfile] if mfile is not None else [])
         plan = _plan_gguf(gguf, m, "f16" if quantized else outtype, name or m.folder.name)
+        if from_f16 is not None:
+            plan["bytes"] = Path(from_f16).stat().st_size
         need = plan["bytes"] * (2 if quantized else 1)
         echo(f"exporting {m.folder} ({m.family.architecture}) to GGUF {outtype}: {plan['tensors']} tensors, "
              f"{plan['bytes'] / 1e9:.2f} GB{' in F16, then llama.cpp quantizes' if quantized else ''}, "
@@ -385,9 +394,12 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
                 from .fsutil import scratch_file
                 from .quantize import fallbacks, quantize_gguf, type_summary
 
-                with scratch_file(output, output.stem + "-f16.gguf") as f16:
-                    _write_gguf(gguf, m, plan, f16, output)
-                    quantize_gguf(f16, tmp_gguf, outtype, threads)
+                if from_f16 is not None:
+                    quantize_gguf(from_f16, tmp_gguf, outtype, threads)
+                else:
+                    with scratch_file(output, output.stem + "-f16.gguf") as f16:
+                        _write_gguf(gguf, m, plan, f16, output)
+                        quantize_gguf(f16, tmp_gguf, outtype, threads)
                 digest = hashlib.sha256()
                 with open(tmp_gguf, "rb") as f:
                     while chunk := f.read(1 << 24):
@@ -411,6 +423,22 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
         return digest
     finally:
         m.src.close()
+
+
+def _check_f16(gguf, path: Path) -> None:
+    """--from-f16 must be an F16 GGUF that llamaforge wrote (its tensors are then this model's)."""
+    from .fsutil import GGUF_OWN_KEY
+    from .quantize import gguf_file_type
+
+    if not path.is_file():
+        raise LlamaforgeError("the F16 GGUF does not exist", path, "build it first (exports/{model}/{model}-f16.gguf)")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise LlamaforgeError(f"not a GGUF file ({str(e)[:100]})", path, "export the model to GGUF f16 again") from None
+    if GGUF_OWN_KEY not in reader.fields or gguf_file_type(reader) != int(gguf.LlamaFileType.MOSTLY_F16):
+        raise LlamaforgeError("not an F16 GGUF that llamaforge wrote", path,
+                              "give the F16 export of this model (scripts/export_gguf.py --outtype f16)")
 
 
 def _plan_gguf(gguf, m: ExportSource, outtype: str, name: str) -> dict:

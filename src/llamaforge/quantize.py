@@ -51,6 +51,12 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, outtype: str, 
                               "check that the F16 GGUF loads in llama.cpp, and that the disk has room")
 
 
+def gguf_file_type(reader) -> int | None:
+    """general.file_type of an open gguf.GGUFReader."""
+    f = reader.fields.get("general.file_type")
+    return int(f.parts[-1][0]) if f is not None else None
+
+
 def tensor_types(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (GGML type name, shape)} of a GGUF file."""
     import gguf
@@ -122,11 +128,9 @@ def modelfile_text(gguf_name: str, chat_template: str | None, settings: dict) ->
     lines = [f"# llamaforge Modelfile: {gguf_name} for Ollama (ollama create NAME -f this file)", f"FROM ./{gguf_name}",
              f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
-    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-             "repetition_penalty": "repeat_penalty", "max_new_tokens": "num_predict", "seed": "seed"}
-    for key, param in names.items():
+    for key in ("temperature", "top_k", "top_p", "repeat_penalty", "num_predict", "seed"):  # Ollama's names
         if settings.get(key) is not None:
-            lines.append(f"PARAMETER {param} {settings[key]}")
+            lines.append(f"PARAMETER {key} {settings[key]}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,106 @@
+"""4-6 bit GGUF by llama.cpp's own quantizer (issue 13, first part): byte-identical to llama-quantize
+of llamaforge's F16 GGUF, loadable by llama.cpp, with the fallbacks reported and an Ollama Modelfile."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+import torch
+from families import llama_cpp_model, read_gguf, spm_tokenizer
+from helpers import run_script
+
+QTYPES = ["q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+
+
+@pytest.fixture(scope="module")
+def model256(tmp_path_factory):
+    """A merged model made elsewhere: LlamaForCausalLM, hidden 256 (K-quants apply to every matrix),
+    GQA, the real LLaMA SentencePiece tokenizer; and llamaforge's F16 GGUF of it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("q")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+    LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(root / "model")
+    spm_tokenizer(root / "model")
+    f16 = root / "f16.gguf"
+    run_script("export_gguf.py", "--model", root / "model", "--output", f16, "--outtype", "f16", check=True)
+    return root / "model", f16
+
+
+def llama_quantize(src, dst, qtype):
+    """What llama-quantize SRC DST QTYPE does: llama_model_quantize with the default parameters."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+    assert llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params)) == 0
+    return dst
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quantized_exports_equal_llama_quantize_of_our_f16_and_load(model256, qtype, tmp_path):
+    model, f16 = model256
+    direct, from_f16 = tmp_path / f"m-{qtype}.gguf", tmp_path / f"f-{qtype}.gguf"
+    proc = run_script("export_gguf.py", "--model", model, "--output", direct, "--outtype", qtype, check=True)
+    assert "fell back" not in proc.stdout  # hidden 256: every matrix takes the K-quant
+    run_script("export_gguf.py", "--model", model, "--output", from_f16, "--outtype", qtype, "--from-f16", f16,
+               check=True)
+    ref = llama_quantize(f16, tmp_path / "ref.gguf", qtype)
+    meta, tensors = read_gguf(direct)
+    ref_meta, ref_tensors = read_gguf(ref)
+    assert tensors == ref_tensors  # names, types, shapes, bytes
+    assert read_gguf(from_f16)[1] == ref_tensors
+    assert meta == ref_meta and meta["llamaforge.version"]  # llama.cpp keeps llamaforge's key: it knows its file
+    types = {t for t, _, _ in tensors.values()}
+    assert (qtype.upper() if qtype != "q4_k_m" and qtype != "q5_k_m" else qtype.upper()[:4]) in types
+    llm = llama_cpp_model(direct, n_ctx=64, logits_all=True, n_threads=2)
+    llm.eval([1, 15043, 3186, 29892])
+    assert torch.isfinite(torch.tensor(llm.scores[:4])).all()
+    mf = (tmp_path / f"m-{qtype}.Modelfile").read_text()
+    assert f"FROM ./m-{qtype}.gguf" in mf and 'TEMPLATE """' in mf and "### Instruction:" in mf
+    assert (tmp_path / f"m-{qtype}.gguf.sha256").read_text().split()[1] == f"m-{qtype}.gguf"
+
+
+def test_k_quant_fallbacks_are_reported(tmp_path):
+    """Rows that are not a multiple of 256 (hidden 64) make llama.cpp fall back; the export says which."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(tmp_path / "model")
+    spm_tokenizer(tmp_path / "model")
+    proc = run_script("export_gguf.py", "--model", tmp_path / "model", "--output", tmp_path / "x.gguf",
+                      "--outtype", "q4_k_m", check=True)
+    assert "fell back to another type" in proc.stdout and "blk.0.ffn_up.weight Q5_0" in proc.stdout
+
+
+def test_without_llama_cpp_a_quantized_type_is_one_line(model256, tmp_path):
+    blocker = tmp_path / "block" / "llama_cpp"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('llama_cpp is blocked in this test')\n")
+    env = {"PYTHONPATH": str(blocker.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = run_script("export_gguf.py", "--model", model256[0], "--output", tmp_path / "x.gguf", "--outtype",
+                      "q4_k_m", env_extra=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "pip install 'llamaforge[gguf]'" in lines[0]
+    assert not (tmp_path / "x.gguf").exists()
+    ok = run_script("export_gguf.py", "--model", model256[0], "--output", tmp_path / "y.gguf", "--outtype", "q8_0",
+                    env_extra=env)
+    assert ok.returncode == 0, ok.stderr  # everything else still builds
+
+
+def test_modelfile_templates_follow_the_chat_template():
+    from llamaforge.quantize import modelfile_text
+
+    chatml = modelfile_text("m.gguf", "{{ '<|im_start|>' + m['role'] }}", {"temperature": 0.2, "num_predict": 64})
+    assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>" in chatml and 'PARAMETER stop "<|im_end|>"' in chatml
+    assert "PARAMETER temperature 0.2" in chatml and "PARAMETER num_predict 64" in chatml
+    llama3 = modelfile_text("m.gguf", "<|start_header_id|>{{ role }}<|end_header_id|>", {})
+    assert 'PARAMETER stop "<|eot_id|>"' in llama3
+    alpaca = modelfile_text("m.gguf", None, {})
+    assert "### Instruction:\n\n{{ .Prompt }}\n\n### Response:\n\n" in alpaca
+    assert 'PARAMETER stop "### Instruction:"' in alpaca
