@@ -4,6 +4,7 @@
 # declared file by file, not as folders: Snakemake compares a folder by its own timestamp, so a
 # changed adapter_model.safetensors inside an unchanged folder would otherwise go unnoticed.
 
+import importlib.util
 import runpy
 import sys
 from pathlib import Path
@@ -220,6 +221,7 @@ def verify_sums(name):
 EVAL_DATA = "src/llamaforge/data"
 EVAL_FILES = ["predictions.json", "perplexity.json", "equivalence.json", "tokenizer_stats.json", "summary.json"]
 EVAL_PLOTS = ["eval/plots/tokens_per_char.png", "eval/plots/perplexity.png", "eval/plots/equivalence.png"]
+GGUF_PLOT = "eval/plots/gguf_quality.png"
 
 
 def eval_models():
@@ -227,14 +229,32 @@ def eval_models():
     return [name for name, m in config["models"].items() if m["evaluate"]]
 
 
+# llama.cpp (llama-cpp-python, the gguf extra) measures the GGUF exports; without it the quality
+# table is left out of the default target (everything else builds; a K-quant export asks for it)
+HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+def gguf_exports(name):
+    """The GGUF files among a model's exports."""
+    return [f for f in export_files(name) if f.endswith(".gguf")]
+
+
 def eval_files(name):
-    """One model's evaluation outputs; no equivalence check without adapters (nothing was merged)."""
-    return [f"eval/{name}/{f}" for f in EVAL_FILES if f != "equivalence.json" or model_cfg(name)["loras"]]
+    """One model's evaluation outputs; no equivalence check without adapters (nothing was merged);
+    the GGUF quality table when the model has GGUF exports."""
+    files = [f"eval/{name}/{f}" for f in EVAL_FILES if f != "equivalence.json" or model_cfg(name)["loras"]]
+    return files + ([f"eval/{name}/gguf.json"] if gguf_exports(name) and HAVE_LLAMA_CPP else [])
+
+
+def gguf_quality_models():
+    """Evaluated models with GGUF exports (the GGUF quality plot's points)."""
+    return [name for name in eval_models() if gguf_exports(name)] if HAVE_LLAMA_CPP else []
 
 
 def eval_targets():
     """The default target's evaluation outputs: every evaluated model's files, then the plots."""
-    return [f for name in eval_models() for f in eval_files(name)] + (EVAL_PLOTS if eval_models() else [])
+    plots = (EVAL_PLOTS if eval_models() else []) + ([GGUF_PLOT] if gguf_quality_models() else [])
+    return [f for name in eval_models() for f in eval_files(name)] + plots
 
 
 def eval_path(value, bundled):
@@ -270,7 +290,7 @@ def eval_runtime(per_gb):
 
 def eval_summary_inputs(wildcards):
     """The inputs of a model's summary: the script, its modules, and its other evaluation outputs."""
-    files = {Path(f).stem: f for f in eval_files(wildcards.model) if Path(f).name != "summary.json"}
+    files = {Path(f).stem: f for f in eval_files(wildcards.model) if Path(f).name not in ("summary.json", "gguf.json")}
     return {**script_inputs("scripts/evaluate.py"), **files}
 
 

@@ -242,3 +242,72 @@ rule eval_plots:
     shell:
         "python {input.script:q} plot {params.summaries} --tokens-per-char {output.tokens_per_char:q} "
         "--perplexity {output.perplexity:q} --equivalence {output.equivalence:q} > {log:q} 2>&1"
+
+
+# What each GGUF export costs in quality, measured with llama.cpp (the gguf extra)
+rule eval_gguf:
+    input:
+        script="scripts/evaluate.py",
+        lib=script_lib("scripts/evaluate.py"),
+        model=lambda wc: folder_files(f"merged/{wc.model}"),
+        ggufs=lambda wc: gguf_exports(wc.model),
+        text=eval_path(config["eval"]["text"], "eval_text.txt"),
+        prompts=eval_path(config["eval"]["equivalence"]["prompts"], "eval_prompts.txt"),
+    output:
+        report(
+            "eval/{model}/gguf.json",
+            caption="../report/gguf_quality.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "output": "GGUF quality"},
+        ),
+    params:
+        model="merged/{model}",
+        ggufs=lambda wc, input: " ".join(f"--gguf {shell_quote(f)}" for f in input.ggufs),
+        max_length=(
+            ""
+            if config["eval"]["perplexity"]["max_length"] is None
+            else f"--max-length {config['eval']['perplexity']['max_length']}"
+        ),
+        stride=config["eval"]["perplexity"]["stride"],
+    log:
+        "logs/eval/{model}/gguf.log",
+    benchmark:
+        "logs/benchmarks/eval/{model}/gguf.tsv"
+    threads: 2
+    resources:
+        mem_mb=eval_mem_mb,
+        runtime=eval_runtime(30),
+    conda:
+        "../envs/evaluate.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python {input.script:q} gguf-quality --model {params.model:q} {params.ggufs} "
+        "--text {input.text:q} --prompts {input.prompts:q} {params.max_length} --stride {params.stride} "
+        "--threads {threads} --output {output:q} > {log:q} 2>&1"
+
+
+rule eval_gguf_plot:
+    input:
+        script="scripts/evaluate.py",
+        lib=script_lib("scripts/evaluate.py"),
+        qualities=lambda wc: [f"eval/{name}/gguf.json" for name in gguf_quality_models()],
+    output:
+        report(
+            GGUF_PLOT,
+            caption="../report/plot_gguf_quality.rst",
+            category="Evaluation",
+            subcategory="All models",
+            labels={"plot": "GGUF quality"},
+        ),
+    params:
+        qualities=lambda wc, input: " ".join(f"--quality {shell_quote(f)}" for f in input.qualities),
+    log:
+        "logs/eval/gguf_plot.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/evaluate.yaml"
+    shell:
+        "python {input.script:q} gguf-plot {params.qualities} --output {output:q} > {log:q} 2>&1"

@@ -107,5 +107,35 @@ def plot(summaries, tokens_per_char, perplexity_png, equivalence_png):
             click.echo(f"wrote {path}")
 
 
+@main.command("gguf-quality")
+@click.option("--model", required=True, type=click.Path(file_okay=False), help="The Hugging Face model the GGUFs are of.")
+@click.option("--gguf", "ggufs", required=True, multiple=True, type=click.Path(dir_okay=False), help="A GGUF export (repeatable).")
+@click.option("--text", type=click.Path(dir_okay=False), help=TEXT_HELP)
+@click.option("--prompts", type=click.Path(dir_okay=False), help="Fixed prompts (default: the bundled ones).")
+@click.option("--max-length", type=click.IntRange(min=2), help="Perplexity window in tokens. Default: the model's context.")
+@click.option("--stride", default=D.PERPLEXITY_STRIDE, show_default=True, type=click.IntRange(min=1), help="Window step.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="llama.cpp threads (0: all).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSON result (eval/{model}/gguf.json).")
+def gguf_quality(model, ggufs, text, prompts, max_length, stride, threads, output):
+    """What each GGUF export costs in quality, measured with llama.cpp: bits per weight, size,
+    perplexity, and top-1 agreement and KL divergence against the Hugging Face model."""
+    with user_errors():
+        from llamaforge.evaluate import gguf_quality as run
+
+        run(model, list(ggufs), output, text, prompts, max_length, stride, threads, echo=click.echo)
+
+
+@main.command("gguf-plot")
+@click.option("--quality", "qualities", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="eval/{model}/gguf.json (repeatable).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="PNG file.")
+def gguf_plot(qualities, output):
+    """Perplexity and KL divergence against bits per weight, one point per GGUF export, per model."""
+    with user_errors():
+        from llamaforge.evaluate import plot_gguf_quality
+
+        plot_gguf_quality(list(qualities), output)
+
+
 if __name__ == "__main__":
     main()

@@ -362,14 +362,19 @@ def test_gguf_q8_0_blocks_equal_gguf_quantize(inputs, tmp_path):
         seen.add(t.tensor_type)
         if w.dim() == 1:
             assert t.tensor_type == Q.F32
-        elif w.shape[-1] % 32:  # ffn_down rows of 176: llama.cpp falls back to F16
+        elif w.shape[-1] % 32:  # rows not a multiple of 32: llama.cpp falls back to F16
             assert t.tensor_type == Q.F16, name
             assert np.array_equal(t.data.view(np.uint16), w.to(torch.float16).numpy().view(np.uint16))
         else:
             assert t.tensor_type == Q.Q8_0, name  # token_embd and output too, as llama.cpp does
             ref = gguf.quants.quantize(w.float().numpy(), Q.Q8_0)
             assert bytes(np.ascontiguousarray(t.data)) == ref.tobytes(), name
-    assert seen == {Q.F32, Q.F16, Q.Q8_0}
+    assert seen == {Q.F32, Q.Q8_0}
+    # rows of 200 (the GQA model's ffn_down) are not a multiple of 32: F16, as llama.cpp does
+    out2 = tmp_path / "gqa-q8_0.gguf"
+    export_gguf(inputs["gqa"], out2, "q8_0", echo=lambda *a: None)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(out2).tensors}
+    assert types["blk.0.ffn_down.weight"] == Q.F16 and types["blk.0.ffn_up.weight"] == Q.Q8_0
 
 
 def test_gguf_bf16(inputs, tmp_path):

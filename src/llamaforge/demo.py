@@ -23,8 +23,10 @@ from pathlib import Path
 from .fsutil import atomic_dir, guard_output, write_json
 from .tokenizer import bundled_text, merge_protos, write_hf_tokenizer
 
-# hidden ~64, 2 layers: small enough to build and test in seconds, shaped like LLaMA.
-DEMO_SHAPE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+# hidden 256, 2 layers: small enough to build and test in seconds, shaped like LLaMA, and sized so
+# llama.cpp's K-quants apply to every matrix (their rows must be a multiple of 256 values); the FFN
+# width is Meta's formula for dim 256 (multiple_of 256).
+DEMO_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

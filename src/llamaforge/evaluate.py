@@ -547,3 +547,167 @@ def _render(plt, data, tokens_per_char, perplexity_png, equivalence_png) -> list
         ax.legend(fontsize=8)
         save(fig, equivalence_png)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The quality of each GGUF export, measured with llama.cpp itself
+
+
+class _LlamaCppLM:
+    """A llama.cpp model that answers `model(input_ids=...)` with `.logits`, as a Hugging Face one
+    does (so the perplexity windows are exactly those of the Hugging Face perplexity)."""
+
+    def __init__(self, path, n_ctx: int, threads: int):
+        from .quantize import open_llama
+
+        self.llm = open_llama(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads or None)
+
+    def __call__(self, input_ids):
+        import types
+
+        import torch
+
+        ids = [int(i) for i in input_ids[0].tolist()]
+        self.llm.reset()
+        self.llm.eval(ids)
+        return types.SimpleNamespace(logits=torch.tensor(self.llm.scores[: len(ids)], dtype=torch.float32)[None])
+
+    def close(self):
+        self.llm.close()
+
+
+def _kl_top1(ref: Sequence, got: Sequence) -> tuple[float, float]:
+    """Mean KL(ref || got) of the next-token distributions over every position, and top-1 agreement."""
+    import torch
+
+    kl, agree, n = 0.0, 0, 0
+    for a, b in zip(ref, got):
+        la, lb = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+        kl += float((la.exp() * (la - lb)).sum())
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += a.shape[0]
+    return kl / n, agree / n
+
+
+def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], output: str | os.PathLike,
+                 text_file: str | os.PathLike | None = None, prompts_file: str | os.PathLike | None = None,
+                 max_length: int | None = None, stride: int = D.PERPLEXITY_STRIDE, threads: int = 0,
+                 echo=print) -> dict:
+    """eval/{model}/gguf.json: per GGUF export, bits per weight, file size, llama.cpp's perplexity on
+    the text (the windows of the Hugging Face perplexity), and its agreement with the Hugging Face
+    model on the fixed prompts (top-1, mean KL divergence of the next-token distributions)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .generate import load_tokenizer
+    from .quantize import bits_per_weight, fallbacks, tensor_types
+
+    inputs = [("model folder", model), ("text", text_file), ("prompts file", prompts_file)]
+    inputs += [("GGUF file", g) for g in ggufs]
+    _guard(output, inputs)
+    if not ggufs:
+        raise LlamaforgeError("no GGUF file to measure", None, "give --gguf FILE (repeatable)")
+    text, text_name = _eval_text(text_file, "text")
+    tok = load_tokenizer(model)
+    ids = tok(text).input_ids
+    prompts = [tok(p).input_ids for p in equivalence_prompts(prompts_file)]
+    hf = AutoModelForCausalLM.from_pretrained(os.fspath(model), dtype=torch.float32)
+    hf.eval()
+    window = int(max_length or getattr(hf.config, "max_position_embeddings", 2048))
+    window = min(window, max(len(ids), 2))
+    ref_nll = sliding_window_nll(hf, ids, window, min(stride, window))
+    ref_logits = _logits(hf, prompts, "cpu")
+    del hf
+    n_ctx = max(window, max(len(p) for p in prompts))
+    rows = []
+    for g in ggufs:
+        g = Path(g)
+        bpw, nbytes, weights = bits_per_weight(g)
+        lm = _LlamaCppLM(g, n_ctx, threads)
+        try:
+            nll = sliding_window_nll(lm, ids, window, min(stride, window))
+            got = [lm(input_ids=torch.tensor([p])).logits[0] for p in prompts]
+        finally:
+            lm.close()
+        kl, top1 = _kl_top1(ref_logits, got)
+        outtype = _outtype_of(g)
+        types = sorted({t for t, _ in tensor_types(g).values()})
+        row = {"file": g.name, "outtype": outtype, "size_bytes": g.stat().st_size, "bits_per_weight": bpw,
+               "weights": weights, "types": types,
+               "perplexity": math.exp(nll["nll_sum"] / nll["scored_tokens"]),
+               "kl_mean": kl, "top1_agreement": top1, "fallbacks": len(fallbacks(g, outtype))}
+        rows.append(row)
+        echo(f"{g.name}: {bpw:.2f} bits/weight, perplexity {row['perplexity']:.4f}, KL {kl:.5f}, "
+             f"top-1 {top1:.4f}")
+    result = {
+        "llamaforge": "gguf_quality", "model": os.fspath(model), "text": text_name,
+        "window": window, "stride": min(stride, window), "scored_tokens": ref_nll["scored_tokens"],
+        "prompt_positions": sum(len(p) for p in prompts),
+        "reference": {"what": "the Hugging Face model, float32", "perplexity":
+                      math.exp(ref_nll["nll_sum"] / ref_nll["scored_tokens"])},
+        "exports": rows,
+    }
+    write_json(output, result)
+    return result
+
+
+def _outtype_of(path: Path) -> str:
+    """The --outtype a GGUF was made as (its general.file_type, e.g. MOSTLY_Q4_K_M -> q4_k_m)."""
+    import gguf
+
+    from .quantize import gguf_file_type
+
+    ft = gguf_file_type(gguf.GGUFReader(path))
+    try:
+        return gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").lower()
+    except ValueError:
+        return f"file_type {ft}"
+
+
+def plot_gguf_quality(qualities: Sequence[str | os.PathLike], output: str | os.PathLike) -> str:
+    """eval/plots/gguf_quality.png: llama.cpp perplexity and mean KL against bits per weight, one point
+    per GGUF export, one line per model."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    guard_output(output, "png", [("GGUF quality file", p) for p in qualities])
+    data = [_result(p, "gguf_quality", ("model", "exports")) for p in qualities]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
+    try:
+        for d in data:
+            rows = sorted(d["exports"], key=lambda r: r["bits_per_weight"])
+            x = [r["bits_per_weight"] for r in rows]
+            label = Path(d["model"]).name
+            a1.plot(x, [r["perplexity"] for r in rows], marker="o", label=label)
+            a2.plot(x, [max(r["kl_mean"], 1e-12) for r in rows], marker="o", label=label)
+            for r in rows:
+                a1.annotate(r["outtype"], (r["bits_per_weight"], r["perplexity"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+                a2.annotate(r["outtype"], (r["bits_per_weight"], max(r["kl_mean"], 1e-12)), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+            ref = d.get("reference", {}).get("perplexity")
+            if ref:
+                a1.axhline(ref, linestyle=":", linewidth=1, color="gray")
+    except (KeyError, TypeError, ValueError) as e:
+        plt.close(fig)
+        raise LlamaforgeError(f"a GGUF quality file does not hold what the plot needs ({type(e).__name__}: {e})",
+                              None, "rebuild eval/*/gguf.json with scripts/evaluate.py gguf-quality") from None
+    a1.set_xlabel("bits per weight")
+    a1.set_ylabel("llama.cpp perplexity (dotted: Hugging Face)")
+    a1.set_title("perplexity")
+    a2.set_xlabel("bits per weight")
+    a2.set_ylabel("mean KL vs the Hugging Face model")
+    a2.set_yscale("log")
+    a2.set_title("divergence from the merged model")
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, metadata={"Software": "llamaforge"})
+    plt.close(fig)
+    with atomic_file(output, "wb") as f:
+        f.write(buf.getvalue())
+    return os.fspath(output)

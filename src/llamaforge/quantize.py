@@ -137,3 +137,34 @@ def modelfile_text(gguf_name: str, chat_template: str | None, settings: dict) ->
 def modelfile_path(gguf_path: str | os.PathLike) -> Path:
     p = Path(gguf_path)
     return p.with_name(p.stem + ".Modelfile")
+
+
+def open_llama(path: str | os.PathLike, **kw):
+    """llama_cpp.Llama on a GGUF with llama.cpp's extra buffer types off: their weight repacking
+    (AMX on recent Xeons) has been seen to segfault on Q8_0/Q4 files in virtual machines; the plain
+    CPU kernels compute the same model."""
+    llama_cpp = load_llama_cpp("(the quality table)")
+    import llama_cpp.llama as ll
+
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    ll.llama_cpp.llama_model_default_params = params
+    try:
+        return ll.Llama(model_path=os.fspath(path), verbose=False, **kw)
+    finally:
+        ll.llama_cpp.llama_model_default_params = default
+
+
+def bits_per_weight(path: str | os.PathLike) -> tuple[float, int, int]:
+    """(bits per weight, tensor data bytes, weights) of a GGUF: its tensors' bytes over their values."""
+    import gguf
+
+    tensors = gguf.GGUFReader(path).tensors
+    nbytes = sum(int(t.n_bytes) for t in tensors)
+    n = sum(int(t.n_elements) for t in tensors)
+    return 8 * nbytes / n, nbytes, n
