@@ -104,3 +104,38 @@ def test_modelfile_templates_follow_the_chat_template():
     alpaca = modelfile_text("m.gguf", None, {})
     assert "### Instruction:\n\n{{ .Prompt }}\n\n### Response:\n\n" in alpaca
     assert 'PARAMETER stop "### Instruction:"' in alpaca
+
+
+def test_quality_table_scores_a_corrupted_gguf_worse(model256, tmp_path):
+    """eval/{model}/gguf.json, measured with llama.cpp: the sound F16 agrees with the Hugging Face model
+    (KL ~ 0, top-1 1.0); the same file with one tensor overwritten by noise scores worse on both."""
+    import json
+    import shutil
+
+    import gguf
+    import numpy as np
+
+    model, f16 = model256
+    bad = tmp_path / "bad-f16.gguf"
+    shutil.copyfile(f16, bad)
+    t = next(t for t in gguf.GGUFReader(bad).tensors if t.name == "blk.0.ffn_down.weight")
+    noise = np.random.default_rng(0).normal(0, 0.5, int(t.n_elements)).astype(np.float16)
+    with open(bad, "r+b") as f:
+        f.seek(int(t.data_offset))
+        f.write(noise.tobytes())
+    q6 = tmp_path / "m-q6_k.gguf"
+    run_script("export_gguf.py", "--model", model, "--output", q6, "--outtype", "q6_k", "--from-f16", f16, check=True)
+    out = tmp_path / "gguf.json"
+    run_script("evaluate.py", "gguf-quality", "--model", model, "--gguf", f16, "--gguf", q6, "--gguf", bad,
+               "--max-length", "64", "--stride", "32", "--output", out, check=True)
+    res = json.loads(out.read_text())
+    sound, quant, broken = res["exports"]
+    assert res["llamaforge"] == "gguf_quality" and sound["outtype"] == "f16" and quant["outtype"] == "q6_k"
+    assert sound["kl_mean"] < 1e-4 and sound["top1_agreement"] > 0.97
+    assert abs(sound["perplexity"] - res["reference"]["perplexity"]) / res["reference"]["perplexity"] < 0.01
+    assert 6 < quant["bits_per_weight"] < 7 < 15 < sound["bits_per_weight"] < 17
+    assert sound["kl_mean"] < quant["kl_mean"] < broken["kl_mean"]
+    assert broken["top1_agreement"] < sound["top1_agreement"]
+    png = tmp_path / "gguf_quality.png"
+    run_script("evaluate.py", "gguf-plot", "--quality", out, "--output", png, check=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
