@@ -504,7 +504,7 @@ def test_own_earlier_outputs_are_replaced(world, tmp_path):
         assert target.stat().st_mtime_ns != first
     assert (cases / "m.gguf.sha256").read_text().split()[1] == "m.gguf"
     # nothing hidden is left beside them
-    assert sorted(p.name for p in cases.iterdir()) == ["m.gguf", "m.gguf.sha256", "merged", "pth", "tok"]
+    assert sorted(p.name for p in cases.iterdir()) == ["m.Modelfile", "m.gguf", "m.gguf.sha256", "merged", "pth", "tok"]
 
 
 # --- no leftovers a later run keeps -------------------------------------------------------------
