@@ -119,7 +119,8 @@ def test_greedy_batched_equals_one_at_a_time_with_the_chat_template(family, name
 # Keys where llamaforge's GGUF may differ from convert_hf_to_gguf.py's, and why: general.* that the
 # converter guesses from the folder name, README and generation_config.json (name, basename, size
 # label, finetune, sampling defaults) -- llamaforge names the model after its folder or --name; and
-# llamaforge's own key, by which it knows the file as its output.
+# llamaforge's own key, by which it knows the file as its output. And tokenizer.chat_template where
+# the tokenizer has none: llamaforge writes the Alpaca template its inference uses (--template auto).
 ALLOWED_METADATA_DIFFERENCES = re.compile(r"^(general\.(name|basename|size_label|finetune|version|sampling\..*)"
                                           r"|llamaforge\.version)$")
 
@@ -149,7 +150,12 @@ def test_gguf_equals_llama_cpp_converter(family_gguf, name, outtype):
     assert sorted(tensors) == sorted(ref_tensors)
     assert [k for k in tensors if tensors[k] != ref_tensors[k]] == []  # type, shape and bytes of every tensor
     differing = sorted(k for k in set(meta) | set(ref_meta) if meta.get(k) != ref_meta.get(k))
-    assert [k for k in differing if not ALLOWED_METADATA_DIFFERENCES.match(k)] == []
+    assert [k for k in differing if not ALLOWED_METADATA_DIFFERENCES.match(k)
+            and not (k == "tokenizer.chat_template" and k not in ref_meta)] == []
+    if name == "mistral":  # no chat template of its own: the Alpaca one, as --template auto uses
+        from llamaforge.gguf_file import ALPACA_CHAT_TEMPLATE
+
+        assert meta["tokenizer.chat_template"] == ALPACA_CHAT_TEMPLATE
     arch = "qwen2" if name == "qwen2" else "llama"
     assert meta["general.architecture"] == arch
     assert meta["tokenizer.ggml.model"] == ("llama" if name == "mistral" else "gpt2")

@@ -58,6 +58,9 @@ def test_quantized_exports_equal_llama_quantize_of_our_f16_and_load(model256, qt
     types = {t for t, _, _ in tensors.values()}
     assert (qtype.upper() if qtype != "q4_k_m" and qtype != "q5_k_m" else qtype.upper()[:4]) in types
     llm = llama_cpp_model(direct, n_ctx=64, logits_all=True, n_threads=2)
+    from llamaforge.gguf_file import ALPACA_CHAT_TEMPLATE
+
+    assert llm.metadata["tokenizer.chat_template"] == ALPACA_CHAT_TEMPLATE  # llama.cpp's chat mode: Alpaca
     llm.eval([1, 15043, 3186, 29892])
     assert torch.isfinite(torch.tensor(llm.scores[:4])).all()
     mf = (tmp_path / f"m-{qtype}.Modelfile").read_text()
@@ -175,3 +178,19 @@ def test_the_quality_table_on_real_weights_shows_what_a_quantization_cost(tmp_pa
     answer = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
                                         max_tokens=12, temperature=0)["choices"][0]["message"]["content"]
     assert "Paris" in answer
+
+
+def test_the_alpaca_chat_template_renders_as_llamaforges_inference():
+    """The chat template written into GGUFs of tokenizers without one renders exactly the prompts of
+    llamaforge's Alpaca template (single turn and history), so llama.cpp's chat mode matches it."""
+    import jinja2
+
+    from llamaforge.generate import TEMPLATES
+    from llamaforge.gguf_file import ALPACA_CHAT_TEMPLATE
+
+    t = jinja2.Template(ALPACA_CHAT_TEMPLATE)
+    alpaca = TEMPLATES["alpaca"]
+    assert t.render(messages=[{"role": "user", "content": "为什么？"}]) == alpaca.prompt("为什么？")
+    history = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+               {"role": "user", "content": "Q2"}]
+    assert t.render(messages=history) == alpaca.chat([("Q1", "A1")], "Q2")

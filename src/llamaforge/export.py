@@ -407,6 +407,8 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
                 digest = digest.hexdigest()
                 echo(f"llama.cpp quantized it to {outtype}: {type_summary(tmp_gguf)}")
                 fell = fallbacks(tmp_gguf, outtype)
+                if outtype.endswith(("_k", "_k_s", "_k_m", "_k_l")) and not fell:
+                    echo("no tensor fell back: every matrix has rows that are a multiple of 256")
                 if fell:
                     echo(f"{len(fell)} tensor(s) fell back to another type (rows not a multiple of 256): "
                          + ", ".join(f"{n} {t}" for n, t in fell[:12]) + (" ..." if len(fell) > 12 else ""))

@@ -293,6 +293,20 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
     writer.add_string(GGUF_OWN_KEY, __version__)
 
 
+# The Alpaca prompt of inference_hf.py (generate.TEMPLATES["alpaca"]) as a chat template, for the
+# GGUF of a model whose tokenizer has none (the Chinese-Alpaca recipe): llama.cpp's chat mode then
+# formats prompts as llamaforge's inference does (BOS comes from add_bos_token, not the template).
+ALPACA_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}"
+    "{%- else -%}{{ 'Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\\n\\n' }}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '### Instruction:\\n\\n' + message['content'] + '\\n\\n### Response:\\n\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + '\\n\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
 def _sentencepiece_metadata(gguf, writer, model, arch: str) -> None:
     v = _token_vocab(model)
     if arch == "llama":
@@ -315,6 +329,8 @@ def _sentencepiece_metadata(gguf, writer, model, arch: str) -> None:
         sv.special_token_ids.setdefault(key, tid)
     sv.add_special_token.setdefault("bos", v["add_bos"])
     sv.add_special_token.setdefault("eos", v["add_eos"])
+    if not sv.chat_template:
+        sv.chat_template = ALPACA_CHAT_TEMPLATE
     sv.add_to_gguf(writer, quiet=True)
 
 
