@@ -177,6 +177,15 @@ def modelfile_parameters(wildcards):
     return " ".join(f"--parameter {k}={v}" for k, v in pairs.items() if v is not None)
 
 
+def quantize_source(wildcards):
+    """The F16 GGUF a model's 4-6 bit exports are quantized from: the kept F16 export, or (keep_f16:
+    false, and gguf-f16 not an export) a temporary one under exports/{model}/.f16/."""
+    m = model_cfg(wildcards.model)
+    if m["keep_f16"] or "gguf-f16" in m["exports"]:
+        return f"exports/{wildcards.model}/{wildcards.model}-f16.gguf"
+    return f"exports/{wildcards.model}/.f16/{wildcards.model}-f16.gguf"
+
+
 def export_targets():
     """The default target's exports: every model's."""
     return [f for name in config["models"] for f in export_files(name)]

@@ -93,13 +93,39 @@ rule export_gguf:
         "--outtype {wildcards.outtype} --name {wildcards.model:q} {params.parameters} > {log:q} 2>&1"
 
 
+# The F16 GGUF a model's quantized exports are made from when keep_f16 is false: deleted once used
+rule export_gguf_scratch:
+    input:
+        script="scripts/export_gguf.py",
+        lib=script_lib("scripts/export_gguf.py"),
+        model=lambda wc: folder_files(f"merged/{wc.model}"),
+    output:
+        gguf=temp("exports/{model}/.f16/{model}-f16.gguf"),
+        sha256=temp("exports/{model}/.f16/{model}-f16.gguf.sha256"),
+    params:
+        model="merged/{model}",
+    log:
+        "logs/export/{model}/gguf-f16-scratch.log",
+    benchmark:
+        "logs/benchmarks/export/{model}/gguf-f16-scratch.tsv"
+    threads: 2
+    resources:
+        mem_mb=export_mem_mb,
+        runtime=export_runtime,
+    conda:
+        "../envs/export.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python {input.script:q} --model {params.model:q} --output {output.gguf:q} "
+        "--outtype f16 --name {wildcards.model:q} --no-modelfile > {log:q} 2>&1"
+
+
 # 4-6 bit GGUF by llama.cpp's own quantizer (llama-cpp-python, the gguf extra), from the F16 export
 rule quantize_gguf:
     input:
         script="scripts/export_gguf.py",
         lib=script_lib("scripts/export_gguf.py"),
         model=lambda wc: folder_files(f"merged/{wc.model}"),
-        f16="exports/{model}/{model}-f16.gguf",
+        f16=quantize_source,
     output:
         gguf="exports/{model}/{model}-{qtype}.gguf",
         sha256="exports/{model}/{model}-{qtype}.gguf.sha256",
