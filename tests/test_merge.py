@@ -241,7 +241,7 @@ def test_output_folder_is_complete_deterministic_and_described(demo, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
         run_script("merge_lora.py", "--base", demo / "base", "--lora", chain[0], "--lora", chain[1],
-                   "--output", out, "--max-shard-size", "300KB", check=True)
+                   "--output", out, "--max-shard-size", "3MB", check=True)
     shards = sorted(p.name for p in a.glob("*.safetensors"))
     assert shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     for s in shards:
