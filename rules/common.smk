@@ -168,6 +168,11 @@ def export_files(name):
     ]
 
 
+def modelfile_files(name):
+    """The Ollama Modelfile beside each of a model's GGUF exports."""
+    return [f[: -len(".gguf")] + ".Modelfile" for f in export_files(name) if f.endswith(".gguf")]
+
+
 def modelfile_parameters(wildcards):
     """--parameter options of a GGUF's Ollama Modelfile: the evaluation's generation settings under
     Ollama's names (greedy: temperature 0)."""
@@ -188,7 +193,7 @@ def quantize_source(wildcards):
 
 def export_targets():
     """The default target's exports: every model's."""
-    return [f for name in config["models"] for f in export_files(name)]
+    return [f for name in config["models"] for f in export_files(name) + modelfile_files(name)]
 
 
 def export_mem_mb(wildcards, input):

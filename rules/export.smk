@@ -72,12 +72,10 @@ rule export_gguf:
     output:
         gguf="exports/{model}/{model}-{outtype}.gguf",
         sha256="exports/{model}/{model}-{outtype}.gguf.sha256",
-        modelfile="exports/{model}/{model}-{outtype}.Modelfile",
     wildcard_constraints:
         outtype="f16|bf16|q8_0",
     params:
         model="merged/{model}",
-        parameters=modelfile_parameters,
     log:
         "logs/export/{model}/gguf-{outtype}.log",
     benchmark:
@@ -90,7 +88,7 @@ rule export_gguf:
         "../envs/export.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python {input.script:q} --model {params.model:q} --output {output.gguf:q} "
-        "--outtype {wildcards.outtype} --name {wildcards.model:q} {params.parameters} > {log:q} 2>&1"
+        "--outtype {wildcards.outtype} --name {wildcards.model:q} --no-modelfile > {log:q} 2>&1"
 
 
 # The F16 GGUF a model's quantized exports are made from when keep_f16 is false: deleted once used
@@ -129,12 +127,10 @@ rule quantize_gguf:
     output:
         gguf="exports/{model}/{model}-{qtype}.gguf",
         sha256="exports/{model}/{model}-{qtype}.gguf.sha256",
-        modelfile="exports/{model}/{model}-{qtype}.Modelfile",
     wildcard_constraints:
         qtype="|".join(LLAMA_CPP_TYPES),
     params:
         model="merged/{model}",
-        parameters=modelfile_parameters,
     log:
         "logs/export/{model}/gguf-{qtype}.log",
     benchmark:
@@ -148,8 +144,32 @@ rule quantize_gguf:
         "../envs/export.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python {input.script:q} --model {params.model:q} --from-f16 {input.f16:q} "
-        "--output {output.gguf:q} --outtype {wildcards.qtype} --threads {threads} {params.parameters} "
-        "> {log:q} 2>&1"
+        "--output {output.gguf:q} --outtype {wildcards.qtype} --threads {threads} --no-modelfile > {log:q} 2>&1"
+
+
+# The Ollama Modelfile beside each GGUF export: cheap, so the generation settings it carries rewrite it
+# alone, never the GGUF
+rule gguf_modelfile:
+    input:
+        script="scripts/modelfile.py",
+        lib=script_lib("scripts/modelfile.py"),
+        gguf="exports/{model}/{model}-{gtype}.gguf",
+    output:
+        "exports/{model}/{model}-{gtype}.Modelfile",
+    wildcard_constraints:
+        gtype="|".join(("f16", "bf16", "q8_0") + LLAMA_CPP_TYPES),
+    params:
+        parameters=modelfile_parameters,
+    log:
+        "logs/export/{model}/modelfile-{gtype}.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../envs/export.yaml"
+    shell:
+        "python {input.script:q} --gguf {input.gguf:q} --output {output:q} {params.parameters} > {log:q} 2>&1"
 
 
 rule verify:

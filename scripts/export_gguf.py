@@ -8,22 +8,7 @@ import click
 
 from llamaforge.cli import Command, setup_logging, user_errors
 from llamaforge.gguf_file import GGUF_TYPES
-from llamaforge.quantize import LLAMA_CPP_TYPES
-
-PARAMETERS = ("temperature", "top_k", "top_p", "repeat_penalty", "num_predict", "seed")
-
-
-def _parameter(ctx, param, values):
-    out = {}
-    for v in values:
-        key, sep, value = v.partition("=")
-        if not sep or key not in PARAMETERS:
-            raise click.BadParameter(f"{v!r}: give KEY=VALUE with KEY one of {', '.join(PARAMETERS)}")
-        try:
-            out[key] = int(value) if key in ("top_k", "num_predict", "seed") else float(value)
-        except ValueError:
-            raise click.BadParameter(f"{v!r}: {value!r} is not a number") from None
-    return out
+from llamaforge.quantize import LLAMA_CPP_TYPES, MODELFILE_PARAMETERS, parse_parameters
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,8 +20,8 @@ def _parameter(ctx, param, values):
 @click.option("--name", default=None, help="general.name in the metadata (default: the model folder's name).")
 @click.option("--modelfile/--no-modelfile", default=True, show_default=True,
               help="Write STEM.Modelfile for Ollama (FROM, TEMPLATE of the prompt format, stop strings).")
-@click.option("--parameter", "parameters", multiple=True, callback=_parameter, metavar="KEY=VALUE",
-              help=f"A Modelfile PARAMETER ({', '.join(PARAMETERS)}); repeatable.")
+@click.option("--parameter", "parameters", multiple=True, callback=parse_parameters, metavar="KEY=VALUE",
+              help=f"A Modelfile PARAMETER ({', '.join(MODELFILE_PARAMETERS)}); repeatable.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Threads of llama.cpp's quantizer (0: all cores).")
 @click.option("--from-f16", type=click.Path(dir_okay=False), default=None,

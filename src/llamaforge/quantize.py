@@ -168,3 +168,42 @@ def bits_per_weight(path: str | os.PathLike) -> tuple[float, int, int]:
     nbytes = sum(int(t.n_bytes) for t in tensors)
     n = sum(int(t.n_elements) for t in tensors)
     return 8 * nbytes / n, nbytes, n
+
+
+def write_modelfile(gguf_path: str | os.PathLike, settings: dict, output: str | os.PathLike | None = None) -> Path:
+    """{stem}.Modelfile beside a GGUF (or `output`), its TEMPLATE from the GGUF's own
+    tokenizer.chat_template (which llamaforge always writes)."""
+    import gguf
+
+    from .fsutil import atomic_file, guard_output
+
+    src = Path(gguf_path)
+    out = Path(output) if output is not None else modelfile_path(src)
+    guard_output(out, "text", [("GGUF file", src)])
+    try:
+        field = gguf.GGUFReader(src).fields.get("tokenizer.chat_template")
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise LlamaforgeError(f"not a GGUF file ({str(e)[:100]})", src, "export the model to GGUF again") from None
+    template = bytes(field.parts[-1]).decode("utf-8") if field is not None else None
+    with atomic_file(out, "w") as f:
+        f.write(modelfile_text(src.name, template, settings))
+    return out
+
+
+MODELFILE_PARAMETERS = ("temperature", "top_k", "top_p", "repeat_penalty", "num_predict", "seed")
+
+
+def parse_parameters(ctx, param, values) -> dict:
+    """Click callback of --parameter KEY=VALUE (Ollama's names), repeatable."""
+    import click
+
+    out = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or key not in MODELFILE_PARAMETERS:
+            raise click.BadParameter(f"{v!r}: give KEY=VALUE with KEY one of {', '.join(MODELFILE_PARAMETERS)}")
+        try:
+            out[key] = int(value) if key in ("top_k", "num_predict", "seed") else float(value)
+        except ValueError:
+            raise click.BadParameter(f"{v!r}: {value!r} is not a number") from None
+    return out
