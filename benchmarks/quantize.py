@@ -62,7 +62,7 @@ def main() -> None:
                    check=True)
     model = args.workdir / args.shape / "base"
     py = sys.executable
-    f16 = args.workdir / "f16.gguf"
+    f16 = args.workdir / f"{args.shape}-{args.vocab}-f16.gguf"
     if not f16.is_file():
         subprocess.run([py, str(ROOT / "scripts" / "export_gguf.py"), "--model", str(model), "--output", str(f16),
                         "--outtype", "f16", "--no-modelfile"], check=True, capture_output=True)
