@@ -77,7 +77,6 @@ def vocab_tests(name: str) -> list[tuple[str, list[int]]]:
     outs = (models / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8").split("\n")
     if texts and texts[-1].endswith("\n__ggml_vocab_test__"):
         texts[-1] = texts[-1][: -len("\n__ggml_vocab_test__")]
-    texts = [t for t in texts]
     outs = outs[: len(texts)]
     return [(t, [int(x) for x in o.split()]) for t, o in zip(texts, outs)]
 
@@ -338,21 +337,8 @@ def smollm2() -> Path:
 
 
 def llama_cpp_model(path: Path, **kw):
-    """llama_cpp.Llama on a GGUF, with llama.cpp's extra buffer types off: their weight repacking
-    (AMX on this machine's CPUs) segfaults on Q8_0 models inside this VM, for the converter's GGUFs
-    as for llamaforge's; the plain CPU kernels compute the same model."""
-    import llama_cpp
-    import llama_cpp.llama as ll
+    """llama_cpp.Llama on a GGUF as llamaforge opens it (quantize.open_llama: weight repacking off,
+    it segfaults on Q8_0 in this VM)."""
+    from llamaforge.quantize import open_llama
 
-    default = llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    ll.llama_cpp.llama_model_default_params = params
-    try:
-        return ll.Llama(model_path=str(path), verbose=False, **kw)
-    finally:
-        ll.llama_cpp.llama_model_default_params = default
+    return open_llama(path, **kw)

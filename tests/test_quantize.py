@@ -57,7 +57,7 @@ def test_quantized_exports_equal_llama_quantize_of_our_f16_and_load(model256, qt
     assert read_gguf(from_f16)[1] == ref_tensors
     assert meta == ref_meta and meta["llamaforge.version"]  # llama.cpp keeps llamaforge's key: it knows its file
     types = {t for t, _, _ in tensors.values()}
-    assert (qtype.upper() if qtype != "q4_k_m" and qtype != "q5_k_m" else qtype.upper()[:4]) in types
+    assert {"q4_0": "Q4_0", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}[qtype] in types
     llm = llama_cpp_model(direct, n_ctx=64, logits_all=True, n_threads=2)
     from llamaforge.gguf_file import ALPACA_CHAT_TEMPLATE
 

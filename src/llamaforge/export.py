@@ -31,7 +31,7 @@ import torch
 from .checksums import SUMS, sums_text
 from .errors import LlamaforgeError
 from .formats import ModelSource, TensorInfo, read_hf_config
-from .fsutil import atomic_dir, atomic_files, guard_output, require_dir, sums_header
+from .fsutil import atomic_dir, atomic_files, guard_output, require_dir, sha256_file, sums_header
 from .gguf_file import (
     GGUF_TYPES, Converter, begin_gguf_file, extra_tensors, gguf_metadata, gguf_nbytes, gguf_qtype, load_gguf,
 )
@@ -375,14 +375,12 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
     guard_output(sums, "sha256", inputs)
     if mfile is not None:
         guard_output(mfile, "text", inputs)
-    if from_f16 is not None:
-        _check_f16(gguf, Path(from_f16))
+    f16_info = _check_f16(gguf, Path(from_f16)) if from_f16 is not None else None
     m = open_model(model)
     try:
         targets = [output, sums] + ([mfile] if mfile is not None else [])
-        plan = _plan_gguf(gguf, m, "f16" if quantized else outtype, name or m.folder.name)
-        if from_f16 is not None:
-            plan["bytes"] = Path(from_f16).stat().st_size
+        # quantizing a given F16 needs no plan of our own: its size and chat template are in the file
+        plan = f16_info or _plan_gguf(gguf, m, "f16" if quantized else outtype, name or m.folder.name)
         need = plan["bytes"] * (2 if quantized else 1)
         echo(f"exporting {m.folder} ({m.family.architecture}) to GGUF {outtype}: {plan['tensors']} tensors, "
              f"{plan['bytes'] / 1e9:.2f} GB{' in F16, then llama.cpp quantizes' if quantized else ''}, "
@@ -400,11 +398,7 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
                     with scratch_file(output, output.stem + "-f16.gguf") as f16:
                         _write_gguf(gguf, m, plan, f16, output)
                         quantize_gguf(f16, tmp_gguf, outtype, threads)
-                digest = hashlib.sha256()
-                with open(tmp_gguf, "rb") as f:
-                    while chunk := f.read(1 << 24):
-                        digest.update(chunk)
-                digest = digest.hexdigest()
+                digest = sha256_file(tmp_gguf)
                 echo(f"llama.cpp quantized it to {outtype}: {type_summary(tmp_gguf)}")
                 fell = fallbacks(tmp_gguf, outtype)
                 if outtype.endswith(("_k", "_k_s", "_k_m", "_k_l")) and not fell:
@@ -427,8 +421,9 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
         m.src.close()
 
 
-def _check_f16(gguf, path: Path) -> None:
-    """--from-f16 must be an F16 GGUF that llamaforge wrote (its tensors are then this model's)."""
+def _check_f16(gguf, path: Path) -> dict:
+    """--from-f16 must be an F16 GGUF that llamaforge wrote (its tensors are then this model's);
+    returns its size, tensor count and chat template."""
     from .fsutil import GGUF_OWN_KEY
     from .quantize import gguf_file_type
 
@@ -441,6 +436,9 @@ def _check_f16(gguf, path: Path) -> None:
     if GGUF_OWN_KEY not in reader.fields or gguf_file_type(reader) != int(gguf.LlamaFileType.MOSTLY_F16):
         raise LlamaforgeError("not an F16 GGUF that llamaforge wrote", path,
                               "give the F16 export of this model (scripts/export_gguf.py --outtype f16)")
+    template = reader.fields.get("tokenizer.chat_template")
+    return {"bytes": path.stat().st_size, "tensors": len(reader.tensors),
+            "chat_template": bytes(template.parts[-1]).decode("utf-8") if template is not None else None}
 
 
 def _plan_gguf(gguf, m: ExportSource, outtype: str, name: str) -> dict:
