@@ -36,6 +36,12 @@ def copy_workflow(dst: Path) -> Path:
     return dst
 
 
+def clone_build(src: Path, dst: Path) -> Path:
+    """A copy of a built workflow folder with every mtime kept (Snakemake's view is unchanged)."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
 # Runs a command from a freshly started, small Python and prints the command's own peak RSS. A
 # child forked straight from pytest would report pytest's resident size as its own ru_maxrss
 # (Linux carries the parent's high-water mark across fork and exec), hiding what it used.
@@ -67,15 +73,89 @@ def baseline_rss(*modules: str) -> int:
     return peak_rss([sys.executable, "-c", code])
 
 
-def run_script(name: str, *args, check: bool = False, env_extra: dict | None = None,
-               **kwargs) -> subprocess.CompletedProcess:
-    """Run scripts/<name> as a user would, capturing its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)],
-                          capture_output=True, text=True, env=env, **kwargs)
+def run_script(name: str, *args, check: bool = False, env_extra: dict | None = None, cwd=None,
+               inprocess: bool | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run scripts/<name> as a user would, capturing its output.
+
+    By default the script's Click command runs in this process (`run_in_process`): the same argv,
+    cwd, environment, exit status and stdout/stderr, without a fresh interpreter importing torch for
+    seconds. A subprocess is used when asked (`inprocess=False`), when the environment must change
+    what the interpreter itself does (PYTHON* variables), or when LLAMAFORGE_TEST_SUBPROCESS=1 (the
+    whole suite as separate processes)."""
+    extra = env_extra or {}
+    if inprocess is None:
+        inprocess = not kwargs and not any(k.startswith("PYTHON") for k in extra) and \
+            os.environ.get("LLAMAFORGE_TEST_SUBPROCESS", "") not in ("1", "true")
+    if inprocess:
+        proc = run_in_process(name, *args, env_extra=extra, cwd=cwd)
+    else:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)],
+                              capture_output=True, text=True, env=env, cwd=cwd, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@functools.lru_cache(maxsize=None)
+def script_command(name: str):
+    """The Click command of scripts/<name>, imported once (its `import _pathfix` finds scripts/)."""
+    scripts = str(REPO / "scripts")
+    if scripts not in sys.path:
+        sys.path.append(scripts)
+    spec = importlib.util.spec_from_file_location(f"llamaforge_script_{Path(name).stem}", REPO / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def run_in_process(name: str, *args, env_extra: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """scripts/<name> ARGS as `python scripts/<name> ARGS` would run, but in this process: its exit status
+    (SystemExit), stdout and stderr (log records included), and an exception that escapes the command
+    printed as the interpreter would (a traceback on stderr, status 1), so a test sees what a user sees."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    command = script_command(name)
+    argv = [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved_env = {k: os.environ.get(k) for k in (env_extra or {})}
+    saved_cwd = os.getcwd()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers.clear()  # the command's logging.basicConfig then writes to the captured stderr
+    code = 0
+    try:
+        os.environ.update({k: str(v) for k, v in (env_extra or {}).items()})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                command.main(args=argv, prog_name=name, standalone_mode=True)
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:  # sys.exit("message"): the interpreter prints it and exits 1
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except Exception:  # what a user would see: a traceback and status 1
+                traceback.print_exc(file=sys.stderr)
+                code = 1
+    finally:
+        for handler in root.handlers:
+            if handler not in saved_handlers:
+                handler.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        os.chdir(saved_cwd)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([name, *argv], code, out.getvalue(), err.getvalue())
 
 
 

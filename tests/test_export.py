@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import REPO as ROOT
-from helpers import baseline_rss, hf_config, hf_tensors, logits, peak_rss, synthesize
+from helpers import baseline_rss, hf_config, hf_tensors, logits, peak_rss, run_script, synthesize
 
 from llamaforge.errors import LlamaforgeError
 
@@ -462,8 +462,7 @@ def test_verify_sha256(inputs, tmp_path):
 
 
 def _script(name, *args, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd)
+    return run_script(name, *args, cwd=cwd)
 
 
 def test_verify_script_fails_loudly(inputs, tmp_path):

@@ -127,24 +127,30 @@ ALLOWED_METADATA_DIFFERENCES = re.compile(r"^(general\.(name|basename|size_label
 
 @pytest.fixture(scope="session")
 def family_gguf(family, tmp_path_factory):
+    """(llamaforge's GGUF, llama.cpp converter's GGUF or None) of a family's merge; the converter (a
+    subprocess, seconds to a minute per file) runs only for the tests that compare with it (slow tier)."""
     cache = {}
 
-    def build(name: str, outtype: str) -> tuple[Path, Path]:
+    def build(name: str, outtype: str, converter: bool = False) -> tuple[Path, Path | None]:
         if (name, outtype) not in cache:
             f = family(name)
             root = tmp_path_factory.mktemp(f"gguf-{name}-{outtype}")
             ours = root / "ours.gguf"
             run_script("export_gguf.py", "--model", f["merged"], "--output", ours, "--outtype", outtype, check=True)
-            cache[name, outtype] = ours, convert_hf_to_gguf(f["merged"], root / "ref.gguf", outtype)
-        return cache[name, outtype]
+            cache[name, outtype] = [ours, None]
+        entry = cache[name, outtype]
+        if converter and entry[1] is None:
+            entry[1] = convert_hf_to_gguf(family(name)["merged"], entry[0].with_name("ref.gguf"), outtype)
+        return tuple(entry)
 
     return build
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_gguf_equals_llama_cpp_converter(family_gguf, name, outtype):
-    ours, ref = family_gguf(name, outtype)
+    ours, ref = family_gguf(name, outtype, converter=True)
     meta, tensors = read_gguf(ours)
     ref_meta, ref_tensors = read_gguf(ref)
     assert sorted(tensors) == sorted(ref_tensors)
@@ -224,6 +230,7 @@ def test_bpe_ggufs_tokenize_llama_cpp_test_vectors_in_llama_cpp_and_hf(family, f
     assert tok("Hello").input_ids[0] == first
 
 
+@pytest.mark.slow
 def test_a_real_model_answers_a_real_question_after_merge_and_gguf(tmp_path):
     """SmolLM2-135M-Instruct (LlamaForCausalLM, tied, tokenizer.json BPE, ChatML): merged with a LoRA
     whose update is zero, then asked "What is the capital of France?" through llamaforge's inference

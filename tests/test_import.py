@@ -9,15 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from llamaforge.errors import LlamaforgeError
-from helpers import REPO as ROOT
-from helpers import hf_config, hf_tensors, logits
+from helpers import hf_config, hf_tensors, logits, run_script
 
 QUIET = dict(echo=lambda *a: None)
 
@@ -201,8 +198,7 @@ def test_params_disagree_with_tensors(inputs, tmp_path):
 
 def test_import_script_one_line_error(tmp_path):
     (tmp_path / "meta").mkdir()
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "import_pth.py"), "--input", str(tmp_path / "meta"),
-                        "--output", str(tmp_path / "hf")], capture_output=True, text=True)
+    r = run_script("import_pth.py", "--input", tmp_path / "meta", "--output", tmp_path / "hf")
     assert r.returncode == 1
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("llamaforge: error:") and "params.json" in lines[-1]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import copy_workflow, snakemake, snakemake_env
+from helpers import clone_build, copy_workflow, snakemake, snakemake_env
 
 from llamaforge.demo import synthetic_sp_model
 
@@ -163,10 +163,7 @@ def assert_plan(jobs: list[Job], graph: list[Job], expected: set, what: str) -> 
 # ---- fixtures ---------------------------------------------------------------------------------------
 
 
-def clone(src: Path, dst: Path) -> Path:
-    """A copy of a built workflow folder with every mtime kept (Snakemake's view is unchanged)."""
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
+clone = clone_build
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -175,12 +172,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in SNAKEMAKE_MARKERS}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """The default target, built once in a fresh copy of the workflow."""
-    wf = copy_workflow(tmp_path_factory.mktemp("incremental") / "built")
-    run_snakemake(wf, "--cores", "2", timeout=1200)
-    return wf
+# `built`: this module's copy of the session's demo build (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from helpers import copy_workflow, snakemake
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A fresh clone's `snakemake --cores 2` (the README's quickstart)."""
-    wf = copy_workflow(tmp_path_factory.mktemp("wf") / "llamaforge")
-    snakemake(wf, "--cores", "2")
-    return wf
+# `built`: this module's copy of the session's demo build (conftest.py)
 
 
 def test_second_run_has_nothing_to_do(built):

@@ -11,7 +11,9 @@ import torch
 from families import llama_cpp_model, read_gguf, spm_tokenizer
 from helpers import run_script
 
-QTYPES = ["q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+# q4_k_m in the fast tier; the other three (same code path, llama.cpp's other kernels) in the slow one
+QTYPES = [pytest.param("q4_0", marks=pytest.mark.slow), "q4_k_m", pytest.param("q5_k_m", marks=pytest.mark.slow),
+          pytest.param("q6_k", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +112,7 @@ def test_modelfile_templates_follow_the_chat_template():
     assert 'PARAMETER stop "### Instruction:"' in alpaca
 
 
+@pytest.mark.slow
 def test_quality_table_scores_a_corrupted_gguf_worse(model256, tmp_path):
     """eval/{model}/gguf.json, measured with llama.cpp: the sound F16 agrees with the Hugging Face model
     (KL ~ 0, top-1 1.0); the same file with one tensor overwritten by noise scores worse on both."""
@@ -145,6 +148,7 @@ def test_quality_table_scores_a_corrupted_gguf_worse(model256, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_the_quality_table_on_real_weights_shows_what_a_quantization_cost(tmp_path):
     """SmolLM2-135M-Instruct (hidden 576: not a multiple of 256, so K-quant tensors fall back one by
     one): the table shows Q8_0 close to the model and the K-quants further away, with their fallbacks,
