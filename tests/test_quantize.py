@@ -199,3 +199,30 @@ def test_the_alpaca_chat_template_renders_as_llamaforges_inference():
     history = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
                {"role": "user", "content": "Q2"}]
     assert t.render(messages=history) == alpaca.chat([("Q1", "A1")], "Q2")
+
+
+def test_quality_table_of_the_demo_merge(inputs, tmp_path):
+    """The fast tier's gguf-quality: the demo's merge (hidden 256, vocabulary 1190) as F16, Q8_0 and
+    Q4_K_M (from the F16), measured by llama.cpp against the Hugging Face model; the slow tier does the
+    same on a corrupted file and on real weights."""
+    import json
+
+    model = inputs["merged"]
+    f16, q8, q4 = tmp_path / "d-f16.gguf", tmp_path / "d-q8_0.gguf", tmp_path / "d-q4_k_m.gguf"
+    run_script("export_gguf.py", "--model", model, "--output", f16, "--outtype", "f16", check=True)
+    run_script("export_gguf.py", "--model", model, "--output", q8, "--outtype", "q8_0", check=True)
+    run_script("export_gguf.py", "--model", model, "--output", q4, "--outtype", "q4_k_m", "--from-f16", f16,
+               check=True)
+    out, text = tmp_path / "gguf.json", tmp_path / "text.txt"
+    text.write_text("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。The quick brown fox jumps over the lazy dog. "
+                    "床前明月光，疑是地上霜。举头望明月，低头思故乡。A journey of a thousand miles begins with one step.\n")
+    run_script("evaluate.py", "gguf-quality", "--model", model, "--gguf", f16, "--gguf", q8, "--gguf", q4,
+               "--text", text, "--max-length", "64", "--stride", "32", "--output", out, check=True)
+    res = json.loads(out.read_text())
+    rows = {r["outtype"]: r for r in res["exports"]}
+    assert sorted(rows) == ["f16", "q4_k_m", "q8_0"]
+    assert rows["f16"]["kl_mean"] < 1e-4 and rows["f16"]["top1_agreement"] > 0.97
+    assert rows["f16"]["kl_mean"] < rows["q8_0"]["kl_mean"] < rows["q4_k_m"]["kl_mean"]
+    assert rows["q4_k_m"]["bits_per_weight"] < rows["q8_0"]["bits_per_weight"] < rows["f16"]["bits_per_weight"]
+    ref = res["reference"]["perplexity"]
+    assert abs(rows["f16"]["perplexity"] - ref) / ref < 0.01
