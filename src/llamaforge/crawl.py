@@ -50,11 +50,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import LlamaforgeError
-from .fsutil import guard_output, write_json
+from .fsutil import guard_output, json_kind, write_json
 from . import defaults as D
 from .tokenizer import bundled_text
 
 log = logging.getLogger(__name__)
+
+CRAWL_STATS = json_kind("crawl")  # the "llamaforge" value of the crawl's stats file
 
 DEFAULT_MODEL = "gpt-4o-mini"
 
@@ -779,7 +781,7 @@ def _write_outputs(store: _Store, alpaca_path: Path, stats_path: Path, num_reque
     t = store.totals
     finished = len(store.done & set(range(num_requests)))
     stats = {
-        "llamaforge": "crawl",
+        "llamaforge": CRAWL_STATS,
         "model": model,
         "requests": {
             "total": num_requests,

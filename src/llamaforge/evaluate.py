@@ -36,9 +36,13 @@ from typing import Sequence
 
 from .errors import LlamaforgeError
 from . import defaults as D
-from .fsutil import atomic_file, guard_output, read_json, read_text, require_dir, require_file, write_json
+from .fsutil import atomic_file, guard_output, json_kind, read_json, read_text, require_dir, require_file, write_json
 
 log = logging.getLogger(__name__)
+
+# the "llamaforge" value of each result file written here (by which a later run knows it as its own)
+PERPLEXITY, EQUIVALENCE, TOKENIZER_STATS, SUMMARY, GGUF_QUALITY = map(
+    json_kind, ("perplexity", "equivalence", "tokenizer_stats", "summary", "gguf_quality"))
 
 DEFAULT_TOLERANCE = D.EQUIVALENCE_TOLERANCE
 
@@ -127,7 +131,7 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike | None = N
     chars = len(text.rstrip("\n"))
     mean = r["nll_sum"] / r["scored_tokens"]
     result = {
-        "llamaforge": "perplexity",
+        "llamaforge": PERPLEXITY,
         "model": os.fspath(model),
         "tokenizer": loaded.sources["tokenizer"],
         "text": text_name,
@@ -270,7 +274,7 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
     allowed = tolerance + 2 * floor
     passed = cmp["max_abs_diff"] <= allowed
     result = {
-        "llamaforge": "equivalence",
+        "llamaforge": EQUIVALENCE,
         "merged": os.fspath(merged), "base": os.fspath(base), "loras": [os.fspath(p) for p in loras],
         "tokenizer": os.fspath(tok_dir), "prompts": len(batch), "positions": cmp["positions"],
         "vocab": merged_vocab, "merged_dtypes": reduced or ["float32"], "compute_dtype": "float32",
@@ -359,7 +363,7 @@ def tokenizer_stats(tokenizer: str | os.PathLike, base_tokenizer: str | os.PathL
 
     overall = block(lines)
     result = {
-        "llamaforge": "tokenizer_stats",
+        "llamaforge": TOKENIZER_STATS,
         "tokenizer": os.fspath(tokenizer), "base_tokenizer": os.fspath(base_tokenizer), "text": text_name,
         "vocab": {"base": vocab_b, "merged": vocab_m},
         **overall,
@@ -385,7 +389,7 @@ def summarize(model: str, output: str | os.PathLike | None = None, predictions: 
     """One JSON per model with the headline numbers of each evaluation output."""
     _guard(output, [("predictions file", predictions), ("perplexity file", perplexity_json),
                     ("equivalence file", equivalence_json), ("tokenizer-stats file", tokenizer_stats_json)])
-    out: dict = {"llamaforge": "summary", "model": model}
+    out: dict = {"llamaforge": SUMMARY, "model": model}
     if predictions:
         preds = read_json(predictions, "predictions file")
         if not isinstance(preds, list) or not all(isinstance(p, dict) and isinstance(p.get("output", ""), str)
@@ -607,6 +611,7 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
     _guard(output, inputs)
     if not ggufs:
         raise LlamaforgeError("no GGUF file to measure", None, "give --gguf FILE (repeatable)")
+    _check_ggufs(model, ggufs)
     text, text_name = _eval_text(text_file, "text")
     tok = load_tokenizer(model)
     ids = tok(text).input_ids
@@ -623,7 +628,11 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
     for g in ggufs:
         g = Path(g)
         bpw, nbytes, weights = bits_per_weight(g)
-        lm = _LlamaCppLM(g, n_ctx, threads)
+        try:
+            lm = _LlamaCppLM(g, n_ctx, threads)
+        except (ValueError, RuntimeError, OSError) as e:  # llama-cpp-python: "Failed to load model from file"
+            raise LlamaforgeError(f"llama.cpp cannot load this GGUF ({str(e)[:120]}; its log is above)", g,
+                                  f"export it again: scripts/export_gguf.py --model {model}") from None
         try:
             nll = sliding_window_nll(lm, ids, window, min(stride, window))
             got = [lm(input_ids=torch.tensor([p])).logits[0] for p in prompts]
@@ -640,7 +649,7 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
         echo(f"{g.name}: {bpw:.2f} bits/weight, perplexity {row['perplexity']:.4f}, KL {kl:.5f}, "
              f"top-1 {top1:.4f}")
     result = {
-        "llamaforge": "gguf_quality", "model": os.fspath(model), "text": text_name,
+        "llamaforge": GGUF_QUALITY, "model": os.fspath(model), "text": text_name,
         "window": window, "stride": min(stride, window), "scored_tokens": ref_nll["scored_tokens"],
         "prompt_positions": sum(len(p) for p in prompts),
         "reference": {"what": "the Hugging Face model, float32", "perplexity":
@@ -649,6 +658,25 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
     }
     write_json(output, result)
     return result
+
+
+def _check_ggufs(model, ggufs) -> None:
+    """Each GGUF is a readable GGUF of `model` (its architecture, tensors and vocabulary; see
+    export.check_gguf_of), checked before any model is loaded."""
+    from .export import check_gguf_of, open_gguf, open_model
+    from .fsutil import require_regular_file
+    from .gguf_file import load_gguf
+
+    gguf = load_gguf()
+    m = open_model(model)
+    try:
+        for g in ggufs:
+            g = Path(g)
+            fix = f"give a GGUF export of this model: scripts/export_gguf.py --model {model}"
+            require_regular_file(g, "the GGUF file", fix)
+            check_gguf_of(gguf, open_gguf(gguf, g, fix), g, m, fix, what="the GGUF")
+    finally:
+        m.src.close()
 
 
 def _outtype_of(path: Path) -> str:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -275,6 +276,25 @@ def require_file(path: str | os.PathLike, what: str, fix: str | None = None) -> 
     return p
 
 
+def require_regular_file(path: str | os.PathLike, what: str, fix: str) -> Path:
+    """`path` as a Path if it is a regular file (followed through links); a missing path, a folder,
+    a device (/dev/zero), a FIFO or a socket is each one error that says which."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise LlamaforgeError(f"{what} does not exist", p, fix) from None
+    except (OSError, RuntimeError) as e:
+        raise LlamaforgeError(f"{what} cannot be opened ({getattr(e, 'strerror', None) or e})", p, fix) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise LlamaforgeError(f"{what} is a folder, not a file", p, fix)
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+                else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket")
+        raise LlamaforgeError(f"{what} is {kind}, not a regular file", p, fix)
+    return p
+
+
 def require_dir(path: str | os.PathLike, what: str, fix: str | None = None) -> Path:
     p = Path(path)
     if not p.exists():
@@ -338,6 +358,9 @@ def _manifest_kind(folder: Path, name: str = _OWN_MANIFEST):
     return data.get("llamaforge") if isinstance(data, dict) else None
 
 
+SUMS_MARK = "# llamaforge export_pth"
+
+
 def sums_header(kind: str) -> str:
     """The comment line llamaforge puts first in the SHA256SUMS it writes (`sha256sum -c` skips
     lines starting with '#'), by which a later run recognises the folder as its own output."""
@@ -345,19 +368,20 @@ def sums_header(kind: str) -> str:
 
 
 def _sums_kind(folder: Path) -> str | None:
-    """The kind named by SHA256SUMS' header line; 'export_pth' also for the header-less SHA256SUMS
-    of earlier llamaforge versions, which list exactly params.json, tokenizer.model and the
-    consolidated.NN.pth files of the folder."""
+    """'export_pth' when the folder's SHA256SUMS is the one a Meta export writes: the header line
+    `# llamaforge export_pth` (or none: earlier llamaforge versions), then only '<sha256>  <name>'
+    lines that list exactly the folder's other files (params.json, tokenizer.model and the
+    consolidated.NN.pth files). A header alone is no mark: a folder holding anything else is not ours."""
     try:
         lines = (folder / "SHA256SUMS").read_text(encoding="utf-8").splitlines()
+        present = {p.name for p in folder.iterdir()} - {"SHA256SUMS"}
     except (OSError, UnicodeDecodeError):
         return None
-    if lines and lines[0].startswith("# llamaforge "):
-        return lines[0][len("# llamaforge "):].strip()
+    if lines and lines[0] == SUMS_MARK:
+        lines = lines[1:]
     if not lines or not all(_SUM_LINE.fullmatch(line) for line in lines):
         return None
     listed = {line[66:] for line in lines}
-    present = {p.name for p in folder.iterdir()} - {"SHA256SUMS"}
     ok = listed == present and {"params.json", "consolidated.00.pth"} <= listed and all(
         n in ("params.json", "tokenizer.model") or re.fullmatch(r"consolidated\.\d\d\.pth", n) for n in listed)
     return "export_pth" if ok else None
@@ -367,22 +391,26 @@ _SUM_LINE = re.compile(r"[0-9a-f]{64} [ *]\S.*")
 
 
 def _is_sidecar(path: Path) -> bool:
-    """A `<file>.sha256` as llamaforge writes it: one '<sha256>  <name>' line."""
+    """A `<file>.sha256` as llamaforge writes it: one '<sha256>  <file>' line naming the file it is
+    beside (a SHA256SUMS, or the hash of another file, is not that)."""
+    if not path.name.endswith(".sha256"):
+        return False
     try:
         if path.stat().st_size > 4096:
             return False
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return False
-    return len(lines) == 1 and bool(_SUM_LINE.fullmatch(lines[0]))
+    return (len(lines) == 1 and bool(_SUM_LINE.fullmatch(lines[0]))
+            and lines[0][66:] == path.name[:-len(".sha256")])
 
 
 def _gguf_is_own(path: Path) -> bool:
     try:
         import gguf
 
-        reader = gguf.GGUFReader(path, "r")
-        return GGUF_OWN_KEY in reader.fields
+        field = gguf.GGUFReader(path, "r").fields.get(GGUF_OWN_KEY)
+        return field is not None and field.types == [gguf.GGUFValueType.STRING]
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False
 
@@ -403,15 +431,26 @@ def _png_is_own(path: Path) -> bool:
     return data.startswith(b"\x89PNG\r\n\x1a\n") and b"Software\x00llamaforge" in data
 
 
+# The "llamaforge" value of every JSON object llamaforge writes (its first-class mark): results,
+# settings and stats. Registered by the writers' modules with json_kind().
+JSON_KINDS: set[str] = set()
+
+
+def json_kind(kind: str) -> str:
+    """Register `kind` as the "llamaforge" value of a JSON file a llamaforge writer makes; returns it."""
+    JSON_KINDS.add(kind)
+    return kind
+
+
 def _json_is_own(path: Path) -> bool:
     data = _json_of(path)
-    return isinstance(data, dict) and isinstance(data.get("llamaforge"), str)
+    return isinstance(data, dict) and data.get("llamaforge") in JSON_KINDS
 
 
 def _records_are(path: Path, keys: set[str]) -> bool:
-    """A JSON list of records whose fields are among `keys` (llamaforge's Alpaca data, predictions)."""
+    """A JSON list of records with exactly the fields `keys` (llamaforge's predictions)."""
     data = _json_of(path)
-    return isinstance(data, list) and all(isinstance(x, dict) and set(x) <= keys for x in data)
+    return isinstance(data, list) and all(isinstance(x, dict) and set(x) == keys for x in data)
 
 
 def _first_record(path: Path):
@@ -420,14 +459,6 @@ def _first_record(path: Path):
             return json.loads(f.readline())
     except (OSError, ValueError):
         return None
-
-
-def _text_is_own(path: Path) -> bool:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.readline().startswith("# llamaforge ")
-    except (OSError, UnicodeDecodeError):
-        return False
 
 
 GGUF_OWN_KEY = "llamaforge.version"
@@ -454,8 +485,18 @@ _OWN: dict[str, tuple[str, object]] = {
     "crawl_items": ("crawl items file", lambda p: p.is_file() and isinstance(r := _first_record(p), dict)
                     and set(r) <= {"instruction", "input", "output"}),
     "png": ("llamaforge plot", lambda p: p.is_file() and _png_is_own(p)),
-    "text": ("llamaforge report", lambda p: p.is_file() and _text_is_own(p)),
 }
+
+
+def owned_by(kind: str, what: str):
+    """Decorator: register `test(path) -> bool`, by which guard_output recognises llamaforge's own
+    earlier output of `kind` (`what` names it in the error). A writer defines the mark of its
+    output beside itself (quantize.py's Modelfile, checksums.py's report), as a whole-file check of
+    what only it writes: a first line a user may type is no mark."""
+    def register(test):
+        _OWN[kind] = (what, lambda p: p.is_file() and test(p))
+        return test
+    return register
 
 
 def _is_empty(p: Path) -> bool:
@@ -467,6 +508,15 @@ def _is_empty(p: Path) -> bool:
         return p.is_file() and not p.is_symlink() and p.stat().st_size == 0
     except OSError:
         return False
+
+
+def resolve_path(path: Path, what: str) -> Path:
+    """path.resolve(), with a symlink loop (or a link too deep to follow) as one clear error."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError: "Symlink loop" before Python 3.13; ELOOP after
+        raise LlamaforgeError(f"{what} is a symbolic link that cannot be followed ({e})", path,
+                              "remove the broken link or give another path") from None
 
 
 def _overlap(out: Path, inp: Path) -> str | None:
@@ -493,7 +543,7 @@ def guard_output(output: str | os.PathLike, kind: str,
     """
     out = Path(output)
     what, own = _OWN[kind]
-    resolved = out.resolve()
+    resolved = resolve_path(out, "the output")
     for parent in resolved.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -503,7 +553,7 @@ def guard_output(output: str | os.PathLike, kind: str,
     for desc, p in inputs:
         if p is None:
             continue
-        rel = _overlap(resolved, Path(p).resolve())
+        rel = _overlap(resolved, resolve_path(Path(p), f"the {desc}"))
         if rel is not None:
             raise LlamaforgeError(
                 f"the output {rel} the {desc} {os.fspath(p)}; writing it would destroy that input", out,
@@ -513,7 +563,7 @@ def guard_output(output: str | os.PathLike, kind: str,
         if not (_is_empty(target) or own(target)):
             kind_of = "folder" if target.is_dir() else "file"
             raise LlamaforgeError(
-                f"the output exists and is not a {what} that llamaforge wrote (an existing {kind_of} is only "
+                f"the output exists and is not {'an' if what[0] in 'aeiouAEIOU' else 'a'} {what} that llamaforge wrote (an existing {kind_of} is only "
                 "replaced when it is llamaforge's own earlier output of the same kind)", out,
                 "choose another output path, or move that one away yourself if it may go")
     return out

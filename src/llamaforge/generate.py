@@ -33,10 +33,12 @@ from typing import Callable, Sequence
 
 from .errors import LlamaforgeError
 from . import defaults as D
-from .fsutil import atomic_file, guard_output, read_text, require_dir, write_json
+from .fsutil import atomic_file, guard_output, json_kind, read_text, require_dir, write_json
 from .tokenizer import HF_FILES, ships_padding
 
 log = logging.getLogger(__name__)
+
+PREDICT = json_kind("predict")  # the "llamaforge" value of generation_config.json written beside predictions
 
 # ---------------------------------------------------------------------------------------------
 # Generation settings and prompt templates
@@ -267,7 +269,7 @@ def inspect_adapter(folder: str | os.PathLike, base_names) -> AdapterInfo:
     and the length of the tokenizer stored with it (read without transformers)."""
     from .lora import open_adapter
     from .names import EMBED_HF, LM_HEAD_HF
-    from .tokenizer import tokenizer_length
+    from .tokenizer import check_tokenizer
     from .tokenizer import load_proto, special_ids
 
     d = require_dir(folder, "adapter folder")
@@ -286,7 +288,7 @@ def inspect_adapter(folder: str | os.PathLike, base_names) -> AdapterInfo:
     info = AdapterInfo(d, embed if embed is not None else head)
     # the merge's rule (merge._resolve_tokenizer): an adapter has a tokenizer when tokenizer.model is beside it
     if (d / "tokenizer.model").is_file():
-        info.tokenizer_len = tokenizer_length(d)
+        info.tokenizer_len = check_tokenizer(d)
         info.pad_id = special_ids(load_proto(d / "tokenizer.model"), d).get("pad")
         if info.rows is not None and info.tokenizer_len != info.rows:
             raise LlamaforgeError(
@@ -701,7 +703,7 @@ def predict(model: str | os.PathLike, predictions_file: str | os.PathLike, data_
         echo(f"Input: {ex.instruction}" + (f"\n{ex.input}" if ex.input else "") + "\n")
         echo(f"Output: {g.text}\n")
         records.append({"instruction": ex.instruction, "input": ex.input, "prompt": g.prompt, "output": g.text})
-    config = {"llamaforge": "predict", **settings.to_json(), "template": tpl.name, "with_prompt": with_prompt, "batch_size": batch_size,
+    config = {"llamaforge": PREDICT, **settings.to_json(), "template": tpl.name, "with_prompt": with_prompt, "batch_size": batch_size,
               "dtype": str(loaded.dtype).replace("torch.", ""), "device": loaded.device, **loaded.sources}
     # write_json would sort the keys; the records keep inference_hf.py's field order
     with atomic_file(out, "w") as f:
