@@ -657,6 +657,14 @@ CASES = [
     ("pth-over-export-holding-a-users-file", lambda w, c: [
         "export_pth.py", "--model", w / "merged", "--output", meta_with_user_file(c, w)],
      ["not a Meta export folder that llamaforge wrote"]),
+    ("crawl-items-over-users-instruction-data", lambda w, c: [
+        "crawl_prompts.py", "--output", with_file(c, "data.jsonl", '{"instruction": "mine", "input": "", "output": "o"}\n'),
+        "--num-requests", "1", "--base-url", "http://127.0.0.1:9/v1"],
+     ["not a crawl items file that llamaforge wrote"]),
+    ("crawl-alpaca-json-over-users-alpaca-data", lambda w, c: [
+        "crawl_prompts.py", "--output", with_file(c, "data.json", '[{"instruction": "mine", "input": "", "output": "o"}]')
+        .with_suffix(".jsonl"), "--num-requests", "1", "--base-url", "http://127.0.0.1:9/v1"],
+     ["data.json: the output exists and is not an Alpaca JSON of this crawl's items that llamaforge wrote"]),
     # 2: --from-f16 checked against its .sha256 and the model it claims to be, before llama.cpp sees it
     ("from-f16-of-another-model", lambda w, c: quantize_args(w, c, f16_of_another_model(c, w)),
      ["token_embd.weight has shape [512, ", "another model's"]),

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import LlamaforgeError
-from .fsutil import guard_output, json_kind, write_json
+from .fsutil import _OWN, guard_output, json_kind, owned_by, write_json
 from . import defaults as D
 from .tokenizer import bundled_text
 
@@ -345,6 +345,49 @@ class DedupIndex:
 
 # --------------------------------------------------------------------------------------------
 # Files: raw replies and accepted items
+
+
+def _peek_jsonl(path: Path) -> list | None:
+    """The whole records of a JSONL file, read only (a torn last line ignored); None if unreadable."""
+    try:
+        data = path.read_bytes()
+        return [json.loads(line) for line in data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+_ITEM_FIELDS = frozenset({"instruction", "input", "output"})
+
+
+@owned_by("crawl_items", "crawl items file")
+def _items_are_ours(path: Path) -> bool:
+    """The items file is the crawl's when the reply file beside it is (each accepted item is written
+    after the reply it came from, so a crawl's items never exist without its replies) and it holds
+    only items. A user's instruction data, however alike, has no reply file of llamaforge's."""
+    _, raw, _, _ = output_paths(path)
+    records = _peek_jsonl(path)
+    return (raw.is_file() and _OWN["crawl_raw"][1](raw) and records is not None
+            and all(isinstance(r, dict) and set(r) <= _ITEM_FIELDS for r in records))
+
+
+def alpaca_of(items: list[dict]) -> list[dict]:
+    """The Alpaca JSON of the crawl's items (instruction, input, output; missing ones empty)."""
+    return [{"instruction": r.get("instruction", ""), "input": r.get("input", ""), "output": r.get("output", "")}
+            for r in items]
+
+
+def _alpaca_is_ours(path: Path, items_path: Path) -> bool:
+    """The Alpaca JSON is the crawl's when it is the Alpaca form of the first N records of the crawl's
+    own items file (the items file only grows; a run killed before it rewrote the JSON leaves it
+    behind by some items). Nothing else is: a user's data never is, and if it were, it is all there."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(data, list):
+        return False
+    items = (_peek_jsonl(items_path) if items_path.is_file() and _items_are_ours(items_path) else []) or []
+    return len(data) <= len(items) and data == alpaca_of(items[:len(data)])
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -734,7 +777,7 @@ def crawl(
         raise LlamaforgeError("--alpaca-json is one of the crawl's own files (the .jsonl, .raw.jsonl or .stats.json)",
                               alpaca_path, "give the Alpaca JSON a name of its own, e.g. NAME.json beside NAME.jsonl")
     for path, kind in outputs:
-        guard_output(path, kind)
+        guard_output(path, kind, own=(lambda p: _alpaca_is_ours(p, items_path)) if kind == "alpaca" else None)
 
     store = _Store(items_path, raw_path, seed, items_per_request, dedup_threshold)
     settings = _Settings(model, seed, items_per_request, max_retries, backoff, api_key)
@@ -773,10 +816,7 @@ def crawl(
 
 def _write_outputs(store: _Store, alpaca_path: Path, stats_path: Path, num_requests: int,
                    model: str, price_in: float, price_out: float, seconds: float) -> dict[str, Any]:
-    items = [
-        {"instruction": r.get("instruction", ""), "input": r.get("input", ""), "output": r.get("output", "")}
-        for r in store.items
-    ]
+    items = alpaca_of(store.items)
     write_json(alpaca_path, items)
     t = store.totals
     finished = len(store.done & set(range(num_requests)))

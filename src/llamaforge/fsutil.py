@@ -475,15 +475,14 @@ _OWN: dict[str, tuple[str, object]] = {
     "json": ("llamaforge JSON file", lambda p: p.is_file() and _json_is_own(p)),
     "crawl_stats": ("crawl stats file", lambda p: p.is_file() and (_json_is_own(p) or (
         isinstance(d := _json_of(p), dict) and {"requests", "items", "tokens", "cost_usd"} <= d.keys()))),
-    "alpaca": ("instruction data file",
-               lambda p: p.is_file() and _records_are(p, {"instruction", "input", "output"})),
+    # the crawl's Alpaca JSON: judged by crawl.py against its items file (guard_output's `own`)
+    "alpaca": ("Alpaca JSON of this crawl's items", lambda p: False),
     "predictions": ("predictions file",
                     lambda p: p.is_file() and _records_are(p, {"instruction", "input", "prompt", "output"})),
     # the crawl's append-only files: judged by their first line (a later one may be torn by a kill)
     "crawl_raw": ("crawl reply file", lambda p: p.is_file() and isinstance(r := _first_record(p), dict)
                   and {"index", "seed", "items_per_request", "content"} <= r.keys()),
-    "crawl_items": ("crawl items file", lambda p: p.is_file() and isinstance(r := _first_record(p), dict)
-                    and set(r) <= {"instruction", "input", "output"}),
+    # "crawl_items": registered by crawl.py (the items file is the crawl's when its reply file is)
     "png": ("llamaforge plot", lambda p: p.is_file() and _png_is_own(p)),
 }
 
@@ -530,7 +529,7 @@ def _overlap(out: Path, inp: Path) -> str | None:
 
 
 def guard_output(output: str | os.PathLike, kind: str,
-                 inputs: "list[tuple[str, str | os.PathLike | None]]" = ()) -> Path:
+                 inputs: "list[tuple[str, str | os.PathLike | None]]" = (), own=None) -> Path:
     """Refuse, before anything is read or written, an output that would destroy what a user has.
 
     * An output that is, holds or lies inside any input (symlinks resolved) is refused.
@@ -539,10 +538,13 @@ def guard_output(output: str | os.PathLike, kind: str,
       GGUF key `llamaforge.version`, ...); an empty file or folder may go too. Anything else is
       refused with one line naming it.
 
-    `inputs`: (description, path) pairs; a None path is skipped. Returns `output` as a Path.
+    `inputs`: (description, path) pairs; a None path is skipped. `own`: the test of ownership when
+    it needs what only the caller knows (the crawl's Alpaca JSON is its own when it is the Alpaca
+    form of its items file), instead of the one registered for `kind`. Returns `output` as a Path.
     """
     out = Path(output)
-    what, own = _OWN[kind]
+    what, registered = _OWN[kind]
+    own = registered if own is None else (lambda p, test=own: p.is_file() and test(p))
     resolved = resolve_path(out, "the output")
     for parent in resolved.parents:
         if parent.exists():
