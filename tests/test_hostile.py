@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -427,6 +428,40 @@ def meta_with_user_file(case: Path, world: Path) -> Path:
     return d
 
 
+RAW_RECORD = json.dumps({"index": 0, "seed": 0, "items_per_request": 5, "attempts": 1, "finish_reason": "stop",
+                         "usage": None, "counts": {"parsed": 1, "accepted": 1}, "content": "[]"}) + "\n"
+BAD_REFERENCE = {"llamaforge": "gguf_quality", "model": "merged/m", "reference": [1], "exports": [
+    {"outtype": "q8_0", "bits_per_weight": 8.5, "perplexity": 10, "kl_mean": 0.01}]}
+
+
+def crawl_store(case: Path, raw: str, items: str | None = None) -> Path:
+    """A crawl's store (`NAME.raw.jsonl`, and `NAME.jsonl` when items are given) as a crawl leaves it."""
+    with_file(case, "c.raw.jsonl", raw)
+    if items is not None:
+        with_file(case, "c.jsonl", items)
+    return case / "c.jsonl"
+
+
+def crawl_args(output: Path, *extra) -> list:
+    return ["crawl_prompts.py", "--output", output, "--num-requests", "1", "--no-progress", "--max-retries", "0",
+            "--base-url", "http://127.0.0.1:9/v1", *extra]
+
+
+def nan_model(case: Path, world: Path) -> Path:
+    """A copy of the merged model whose final norm is NaN (a NaN adapter, a float16 overflow)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    d = case / "nan"
+    shutil.copytree(world / "merged", d)
+    f = next(p for p in sorted(d.glob("*.safetensors")) if "model.norm.weight" in safe_open(p, "pt").keys())
+    with safe_open(f, "pt") as h:
+        meta, tensors = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * float("nan")
+    save_file(tensors, f, metadata=meta)
+    return d
+
+
 def modelfile_text_plus(extra: str) -> str:
     from llamaforge.quantize import modelfile_text
 
@@ -665,6 +700,47 @@ CASES = [
         "crawl_prompts.py", "--output", with_file(c, "data.json", '[{"instruction": "mine", "input": "", "output": "o"}]')
         .with_suffix(".jsonl"), "--num-requests", "1", "--base-url", "http://127.0.0.1:9/v1"],
      ["data.json: the output exists and is not an Alpaca JSON of this crawl's items that llamaforge wrote"]),
+    # the second adversarial pass (crawler store, evaluation and report, Snakemake config)
+    ("crawl-over-users-jsonl-without-a-line-end", lambda w, c: [
+        "crawl_prompts.py", "--output", with_file(c, "mine.jsonl", '{"instruction": "A", "input": "", "output": "a"}'),
+        "--num-requests", "0", "--no-progress", "--base-url", "http://127.0.0.1:9/v1"],
+     ["not a crawl items file that llamaforge wrote"]),
+    ("crawl-store-with-a-bad-line-and-a-torn-tail", lambda w, c: crawl_args(
+        crawl_store(c, RAW_RECORD + "garbage\n" + RAW_RECORD[:20])), ["line 2 is not valid JSON"]),
+    ("crawl-store-of-another-seed-with-a-torn-tail", lambda w, c: crawl_args(
+        crawl_store(c, RAW_RECORD + RAW_RECORD[:20]), "--seed", "7"), ["this crawl was started with --seed 0"]),
+    ("crawl-store-index-a-list", lambda w, c: crawl_args(crawl_store(c, RAW_RECORD.replace('"index": 0', '"index": [0]'))),
+     ["line 1 is not a reply record of llamaforge's crawl (index must be a whole number"]),
+    ("crawl-store-usage-not-counts", lambda w, c: crawl_args(crawl_store(c, RAW_RECORD.replace('"usage": null',
+                                                                                              '"usage": [1]'))),
+     ["usage must be null or an object of token counts"]),
+    ("crawl-store-counts-empty", lambda w, c: crawl_args(crawl_store(c, RAW_RECORD.replace(
+        '"counts": {"parsed": 1, "accepted": 1}', '"counts": {}'))), ["counts must be an object"]),
+    ("crawl-store-content-a-number", lambda w, c: crawl_args(crawl_store(c, RAW_RECORD.replace(
+        '"content": "[]"', '"content": 5'))), ["content must be a string"]),
+    ("crawl-items-line-not-an-item", lambda w, c: crawl_args(crawl_store(
+        c, RAW_RECORD, '{"instruction": "a", "input": "", "output": "b"}\n[1]\n')),
+     ["line 2 is not an item of llamaforge's crawl"]),
+    ("crawl-num-requests-beyond-any-crawl", lambda w, c: [
+        "crawl_prompts.py", "--output", c / "big.jsonl", "--num-requests", "100000000000", "--no-progress",
+        "--base-url", "http://127.0.0.1:9/v1"], ["--num-requests must be 0 to 1,000,000"]),
+    ("equivalence-of-a-model-full-of-nan", lambda w, c: [
+        "evaluate.py", "equivalence", "--merged", nan_model(c, w), "--base", w / "base", "--lora", w / "lora",
+        "--device", "cpu", "--output", outside("eq") / "eq.json"], ["merge check FAILED: max |delta logit| nan"]),
+    ("perplexity-of-a-model-full-of-nan", lambda w, c: [
+        "evaluate.py", "perplexity", "--model", nan_model(c, w), "--device", "cpu", "--output", c / "p.json"],
+     ["the model's logits are not finite"]),
+    ("equivalence-tolerance-nan", lambda w, c: [
+        "evaluate.py", "equivalence", "--merged", w / "merged", "--base", w / "base", "--lora", w / "lora",
+        "--tolerance", "nan", "--output", c / "eq.json"], ["the equivalence tolerance is nan"]),
+    ("inference-seed-minus-one", lambda w, c: ["inference.py", "--model", w / "merged", "--seed", "-1",
+                                               "--predictions-file", c / "p.json"],
+     ["seed is -1; a sampling seed is 0 to 4294967295"]),
+    ("demo-seed-past-any-generator", lambda w, c: ["make_demo.py", "--output", c / "demo", "--seed",
+                                                   "99999999999999999999"], ["the demo seed is 99999999999999999999"]),
+    ("gguf-plot-reference-not-an-object", lambda w, c: ["evaluate.py", "gguf-plot", "--output", c / "q.png", "--quality",
+                                                        with_file(c, "q.json", json.dumps(BAD_REFERENCE))],
+     ["a GGUF quality file does not hold what the plot needs (AttributeError"]),
     # 2: --from-f16 checked against its .sha256 and the model it claims to be, before llama.cpp sees it
     ("from-f16-of-another-model", lambda w, c: quantize_args(w, c, f16_of_another_model(c, w)),
      ["token_embd.weight has shape [512, ", "another model's"]),
@@ -1071,3 +1147,70 @@ def test_a_llama3_tokenizer_model_saved_with_crlf_or_a_bom_reads_as_itself(tmp_p
         p.write_bytes(data.encode("utf-8"))
         assert is_tiktoken_model(p), name
         assert _tiktoken_ranks(p) == want, name
+
+
+def test_a_reply_with_a_lone_surrogate_or_wrong_types_is_stored(tmp_path):
+    """A hostile or broken server: a lone surrogate in the text, usage that is no count, choices that are
+    no list, the key in finish_reason or JSON-escaped in the text. The reply is kept, readable, without
+    the key; a later run resumes from it."""
+    import types
+
+    from llamaforge.crawl import _redact, _reply_fields, _Store
+
+    key = "sk-adv-SECRET/key-0123"
+    escaped = "".join(f"\\u{ord(ch):04x}" if ch in "sS" else ("\\/" if ch == "/" else ch) for ch in key)
+    content = ('[{"instruction": "abc \\ud800 def: explain the basics of quantum physics", "input": "", '
+               f'"output": "your key is {escaped} ok"}}]')
+    ns = types.SimpleNamespace
+    reply = ns(choices=[ns(message=ns(content=content), finish_reason=key)],
+               usage=ns(prompt_tokens="many", completion_tokens=-5))
+    text, usage, finish = _reply_fields(reply)
+    assert usage == {"prompt_tokens": 0, "completion_tokens": 0}
+    assert _redact(finish, key) == "***"
+    assert _reply_fields(ns(choices={"a": 1}, usage=None)) == ("", None, None)
+    store = _Store(tmp_path / "c.jsonl", tmp_path / "c.raw.jsonl", 0, 5, 0.7)
+    store.add_reply(0, _redact(text, key), usage, 1, _redact(finish, key))
+    store.close()
+    raw = (tmp_path / "c.raw.jsonl").read_text(encoding="utf-8")
+    items = (tmp_path / "c.jsonl").read_text(encoding="utf-8")
+    assert "SECRET" not in raw and "SECRET" not in items and escaped not in raw
+    assert json.loads(items)["instruction"] == "abc \ufffd def: explain the basics of quantum physics"
+    assert json.loads(items)["output"] == "your key is *** ok"
+    again = _Store(tmp_path / "c.jsonl", tmp_path / "c.raw.jsonl", 0, 5, 0.7)  # resumes from it
+    assert again.done == {0} and len(again.items) == 1
+    again.close()
+
+
+def test_a_torn_last_line_that_is_a_whole_record_is_kept(tmp_path):
+    from llamaforge.crawl import _Store
+
+    (tmp_path / "c.raw.jsonl").write_text(RAW_RECORD.rstrip("\n"))  # a record without its line end
+    store = _Store(tmp_path / "c.jsonl", tmp_path / "c.raw.jsonl", 0, 5, 0.7)
+    store.close()
+    assert store.done == {0}
+    assert (tmp_path / "c.raw.jsonl").read_text() == RAW_RECORD  # the line end added, the record kept
+
+
+@pytest.mark.parametrize("edit,bad", [
+    (lambda c: c["models"].update({"demo\n": {"base": "resources/demo/base"}}), "demo\n"),
+    (lambda c: c["crawl"].update({"a": {"model": "m", "num_requests": 1},
+                                  "a.stats": {"model": "m", "num_requests": 1}}), "a.stats"),
+    (lambda c: c["crawl"].update({"a.raw": {"model": "m", "num_requests": 1}}), "a.raw"),
+    (lambda c: c["crawl"].update({"a": {"model": "m", "num_requests": 10**11}}), "100000000000"),
+    (lambda c: c["eval"].update({"generation": {"seed": -1}}), "-1"),
+    (lambda c: c["demo"].update({"seed": 10**20}), "100000000000000000000"),
+])
+def test_the_config_schema_refuses_what_would_collide_or_crash(edit, bad):
+    import copy
+
+    import yaml
+    from snakemake.utils import validate
+
+    from helpers import REPO
+
+    cfg = copy.deepcopy(yaml.safe_load((REPO / "config.yaml").read_text()))
+    validate(copy.deepcopy(cfg), str(REPO / "schemas" / "config.schema.yaml"))  # the shipped config passes
+    edit(cfg)
+    with pytest.raises(Exception, match=re.escape(bad.strip()) if bad.strip() else ".") as e:
+        validate(cfg, str(REPO / "schemas" / "config.schema.yaml"))
+    assert "ValidationError" in type(e.value).__name__ or "WorkflowError" in type(e.value).__name__

@@ -130,6 +130,10 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike | None = N
     r = sliding_window_nll(m, ids, window, stride, dev)
     chars = len(text.rstrip("\n"))
     mean = r["nll_sum"] / r["scored_tokens"]
+    if not math.isfinite(mean):
+        raise LlamaforgeError(f"the model's logits are not finite (mean negative log-likelihood {mean}): its perplexity "
+                              "is undefined", model, "rebuild the model; check its weights and adapters for NaN or "
+                              "infinite values (evaluate.py equivalence shows where they differ)")
     result = {
         "llamaforge": PERPLEXITY,
         "model": os.fspath(model),
@@ -197,7 +201,9 @@ def _compare(a: Sequence, b: Sequence) -> dict:
     max_abs, total, n, agree, positions = 0.0, 0.0, 0, 0, 0
     for x, y in zip(a, b):
         d = (x - y).abs()
-        max_abs = max(max_abs, float(d.max()))
+        m = float(d.max())
+        # NaN is sticky: Python's max(0.0, nan) is 0.0, which would pass a model full of NaN
+        max_abs = math.nan if math.isnan(m) or math.isnan(max_abs) else max(max_abs, m)
         total += float(d.double().sum())
         n += d.numel()
         agree += int((x.argmax(-1) == y.argmax(-1)).sum())
@@ -221,6 +227,9 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
 
     _guard(output, [("merged model folder", merged), ("base model folder", base), ("tokenizer folder", tokenizer),
                     ("prompts file", prompts_file)] + [("adapter folder", p) for p in loras])
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise LlamaforgeError(f"the equivalence tolerance is {tolerance}; it must be a positive finite number", None,
+                              "set eval.equivalence.tolerance in config.yaml (or --tolerance), e.g. 0.001")
     if not loras:
         raise LlamaforgeError("no adapter given: there is no merge to check", merged,
                               "give the adapters the model was merged from (--lora, in order)")
@@ -639,6 +648,9 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
         finally:
             lm.close()
         kl, top1 = _kl_top1(ref_logits, got)
+        if not (math.isfinite(nll["nll_sum"]) and math.isfinite(kl)):
+            raise LlamaforgeError("llama.cpp's logits of this GGUF are not finite (NaN or infinity)", g,
+                                  f"export it again from a sound model: scripts/export_gguf.py --model {model}")
         outtype = _outtype_of(g)
         types = sorted({t for t, _ in tensor_types(g).values()})
         row = {"file": g.name, "outtype": outtype, "size_bytes": g.stat().st_size, "bits_per_weight": bpw,
@@ -720,7 +732,7 @@ def plot_gguf_quality(qualities: Sequence[str | os.PathLike], output: str | os.P
             ref = d.get("reference", {}).get("perplexity")
             if ref:
                 a1.axhline(ref, linestyle=":", linewidth=1, color="gray")
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         plt.close(fig)
         raise LlamaforgeError(f"a GGUF quality file does not hold what the plot needs ({type(e).__name__}: {e})",
                               None, "rebuild eval/*/gguf.json with scripts/evaluate.py gguf-quality") from None

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -304,10 +305,23 @@ def require_dir(path: str | os.PathLike, what: str, fix: str | None = None) -> P
     return p
 
 
+def finite_json(obj):
+    """`obj` with every non-finite float (NaN, infinity) as None: JSON has no such numbers, and the
+    bare NaN that Python writes by default is refused by strict parsers (jq, JSON.parse)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Write `obj` as indented UTF-8 JSON with sorted keys (stable bytes for stable inputs), atomically."""
+    """Write `obj` as indented UTF-8 JSON with sorted keys (stable bytes for stable inputs), atomically;
+    a non-finite number is written as null (finite_json)."""
     with atomic_file(path, "w") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2, sort_keys=True)
+        json.dump(finite_json(obj), f, ensure_ascii=False, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
 
 

@@ -175,6 +175,9 @@ class GenerationSettings:
                 bad(f"top_k is {self.top_k}", "give 0 (off) or a positive number")
         if self.num_beams != 1:
             bad("beam search is not supported", "use num_beams 1")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            bad(f"seed is {self.seed}; a sampling seed is 0 to 4294967295 (numpy's range)",
+                "give a seed in that range, or none (unseeded)")
         return self
 
     def to_json(self) -> dict:
