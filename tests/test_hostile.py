@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import run_script
+from llamaforge.defaults import CRAWL_ITEMS_PER_REQUEST
 
 # --- the world: a user's folders, and llamaforge's own outputs beside them ---------------------
 
@@ -428,7 +429,7 @@ def meta_with_user_file(case: Path, world: Path) -> Path:
     return d
 
 
-RAW_RECORD = json.dumps({"index": 0, "seed": 0, "items_per_request": 5, "attempts": 1, "finish_reason": "stop",
+RAW_RECORD = json.dumps({"index": 0, "seed": 0, "items_per_request": CRAWL_ITEMS_PER_REQUEST, "attempts": 1, "finish_reason": "stop",
                          "usage": None, "counts": {"parsed": 1, "accepted": 1}, "content": "[]"}) + "\n"
 BAD_REFERENCE = {"llamaforge": "gguf_quality", "model": "merged/m", "reference": [1], "exports": [
     {"outtype": "q8_0", "bits_per_weight": 8.5, "perplexity": 10, "kl_mean": 0.01}]}
@@ -1185,7 +1186,7 @@ def test_a_torn_last_line_that_is_a_whole_record_is_kept(tmp_path):
     from llamaforge.crawl import _Store
 
     (tmp_path / "c.raw.jsonl").write_text(RAW_RECORD.rstrip("\n"))  # a record without its line end
-    store = _Store(tmp_path / "c.jsonl", tmp_path / "c.raw.jsonl", 0, 5, 0.7)
+    store = _Store(tmp_path / "c.jsonl", tmp_path / "c.raw.jsonl", 0, CRAWL_ITEMS_PER_REQUEST, 0.7)
     store.close()
     assert store.done == {0}
     assert (tmp_path / "c.raw.jsonl").read_text() == RAW_RECORD  # the line end added, the record kept
@@ -1214,3 +1215,15 @@ def test_the_config_schema_refuses_what_would_collide_or_crash(edit, bad):
     with pytest.raises(Exception, match=re.escape(bad.strip()) if bad.strip() else ".") as e:
         validate(cfg, str(REPO / "schemas" / "config.schema.yaml"))
     assert "ValidationError" in type(e.value).__name__ or "WorkflowError" in type(e.value).__name__
+
+
+def test_an_api_key_no_header_can_carry_is_one_error_without_the_key():
+    from llamaforge.crawl import check_api_key
+    from llamaforge.errors import LlamaforgeError
+
+    check_api_key("sk-proj-AZaz09_-.")
+    for key, said in (("sk-secret-123\r", r"'\r' at its end"), ("sk-secret-ü123", r"'\xfc' in it"),
+                      ("sk-secret 123", "' ' in it")):
+        with pytest.raises(LlamaforgeError) as e:
+            check_api_key(key)
+        assert said in str(e.value) and "secret" not in str(e.value), str(e.value)
