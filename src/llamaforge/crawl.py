@@ -387,15 +387,30 @@ def alpaca_of(items: list[dict]) -> list[dict]:
 def _alpaca_is_ours(path: Path, items_path: Path) -> bool:
     """The Alpaca JSON is the crawl's when it is the Alpaca form of the first N records of the crawl's
     own items file (the items file only grows; a run killed before it rewrote the JSON leaves it
-    behind by some items). Nothing else is: a user's data never is, and if it were, it is all there."""
+    behind by some items), or else holds only items of the crawl's replies (a kill that cut items
+    off the items file, which the resume recovers from the replies). Nothing else is: a user's data
+    never is, and if it were, it is all in the crawl's own files."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return False
     if not isinstance(data, list):
         return False
-    items = (_peek_jsonl(items_path) if items_path.is_file() and _items_are_ours(items_path) else []) or []
-    return len(data) <= len(items) and data == alpaca_of(items[:len(data)])
+    ours = items_path.is_file() and _items_are_ours(items_path)
+    items = (_peek_jsonl(items_path) if ours else []) or []
+    if len(data) <= len(items) and data == alpaca_of(items[:len(data)]):
+        return True
+    _, raw, _, _ = output_paths(items_path)
+    if not (ours and all(isinstance(r, dict) for r in data)):
+        return False
+    known = {tuple(r.get(k) for k in _ITEM_FIELDS_ORDER) for r in alpaca_of(items)}
+    for record in _peek_jsonl(raw) or []:
+        if isinstance(record, dict) and isinstance(record.get("content"), str):
+            known |= {tuple(i[k] for k in _ITEM_FIELDS_ORDER) for i in parse_reply(record["content"]) if i}
+    return all(tuple(r.get(k) for k in _ITEM_FIELDS_ORDER) in known for r in data)
+
+
+_ITEM_FIELDS_ORDER = ("instruction", "input", "output")
 
 
 def _read_jsonl(path: Path) -> tuple[list, Any]:
