@@ -1029,7 +1029,7 @@ def test_hash_cache_keys_on_ctime(tmp_path, monkeypatch):
 def test_ownership_marks_are_specific_to_each_kind(world, tmp_path):
     """Each kind of output is recognised by what only its writer writes, whole: never by a first line a
     user may type, never as another kind."""
-    from llamaforge import checksums, evaluate, quantize  # noqa: F401  (they register their marks)
+    from llamaforge import checksums, fsutil, quantize  # noqa: F401  (they register their marks)
     from llamaforge.checksums import verify_to_report
     from llamaforge.fsutil import _OWN
     from llamaforge.quantize import modelfile_text, write_modelfile
@@ -1051,8 +1051,12 @@ def test_ownership_marks_are_specific_to_each_kind(world, tmp_path):
     assert own("verify_report", "r", "# llamaforge verify\nOK       a  " + "0" * 64 + "\n") is True
     assert own("verify_report", "s", "# llamaforge verify\nmy notes\n") is False
     assert own("verify_report", "t", mf) is False
-    assert own("json", "p.json", '{"llamaforge": "perplexity", "perplexity": 3.0}') is True
-    assert own("json", "q.json", '{"llamaforge": "my notes"}') is False
+    perplexity = fsutil.json_of_kind("perplexity")
+    for name, text, mine in (("p.json", '{"llamaforge": "perplexity", "perplexity": 3.0}', True),
+                             ("q.json", '{"llamaforge": "my notes"}', False),
+                             ("s.json", '{"llamaforge": "summary", "model": "m"}', False)):  # another kind
+        (tmp_path / name).write_text(text)
+        assert perplexity(tmp_path / name) is mine, name
     rec = '[{"instruction": "i", "input": "", "prompt": "p", "output": "o"}]'
     assert own("predictions", "p.json", rec) is True
     assert own("predictions", "a.json", '[{"instruction": "i", "input": "", "output": "o"}]') is False

@@ -50,13 +50,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import LlamaforgeError
-from .fsutil import _OWN, _first_record, guard_output, json_kind, owned_by, write_json
+from .fsutil import _OWN, _first_record, guard_output, owned_by, write_json
 from . import defaults as D
 from .tokenizer import bundled_text
 
 log = logging.getLogger(__name__)
 
-CRAWL_STATS = json_kind("crawl")  # the "llamaforge" value of the crawl's stats file
+CRAWL_STATS = "crawl"  # the "llamaforge" value of the crawl's stats file
 
 DEFAULT_MODEL = "gpt-4o-mini"
 

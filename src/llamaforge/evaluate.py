@@ -36,21 +36,22 @@ from typing import Sequence
 
 from .errors import LlamaforgeError
 from . import defaults as D
-from .fsutil import atomic_file, guard_output, json_kind, read_json, read_text, require_dir, require_file, write_json
+from .fsutil import atomic_file, guard_output, json_of_kind, read_json, read_text, require_dir, require_file, write_json
 
 log = logging.getLogger(__name__)
 
 # the "llamaforge" value of each result file written here (by which a later run knows it as its own)
-PERPLEXITY, EQUIVALENCE, TOKENIZER_STATS, SUMMARY, GGUF_QUALITY = map(
-    json_kind, ("perplexity", "equivalence", "tokenizer_stats", "summary", "gguf_quality"))
+PERPLEXITY, EQUIVALENCE, TOKENIZER_STATS, SUMMARY, GGUF_QUALITY = (
+    "perplexity", "equivalence", "tokenizer_stats", "summary", "gguf_quality")
 
 DEFAULT_TOLERANCE = D.EQUIVALENCE_TOLERANCE
 
 
-def _guard(output, inputs) -> None:
-    """An evaluation output must not overwrite an input, nor a file llamaforge did not write."""
+def _guard(output, kind: str, inputs) -> None:
+    """An evaluation output must not overwrite an input, nor a file that is not llamaforge's result of
+    the same kind (its "llamaforge" value)."""
     if output:
-        guard_output(output, "json", inputs)
+        guard_output(output, "json", inputs, own=json_of_kind(kind))
 
 
 def _eval_text(path: str | os.PathLike | None, what: str) -> tuple[str, str]:
@@ -117,7 +118,7 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike | None = N
     the bundled sample)."""
     from .generate import load_model
 
-    _guard(output, [("model folder", model), ("text file", text_file), ("tokenizer folder", tokenizer)])
+    _guard(output, PERPLEXITY, [("model folder", model), ("text file", text_file), ("tokenizer folder", tokenizer)])
     text, text_name = _eval_text(text_file, "perplexity text")
     loaded = load_model(model, (), tokenizer, device, dtype, echo=echo)
     m, dev, dt, context = loaded.model, loaded.device, loaded.dtype, loaded.context_length
@@ -225,7 +226,7 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
     from .generate import (apply_adapters, base_vocab_size, inspect_adapters, load_causal_lm, load_tokenizer,
                            plan_vocab, resolve_device)
 
-    _guard(output, [("merged model folder", merged), ("base model folder", base), ("tokenizer folder", tokenizer),
+    _guard(output, EQUIVALENCE, [("merged model folder", merged), ("base model folder", base), ("tokenizer folder", tokenizer),
                     ("prompts file", prompts_file)] + [("adapter folder", p) for p in loras])
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
         raise LlamaforgeError(f"the equivalence tolerance is {tolerance}; it must be a positive finite number", None,
@@ -355,7 +356,8 @@ def tokenizer_stats(tokenizer: str | os.PathLike, base_tokenizer: str | os.PathL
                     echo=print) -> dict:
     """Characters per token before (base) and after (merged) the vocabulary merge, line by line
     (default text: the bundled sample)."""
-    _guard(output, [("tokenizer folder", tokenizer), ("base tokenizer", base_tokenizer), ("text file", text_file)])
+    _guard(output, TOKENIZER_STATS, [("tokenizer folder", tokenizer), ("base tokenizer", base_tokenizer),
+                                     ("text file", text_file)])
     text, text_name = _eval_text(text_file, "tokenizer-stats text")
     lines = [s for s in text.splitlines() if s.strip()]
     enc_m, vocab_m = _encoder(tokenizer)
@@ -396,7 +398,7 @@ def summarize(model: str, output: str | os.PathLike | None = None, predictions: 
               perplexity_json: str | os.PathLike | None = None, equivalence_json: str | os.PathLike | None = None,
               tokenizer_stats_json: str | os.PathLike | None = None, echo=print) -> dict:
     """One JSON per model with the headline numbers of each evaluation output."""
-    _guard(output, [("predictions file", predictions), ("perplexity file", perplexity_json),
+    _guard(output, SUMMARY, [("predictions file", predictions), ("perplexity file", perplexity_json),
                     ("equivalence file", equivalence_json), ("tokenizer-stats file", tokenizer_stats_json)])
     out: dict = {"llamaforge": SUMMARY, "model": model}
     if predictions:
@@ -617,7 +619,7 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
 
     inputs = [("model folder", model), ("text", text_file), ("prompts file", prompts_file)]
     inputs += [("GGUF file", g) for g in ggufs]
-    _guard(output, inputs)
+    _guard(output, GGUF_QUALITY, inputs)
     if not ggufs:
         raise LlamaforgeError("no GGUF file to measure", None, "give --gguf FILE (repeatable)")
     _check_ggufs(model, ggufs)

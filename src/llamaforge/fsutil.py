@@ -445,20 +445,14 @@ def _png_is_own(path: Path) -> bool:
     return data.startswith(b"\x89PNG\r\n\x1a\n") and b"Software\x00llamaforge" in data
 
 
-# The "llamaforge" value of every JSON object llamaforge writes (its first-class mark): results,
-# settings and stats. Registered by the writers' modules with json_kind().
-JSON_KINDS: set[str] = set()
-
-
-def json_kind(kind: str) -> str:
-    """Register `kind` as the "llamaforge" value of a JSON file a llamaforge writer makes; returns it."""
-    JSON_KINDS.add(kind)
-    return kind
-
-
-def _json_is_own(path: Path) -> bool:
-    data = _json_of(path)
-    return isinstance(data, dict) and data.get("llamaforge") in JSON_KINDS
+def json_of_kind(kind: str):
+    """The ownership test of a JSON object llamaforge writes with "llamaforge": `kind` (a result,
+    settings, stats), for guard_output's `own`: the writer names the kind it writes, so no other
+    JSON (a user's with a "llamaforge" key, another kind of result) is taken for its output."""
+    def test(path: Path) -> bool:
+        data = _json_of(path)
+        return isinstance(data, dict) and data.get("llamaforge") == kind
+    return test
 
 
 def _records_are(path: Path, keys: set[str]) -> bool:
@@ -486,9 +480,10 @@ _OWN: dict[str, tuple[str, object]] = {
     "demo": ("demo folder", lambda p: p.is_dir() and _manifest_kind(p) == "demo"),
     "gguf": ("GGUF file", lambda p: p.is_file() and _gguf_is_own(p)),
     "sha256": ("checksum file", lambda p: p.is_file() and _is_sidecar(p)),
-    "json": ("llamaforge JSON file", lambda p: p.is_file() and _json_is_own(p)),
-    "crawl_stats": ("crawl stats file", lambda p: p.is_file() and (_json_is_own(p) or (
-        isinstance(d := _json_of(p), dict) and {"requests", "items", "tokens", "cost_usd"} <= d.keys()))),
+    # a JSON result: its writer passes the test of its kind (guard_output's own=json_of_kind(KIND))
+    "json": ("llamaforge JSON file", lambda p: False),
+    "crawl_stats": ("crawl stats file", lambda p: p.is_file() and isinstance(d := _json_of(p), dict) and (
+        d.get("llamaforge") == "crawl" or {"requests", "items", "tokens", "cost_usd"} <= d.keys())),
     # the crawl's Alpaca JSON: judged by crawl.py against its items file (guard_output's `own`)
     "alpaca": ("Alpaca JSON of this crawl's items", lambda p: False),
     "predictions": ("predictions file",

@@ -33,12 +33,12 @@ from typing import Callable, Sequence
 
 from .errors import LlamaforgeError
 from . import defaults as D
-from .fsutil import atomic_file, guard_output, json_kind, read_text, require_dir, write_json
+from .fsutil import atomic_file, guard_output, json_of_kind, read_text, require_dir, write_json
 from .tokenizer import HF_FILES, ships_padding
 
 log = logging.getLogger(__name__)
 
-PREDICT = json_kind("predict")  # the "llamaforge" value of generation_config.json written beside predictions
+PREDICT = "predict"  # the "llamaforge" value of generation_config.json written beside predictions
 
 # ---------------------------------------------------------------------------------------------
 # Generation settings and prompt templates
@@ -685,7 +685,7 @@ def predict(model: str | os.PathLike, predictions_file: str | os.PathLike, data_
     inputs = [("model folder", model), ("prompts file", data_file), ("tokenizer folder", tokenizer)]
     inputs += [("adapter folder", p) for p in loras]
     guard_output(out, "predictions", inputs)
-    guard_output(gen_config, "json", inputs)
+    guard_output(gen_config, "json", inputs, own=json_of_kind(PREDICT))
     if out.suffix.lower() != ".json":
         log.warning("%s: predictions are written as JSON", out)
     if data_file:
