@@ -112,7 +112,7 @@ def check_not_in_built_folder(key, path):
     p = Path(path).resolve()
     for folder, whose in built_folders():
         f = Path(folder).resolve()
-        own = key.startswith(whose + ".")
+        own = key.startswith(f"{whose}.")
         if p == f and not own:
             continue
         rel = "is" if p == f else "lies inside" if p.is_relative_to(f) else "holds" if f.is_relative_to(p) else None
