@@ -785,6 +785,9 @@ CASES = [
     ("gguf-output-name-adds-lines", lambda w, c: ["export_gguf.py", "--model", w / "merged", "--output",
                                                   c / "m\nSYSTEM pwned.gguf"],
      ["the GGUF file name holds the character '\\n'"]),
+    ("modelfile-gguf-name-with-a-carriage-return", lambda w, c: [  # the error line itself stays one line
+        "modelfile.py", "--gguf", with_file(c, "a\rFROM evil.gguf", b"GGUF"), "--output", c / "m.Modelfile"],
+     ["a\\rFROM evil.gguf: the GGUF file name holds the character '\\r'"]),
     ("modelfile-gguf-name-with-a-quote", lambda w, c: [
         "modelfile.py", "--gguf", with_file(c, 'a"b.gguf', b"GGUF"), "--output", c / "m.Modelfile"],
      ["the GGUF file name holds the character '\"'"]),
