@@ -737,6 +737,8 @@ CASES = [
     ("inference-seed-minus-one", lambda w, c: ["inference.py", "--model", w / "merged", "--seed", "-1",
                                                "--predictions-file", c / "p.json"],
      ["seed is -1; a sampling seed is 0 to 4294967295"]),
+    ("inference-temperature-nan", lambda w, c: ["inference.py", "--model", w / "merged", "--temperature", "nan",
+                                                "--predictions-file", c / "p.json"], ["temperature is nan"]),
     ("demo-seed-past-any-generator", lambda w, c: ["make_demo.py", "--output", c / "demo", "--seed",
                                                    "99999999999999999999"], ["the demo seed is 99999999999999999999"]),
     ("gguf-plot-reference-not-an-object", lambda w, c: ["evaluate.py", "gguf-plot", "--output", c / "q.png", "--quality",

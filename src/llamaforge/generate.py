@@ -164,14 +164,15 @@ class GenerationSettings:
 
         if self.max_new_tokens < 1:
             bad(f"max_new_tokens is {self.max_new_tokens}", "give at least 1")
-        if self.repetition_penalty <= 0:
+        # written so that NaN fails every check (every comparison with NaN is false)
+        if not self.repetition_penalty > 0:
             bad(f"repetition_penalty is {self.repetition_penalty}", "give a positive number (1.0 = off)")
         if self.do_sample:
-            if self.temperature <= 0:
+            if not self.temperature > 0:
                 bad(f"temperature is {self.temperature}", "give a positive temperature, or use --greedy")
             if not 0 < self.top_p <= 1:
                 bad(f"top_p is {self.top_p}", "give a value in (0, 1]")
-            if self.top_k < 0:
+            if not self.top_k >= 0:
                 bad(f"top_k is {self.top_k}", "give 0 (off) or a positive number")
         if self.num_beams != 1:
             bad("beam search is not supported", "use num_beams 1")
