@@ -94,11 +94,41 @@ def configured_inputs():
     return found
 
 
+def built_folders():
+    """(folder, whose) of every folder the workflow builds as one directory output: Snakemake deletes
+    such a folder, with everything in it, before the job that builds it runs."""
+    out = [(f"tokenizers/{n}", f"tokenizers.{n}") for n in config["tokenizers"]]
+    for n in config["models"]:
+        out += [(f"merged/{n}", f"models.{n}"), (f"imported/{n}", f"models.{n}"), (f"exports/{n}/pth", f"models.{n}")]
+    return out
+
+
+def check_not_in_built_folder(key, path):
+    """A configured input may be a folder the workflow builds (a merged tokenizer as a model's
+    tokenizer), but not lie inside one, hold one, or be its own entry's output: building that folder
+    would delete it."""
+    if path in DEMO_OUTPUTS:
+        return
+    p = Path(path).resolve()
+    for folder, whose in built_folders():
+        f = Path(folder).resolve()
+        own = key.startswith(f"{whose}.")
+        if p == f and not own:
+            continue
+        rel = "is" if p == f else "lies inside" if p.is_relative_to(f) else "holds" if f.is_relative_to(p) else None
+        if rel:
+            sys.exit(f"llamaforge: error: config.yaml: {key}: {path} {rel} {folder}, which the workflow builds for "
+                     f"{whose}; Snakemake deletes that folder before building it, so this input would be lost. "
+                     f"Fix: move it out of {folder} (e.g. to resources/) and point {key} at the new place.")
+
+
 def check_config_paths():
     """Stop, while the workflow is parsed (also for -n, and when the outputs exist already), at the
-    first configured input that is missing: Snakemake deletes a job's outputs before it runs, so a
-    job that then fails on a bad input would cost the user the previous good output."""
+    first configured input that is missing, or that lies inside a folder the workflow builds:
+    Snakemake deletes a job's outputs before it runs, so a job that then fails on a bad input
+    would cost the user the previous good output, and an input inside an output would be gone."""
     for key, path, kind in configured_inputs():
+        check_not_in_built_folder(key, str(path).rstrip("/"))
         if produced_by_workflow(path):
             continue
         p = Path(path)

@@ -72,3 +72,41 @@ def test_script_options_show_the_same_defaults(script, option, value):
                          text=True, check=True).stdout
     block = " ".join(out.split(option, 1)[1].split("\n  -", 1)[0].split())
     assert f"[default: {value}]" in block or f"[default: {value};" in block, block
+
+
+@pytest.mark.slow  # snakemake -n in a copy of the workflow: seconds each
+@pytest.mark.parametrize("entry,key,inside", [
+    ({"tokenizers": {"llama": {"base": "tokenizers/llama/tokenizer.model", "extra": "userdata/chinese.model"}}},
+     "tokenizers.llama.base", "tokenizers/llama/tokenizer.model lies inside tokenizers/llama"),
+    ({"models": {"m": {"base": "merged/m/base", "evaluate": False}}}, "models.m.base",
+     "merged/m/base lies inside merged/m"),
+    ({"models": {"m": {"base": "exports/m/pth"}}}, "models.m.base", "exports/m/pth is exports/m/pth"),
+    ({"models": {"m": {"base": "merged"}}}, "models.m.base", "merged holds merged/m"),
+])
+def test_a_configured_input_inside_a_folder_the_workflow_builds_stops_the_parse(tmp_path, entry, key, inside):
+    """Snakemake deletes a directory output before its job runs: an input inside one would be lost,
+    so the config is refused while the workflow is parsed, and the input is still there."""
+    from helpers import copy_workflow, snakemake
+
+    wf = copy_workflow(tmp_path / "wf")
+    victim = wf / inside.split()[0]
+    if victim.suffix:
+        victim.parent.mkdir(parents=True, exist_ok=True)
+        victim.write_bytes(b"the user's own file")
+    else:
+        victim.mkdir(parents=True, exist_ok=True)
+        (victim / "params.json").write_text("{}")
+    (wf / "userdata").mkdir()
+    (wf / "userdata" / "chinese.model").write_bytes(b"x")
+    cfg = {"demo": {"enabled": False}, "tokenizers": {}, "models": {}, "crawl": {}, **entry}
+    (wf / "config.yaml").write_text(yaml.safe_dump(cfg))
+    before = sorted((p.relative_to(wf).as_posix(), p.is_dir() or p.read_bytes()) for p in wf.rglob("*")
+                    if ".snakemake" not in p.parts)
+    proc = snakemake(wf, "-n", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llamaforge: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith(f"llamaforge: error: config.yaml: {key}: {inside}, which the workflow builds")
+    assert "Fix: move it out of" in errors[0]
+    after = sorted((p.relative_to(wf).as_posix(), p.is_dir() or p.read_bytes()) for p in wf.rglob("*")
+                   if ".snakemake" not in p.parts)
+    assert after == before

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import run_script
+from llamaforge.defaults import CRAWL_ITEMS_PER_REQUEST
 
 # --- the world: a user's folders, and llamaforge's own outputs beside them ---------------------
 
@@ -210,6 +212,263 @@ def meta_with_garbled_tiktoken(case: Path, world: Path) -> Path:
 DEEP = "[" * 100000 + "]" * 100000
 
 
+def outside(name: str) -> Path:
+    """A fresh folder outside the world, for what its hashing cannot read (a FIFO, a symlink loop)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f"hostile-{name}-"))
+
+
+def symlink_loop(name: str) -> Path:
+    link = outside(name) / name
+    link.symlink_to(link.name)  # points at itself
+    return link
+
+
+def fifo() -> Path:
+    f = outside("fifo") / "f16.gguf"
+    os.mkfifo(f)
+    return f
+
+
+def write_sidecar(path: Path) -> Path:
+    path.with_name(path.name + ".sha256").write_text(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n")
+    return path
+
+
+def rewrite_gguf(src: Path, dst: Path, kv: dict | None = None, drop_kv=(), tensors: dict | None = None,
+                 drop=(), sidecar: bool = True) -> Path:
+    """A copy of GGUF `src` at `dst` with KV values replaced ({key: (value, GGUFValueType[, sub_type])}) or
+    dropped, tensors replaced ({name: numpy array}) or dropped; with a matching .sha256 beside it."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+    w = gguf.GGUFWriter(dst, arch)
+    for name, field in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop_kv:
+            continue
+        if kv and name in kv:
+            w.add_key_value(name, *kv[name])
+        else:
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
+    for key, value in (kv or {}).items():
+        if key not in r.fields:
+            w.add_key_value(key, *value)
+    for t in r.tensors:
+        if t.name not in drop:
+            w.add_tensor(t.name, (tensors or {}).get(t.name, t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return write_sidecar(dst) if sidecar else dst
+
+
+def f16_of_another_model(case: Path, world: Path) -> Path:
+    """The world's F16 with another general.name and 512 token_embd/output rows and tokens."""
+    import gguf
+
+    src = world / "out" / "m-f16.gguf"
+    r = gguf.GGUFReader(src)
+    tok = r.fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(tok.parts[i]).decode() for i in tok.data][:512]
+    scores = list(r.fields["tokenizer.ggml.scores"].contents())[:512]
+    types = list(r.fields["tokenizer.ggml.token_type"].contents())[:512]
+    T = gguf.GGUFValueType
+    cut = {t.name: t.data[:512] for t in r.tensors if t.name in ("token_embd.weight", "output.weight")}
+    return rewrite_gguf(src, case / "other-f16.gguf", kv={
+        "general.name": ("another model", T.STRING), "llama.vocab_size": (512, T.UINT32),
+        "tokenizer.ggml.tokens": (tokens, T.ARRAY, T.STRING), "tokenizer.ggml.scores": (scores, T.ARRAY, T.FLOAT32),
+        "tokenizer.ggml.token_type": (types, T.ARRAY, T.INT32)}, tensors=cut)
+
+
+def f16_with_token(case: Path, world: Path, i: int, token: str) -> Path:
+    import gguf
+
+    src = world / "out" / "m-f16.gguf"
+    tok = gguf.GGUFReader(src).fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(tok.parts[j]).decode() for j in tok.data]
+    tokens[i] = token
+    return rewrite_gguf(src, case / "f16.gguf", kv={
+        "tokenizer.ggml.tokens": (tokens, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)})
+
+
+def f16_shape(case: Path, world: Path, name: str, rows: int) -> Path:
+    import gguf
+
+    src = world / "out" / "m-f16.gguf"
+    data = next(t.data for t in gguf.GGUFReader(src).tensors if t.name == name)
+    return rewrite_gguf(src, case / "f16.gguf", tensors={name: data[:rows]})
+
+
+def f16_swapped(case: Path, world: Path) -> Path:
+    """The world's F16 and its .sha256, then two runs of tensor data swapped (same size, structure intact)."""
+    import gguf
+
+    src = world / "out" / "m-f16.gguf"
+    dst = case / "f16.gguf"
+    raw = bytearray(src.read_bytes())
+    dst.with_name("f16.gguf.sha256").write_text(f"{hashlib.sha256(raw).hexdigest()}  f16.gguf\n")
+    ts = [t for t in gguf.GGUFReader(src).tensors if t.name.endswith("attn_q.weight")][:2]
+    a, b, n = int(ts[0].data_offset), int(ts[1].data_offset), int(ts[0].n_bytes)
+    assert raw[a:a + n] != raw[b:b + n]
+    raw[a:a + n], raw[b:b + n] = raw[b:b + n], raw[a:a + n]
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+def gguf_bad_template(case: Path, world: Path, how: str, sidecar: bool = True) -> Path:
+    """The world's F16 whose tokenizer.chat_template is no string ('int') or not UTF-8 ('bytes')."""
+    import gguf
+
+    src = world / "out" / "m-f16.gguf"
+    T = gguf.GGUFValueType
+    if how == "int":
+        return rewrite_gguf(src, case / "f16.gguf", kv={"tokenizer.chat_template": (7, T.UINT32)}, sidecar=sidecar)
+    dst = rewrite_gguf(src, case / "f16.gguf", kv={"tokenizer.chat_template": ("\u00e9MARKMARK", T.STRING)},
+                       sidecar=False)
+    raw = dst.read_bytes()
+    assert raw.count("\u00e9MARKMARK".encode()) == 1
+    dst.write_bytes(raw.replace("\u00e9MARKMARK".encode(), b"\xff\xfeMARKMARK"))
+    return write_sidecar(dst) if sidecar else dst
+
+
+def truncated(case: Path, world: Path) -> Path:
+    raw = (world / "out" / "m-f16.gguf").read_bytes()
+    return with_file(case, "t.gguf", raw[:len(raw) * 2 // 3])
+
+
+def tok_with(case: Path, world: Path, edit) -> Path:
+    """A tokenizer folder: the merged model's tokenizer files, edit(folder) applied."""
+    from llamaforge.tokenizer import tokenizer_files
+
+    d = case / "tok"
+    d.mkdir()
+    for f in tokenizer_files(world / "merged"):
+        shutil.copy(f, d / f.name)
+    edit(d)
+    return d
+
+
+def edit_json(file: str, fn):
+    def edit(d: Path):
+        data = json.loads((d / file).read_text())
+        fn(data)
+        (d / file).write_text(json.dumps(data))
+    return edit
+
+
+def model_with_tok(case: Path, world: Path, edit) -> Path:
+    """A copy of the merged model folder with its tokenizer files edited."""
+    d = case / "m"
+    shutil.copytree(world / "merged", d)
+    edit(d)
+    return d
+
+
+def _bad_merges(tj):
+    tj["model"]["merges"] = ["\u00e4\u00e4\u00e4 nosuchtoken"] + list(tj["model"]["merges"])
+
+
+def _list_vocab(tj):
+    tj["model"]["vocab"] = [[k, 0.0] for k in tj["model"]["vocab"]]
+
+
+def _set(key, value):
+    return lambda d: d.__setitem__(key, value)
+
+
+def _add_decoder(key, value):
+    return lambda d: d.setdefault("added_tokens_decoder", {}).__setitem__(key, value)
+
+
+def _tok_cfg(fn):
+    return edit_json("tokenizer_config.json", fn)
+
+
+NO_DEFAULT = [{"name": "chat", "template": "{{ messages }}"}, {"name": "tool_use", "template": "{{ tools }}"}]
+BROKEN_TOKENIZERS = [  # (id, edit of a tokenizer folder, fragment)
+    ("bad-merges", edit_json("tokenizer.json", _bad_merges), "tokenizer.json cannot be loaded by the tokenizers"),
+    ("list-vocab", edit_json("tokenizer.json", _list_vocab), "tokenizer.json cannot be loaded by the tokenizers"),
+    ("post-processor-string", edit_json("tokenizer.json", _set("post_processor", "TemplateProcessing")),
+     "tokenizer.json cannot be loaded by the tokenizers"),
+    ("added-token-past-the-rows", _tok_cfg(_add_decoder("5000", {"content": "<x>", "special": True})),
+     "5001 tokens"),
+    ("decoder-key-no-id", _tok_cfg(_add_decoder("five", {"content": "<x>"})),
+     "added_tokens_decoder has the key 'five', which is no token id"),
+    ("decoder-value-no-object", _tok_cfg(_add_decoder("3", "<x>")), "added_tokens_decoder[3] is \"<x>\", not a token"),
+    ("chat-template-list-of-strings", _tok_cfg(_set("chat_template", ["{{ a }}", "{{ b }}"])),
+     "chat_template entry 0 is \"{{ a }}\""),
+    ("chat-template-list-without-default", _tok_cfg(_set("chat_template", NO_DEFAULT)),
+     "chat_template lists templates named chat, tool_use but none named 'default'"),
+    ("chat-template-number", _tok_cfg(_set("chat_template", 3)), "chat_template is a JSON int"),
+]
+
+
+def quantize_args(w: Path, c: Path, f16: Path) -> list:
+    return ["export_gguf.py", "--model", w / "merged", "--output", c / "q.gguf", "--outtype", "q4_k_m",
+            "--from-f16", f16]
+
+
+def modelfile_args(w: Path, c: Path, parameter: str) -> list:
+    return ["modelfile.py", "--gguf", w / "out" / "m-f16.gguf", "--output", c / "m.Modelfile",
+            "--parameter", parameter]
+
+
+def quality_args(w: Path, c: Path, gguf: Path) -> list:
+    return ["evaluate.py", "gguf-quality", "--model", w / "merged", "--gguf", gguf, "--output", c / "q.json"]
+
+
+def meta_with_user_file(case: Path, world: Path) -> Path:
+    """A Meta export of llamaforge's (SHA256SUMS with its header) into which the user put a file of theirs."""
+    d = case / "pth"
+    shutil.copytree(world / "pth", d)
+    (d / "my-notes.txt").write_text("kept here on purpose\n")
+    return d
+
+
+RAW_RECORD = json.dumps({"index": 0, "seed": 0, "items_per_request": CRAWL_ITEMS_PER_REQUEST, "attempts": 1, "finish_reason": "stop",
+                         "usage": None, "counts": {"parsed": 1, "accepted": 1}, "content": "[]"}) + "\n"
+BAD_REFERENCE = {"llamaforge": "gguf_quality", "model": "merged/m", "reference": [1], "exports": [
+    {"outtype": "q8_0", "bits_per_weight": 8.5, "perplexity": 10, "kl_mean": 0.01}]}
+
+
+def crawl_store(case: Path, raw: str, items: str | None = None) -> Path:
+    """A crawl's store (`NAME.raw.jsonl`, and `NAME.jsonl` when items are given) as a crawl leaves it."""
+    with_file(case, "c.raw.jsonl", raw)
+    if items is not None:
+        with_file(case, "c.jsonl", items)
+    return case / "c.jsonl"
+
+
+def crawl_args(output: Path, *extra) -> list:
+    return ["crawl_prompts.py", "--output", output, "--num-requests", "1", "--no-progress", "--max-retries", "0",
+            "--base-url", "http://127.0.0.1:9/v1", *extra]
+
+
+def nan_model(case: Path, world: Path) -> Path:
+    """A copy of the merged model whose final norm is NaN (a NaN adapter, a float16 overflow)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    d = case / "nan"
+    shutil.copytree(world / "merged", d)
+    f = next(p for p in sorted(d.glob("*.safetensors")) if "model.norm.weight" in safe_open(p, "pt").keys())
+    with safe_open(f, "pt") as h:
+        meta, tensors = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * float("nan")
+    save_file(tensors, f, metadata=meta)
+    return d
+
+
+def modelfile_text_plus(extra: str) -> str:
+    from llamaforge.quantize import modelfile_text
+
+    return modelfile_text("m-f16.gguf", None, {}) + extra
+
+
 def merge_args(base, loras, output, *extra):
     return ["merge_lora.py", "--base", base, *[a for lo in loras for a in ("--lora", lo)], "--output", output,
             "--no-progress", *extra]
@@ -262,7 +521,7 @@ CASES = [
      ["not a crawl items file that llamaforge wrote"]),
     ("verify-report-over-user-file", lambda w, c: ["verify_sha256.py", "--sums", w / "pth" / "SHA256SUMS",
                                                    "--output", w / "thesis" / "chapter1.txt"],
-     ["not a llamaforge report that llamaforge wrote"]),
+     ["not a checksum report that llamaforge wrote"]),
     # inputs that would give a silently wrong result
     ("safetensors-overlap", lambda w, c: merge_args(base_with(c, w, overlap), [w / "lora"], c / "out"),
      ["overlap"]),
@@ -399,10 +658,195 @@ CASES = [
      ["not a GGUF file"]),
     ("modelfile-over-a-foreign-file", lambda w, c: ["modelfile.py", "--gguf", w / "merged" / "model.safetensors",
                                                     "--output", w / "thesis" / "model.safetensors"],
-     ["not a llamaforge report that llamaforge wrote"]),
+     ["not an Ollama Modelfile that llamaforge wrote"]),
     ("crawl-nan-price", lambda w, c: ["crawl_prompts.py", "--output", c / "n.jsonl", "--price-in", "nan",
                                       "--num-requests", "1", "--base-url", "http://127.0.0.1:9/v1"],
      ["prices must be 0 or more"]),
+    # issue 20, 1: ownership by a mark only llamaforge writes, for that kind of output
+    ("modelfile-over-notes-titled-llamaforge", lambda w, c: [
+        "modelfile.py", "--gguf", w / "out" / "m-f16.gguf", "--output",
+        with_file(c, "NOTES.md", "# llamaforge build notes\nthree weeks of findings\n")],
+     ["not an Ollama Modelfile that llamaforge wrote"]),
+    ("modelfile-over-a-meta-sha256sums", lambda w, c: ["modelfile.py", "--gguf", w / "out" / "m-f16.gguf",
+                                                       "--output", w / "pth" / "SHA256SUMS"],
+     ["not an Ollama Modelfile that llamaforge wrote"]),
+    ("modelfile-over-a-modelfile-the-user-edited", lambda w, c: [
+        "modelfile.py", "--gguf", w / "out" / "m-f16.gguf", "--output",
+        with_file(c, "m.Modelfile", modelfile_text_plus("SYSTEM You are my assistant.\n"))],
+     ["not an Ollama Modelfile that llamaforge wrote"]),
+    ("verify-report-over-notes-titled-llamaforge", lambda w, c: [
+        "verify_sha256.py", "--sums", w / "pth" / "SHA256SUMS", "--output",
+        with_file(c, "report", "# llamaforge verify\nmy notes on the hashes\n")],
+     ["not a checksum report that llamaforge wrote"]),
+    ("gguf-sidecar-over-another-files-hash", lambda w, c: [
+        "export_gguf.py", "--model", w / "merged", "--no-modelfile", "--output",
+        with_file(c, "m.gguf.sha256", "0" * 64 + "  thesis.pdf\n").with_name("m.gguf")],
+     ["m.gguf.sha256: the output exists and is not a checksum file that llamaforge wrote"]),
+    ("predictions-over-users-alpaca-data", lambda w, c: [
+        "inference.py", "--model", w / "merged", "--predictions-file",
+        with_file(c, "data.json", '[{"instruction": "mine", "input": "", "output": "my answer"}]')],
+     ["not a predictions file that llamaforge wrote"]),
+    ("perplexity-over-json-with-a-llamaforge-key", lambda w, c: [
+        "evaluate.py", "perplexity", "--model", w / "merged", "--output",
+        with_file(c, "notes.json", '{"llamaforge": "my notes on llamaforge"}')],
+     ["not a llamaforge JSON file that llamaforge wrote"]),
+    ("pth-over-export-holding-a-users-file", lambda w, c: [
+        "export_pth.py", "--model", w / "merged", "--output", meta_with_user_file(c, w)],
+     ["not a Meta export folder that llamaforge wrote"]),
+    ("crawl-items-over-users-instruction-data", lambda w, c: [
+        "crawl_prompts.py", "--output", with_file(c, "data.jsonl", '{"instruction": "mine", "input": "", "output": "o"}\n'),
+        "--num-requests", "1", "--base-url", "http://127.0.0.1:9/v1"],
+     ["not a crawl items file that llamaforge wrote"]),
+    ("crawl-alpaca-json-over-users-alpaca-data", lambda w, c: [
+        "crawl_prompts.py", "--output", with_file(c, "data.json", '[{"instruction": "mine", "input": "", "output": "o"}]')
+        .with_suffix(".jsonl"), "--num-requests", "1", "--base-url", "http://127.0.0.1:9/v1"],
+     ["data.json: the output exists and is not an Alpaca JSON of this crawl's items that llamaforge wrote"]),
+    # the second adversarial pass (crawler store, evaluation and report, Snakemake config)
+    ("crawl-over-users-jsonl-without-a-line-end", lambda w, c: [
+        "crawl_prompts.py", "--output", with_file(c, "mine.jsonl", '{"instruction": "A", "input": "", "output": "a"}'),
+        "--num-requests", "0", "--no-progress", "--base-url", "http://127.0.0.1:9/v1"],
+     ["not a crawl items file that llamaforge wrote"]),
+    ("crawl-store-with-a-bad-line-and-a-torn-tail", lambda w, c: crawl_args(
+        crawl_store(c, RAW_RECORD + "garbage\n" + RAW_RECORD[:20])), ["line 2 is not valid JSON"]),
+    ("crawl-store-of-another-seed-with-a-torn-tail", lambda w, c: crawl_args(
+        crawl_store(c, RAW_RECORD + RAW_RECORD[:20]), "--seed", "7"), ["this crawl was started with --seed 0"]),
+    ("crawl-store-index-a-list", lambda w, c: crawl_args(crawl_store(c, RAW_RECORD.replace('"index": 0', '"index": [0]'))),
+     ["line 1 is not a reply record of llamaforge's crawl (index must be a whole number"]),
+    ("crawl-store-usage-not-counts", lambda w, c: crawl_args(crawl_store(c, RAW_RECORD.replace('"usage": null',
+                                                                                              '"usage": [1]'))),
+     ["usage must be null or an object of token counts"]),
+    ("crawl-store-counts-empty", lambda w, c: crawl_args(crawl_store(c, RAW_RECORD.replace(
+        '"counts": {"parsed": 1, "accepted": 1}', '"counts": {}'))), ["counts must be an object"]),
+    ("crawl-store-content-a-number", lambda w, c: crawl_args(crawl_store(c, RAW_RECORD.replace(
+        '"content": "[]"', '"content": 5'))), ["content must be a string"]),
+    ("crawl-items-line-not-an-item", lambda w, c: crawl_args(crawl_store(
+        c, RAW_RECORD, '{"instruction": "a", "input": "", "output": "b"}\n[1]\n')),
+     ["line 2 is not an item of llamaforge's crawl"]),
+    ("crawl-num-requests-beyond-any-crawl", lambda w, c: [
+        "crawl_prompts.py", "--output", c / "big.jsonl", "--num-requests", "100000000000", "--no-progress",
+        "--base-url", "http://127.0.0.1:9/v1"], ["--num-requests must be 0 to 1,000,000"]),
+    ("equivalence-of-a-model-full-of-nan", lambda w, c: [
+        "evaluate.py", "equivalence", "--merged", nan_model(c, w), "--base", w / "base", "--lora", w / "lora",
+        "--device", "cpu", "--output", outside("eq") / "eq.json"], ["merge check FAILED: max |delta logit| nan"]),
+    ("perplexity-of-a-model-full-of-nan", lambda w, c: [
+        "evaluate.py", "perplexity", "--model", nan_model(c, w), "--device", "cpu", "--output", c / "p.json"],
+     ["the model's logits are not finite"]),
+    ("equivalence-tolerance-nan", lambda w, c: [
+        "evaluate.py", "equivalence", "--merged", w / "merged", "--base", w / "base", "--lora", w / "lora",
+        "--tolerance", "nan", "--output", c / "eq.json"], ["the equivalence tolerance is nan"]),
+    ("inference-seed-minus-one", lambda w, c: ["inference.py", "--model", w / "merged", "--seed", "-1",
+                                               "--predictions-file", c / "p.json"],
+     ["seed is -1; a sampling seed is 0 to 4294967295"]),
+    ("inference-temperature-nan", lambda w, c: ["inference.py", "--model", w / "merged", "--temperature", "nan",
+                                                "--predictions-file", c / "p.json"], ["temperature is nan"]),
+    ("demo-seed-past-any-generator", lambda w, c: ["make_demo.py", "--output", c / "demo", "--seed",
+                                                   "99999999999999999999"], ["the demo seed is 99999999999999999999"]),
+    ("gguf-plot-reference-not-an-object", lambda w, c: ["evaluate.py", "gguf-plot", "--output", c / "q.png", "--quality",
+                                                        with_file(c, "q.json", json.dumps(BAD_REFERENCE))],
+     ["a GGUF quality file does not hold what the plot needs (AttributeError"]),
+    # 2: --from-f16 checked against its .sha256 and the model it claims to be, before llama.cpp sees it
+    ("from-f16-of-another-model", lambda w, c: quantize_args(w, c, f16_of_another_model(c, w)),
+     ["token_embd.weight has shape [512, ", "another model's"]),
+    ("from-f16-failing-its-sha256", lambda w, c: quantize_args(w, c, f16_swapped(c, w)),
+     ["does not match its f16.gguf.sha256", "changed or damaged"]),
+    ("from-f16-without-its-sha256", lambda w, c: quantize_args(
+        w, c, with_file(c, "f16.gguf", (w / "out" / "m-f16.gguf").read_bytes())),
+     ["has no readable f16.gguf.sha256 beside it"]),
+    ("from-f16-missing-a-tensor", lambda w, c: quantize_args(w, c, rewrite_gguf(
+        w / "out" / "m-f16.gguf", c / "f16.gguf", drop={"blk.1.ffn_down.weight"})),
+     ["has no tensor blk.1.ffn_down.weight"]),
+    ("from-f16-wrong-token-embd-shape", lambda w, c: quantize_args(w, c, f16_shape(c, w, "token_embd.weight", 1000)),
+     ["token_embd.weight has shape [1000, "]),
+    ("from-f16-without-tokens", lambda w, c: quantize_args(w, c, rewrite_gguf(
+        w / "out" / "m-f16.gguf", c / "f16.gguf", drop_kv={"tokenizer.ggml.tokens"})),
+     ["has no vocabulary (tokenizer.ggml.tokens)"]),
+    ("from-f16-of-another-vocabulary", lambda w, c: quantize_args(w, c, f16_with_token(c, w, 600, "\u4e0d\u662f")),
+     ["token 600 is '\u4e0d\u662f'", "another model's vocabulary"]),
+    ("from-f16-dev-zero", lambda w, c: quantize_args(w, c, Path("/dev/zero")),
+     ["/dev/zero: the F16 GGUF is a character device, not a regular file"]),
+    ("from-f16-fifo", lambda w, c: quantize_args(w, c, fifo()), ["the F16 GGUF is a FIFO (named pipe)"]),
+    ("from-f16-chat-template-not-utf8", lambda w, c: quantize_args(w, c, gguf_bad_template(c, w, "bytes")),
+     ["tokenizer.chat_template is not UTF-8 text"]),
+    ("from-f16-chat-template-a-number", lambda w, c: quantize_args(w, c, gguf_bad_template(c, w, "int")),
+     ["tokenizer.chat_template is a uint32, not a string"]),
+    # 3, 4: one tokenizer check, at the first command that reads the tokenizer
+    *[(f"merge-tokenizer-{k}", (lambda e: lambda w, c: merge_args(
+        w / "base", [w / "lora"], c / "out", "--tokenizer", tok_with(c, w, e)))(edit), [frag])
+      for k, edit, frag in BROKEN_TOKENIZERS],
+    *[(f"gguf-tokenizer-{k}", (lambda e: lambda w, c: [
+        "export_gguf.py", "--model", model_with_tok(c, w, e), "--output", c / "m.gguf"])(edit), [frag])
+      for k, edit, frag in BROKEN_TOKENIZERS],
+    ("pth-tokenizer-bad-merges", lambda w, c: ["export_pth.py", "--model", model_with_tok(
+        c, w, BROKEN_TOKENIZERS[0][1]), "--output", c / "pth"], [BROKEN_TOKENIZERS[0][2]]),
+    ("inference-tokenizer-list-vocab", lambda w, c: ["inference.py", "--model", model_with_tok(
+        c, w, BROKEN_TOKENIZERS[1][1]), "--predictions-file", c / "p.json"], [BROKEN_TOKENIZERS[1][2]]),
+    # 5: the Modelfile's FROM line and parameters
+    ("modelfile-gguf-name-adds-lines", lambda w, c: [
+        "modelfile.py", "--gguf", with_file(c, "evil\nSYSTEM pwned\nFROM x.gguf", b"GGUF"), "--output",
+        c / "m.Modelfile"], ["the GGUF file name holds the character '\\n'", "FROM line cannot carry"]),
+    ("gguf-output-name-adds-lines", lambda w, c: ["export_gguf.py", "--model", w / "merged", "--output",
+                                                  c / "m\nSYSTEM pwned.gguf"],
+     ["the GGUF file name holds the character '\\n'"]),
+    ("modelfile-gguf-name-with-a-carriage-return", lambda w, c: [  # the error line itself stays one line
+        "modelfile.py", "--gguf", with_file(c, "a\rFROM evil.gguf", b"GGUF"), "--output", c / "m.Modelfile"],
+     ["a\\rFROM evil.gguf: the GGUF file name holds the character '\\r'"]),
+    ("modelfile-gguf-name-with-a-quote", lambda w, c: [
+        "modelfile.py", "--gguf", with_file(c, 'a"b.gguf', b"GGUF"), "--output", c / "m.Modelfile"],
+     ["the GGUF file name holds the character '\"'"]),
+    ("modelfile-temperature-nan", lambda w, c: modelfile_args(w, c, "temperature=nan"),
+     ["temperature is nan; it must be a finite number, 0 or more"]),
+    ("modelfile-top-p-inf", lambda w, c: modelfile_args(w, c, "top_p=inf"), ["top_p is inf; it must be between 0 and 1"]),
+    ("modelfile-top-p-above-one", lambda w, c: modelfile_args(w, c, "top_p=1.5"), ["top_p is 1.5"]),
+    ("modelfile-num-predict-minus-5", lambda w, c: modelfile_args(w, c, "num_predict=-5"),
+     ["num_predict is -5; it must be -2 (fill the context), -1 (no limit) or more"]),
+    ("modelfile-top-k-negative", lambda w, c: modelfile_args(w, c, "top_k=-1"), ["top_k is -1"]),
+    ("modelfile-seed-fraction", lambda w, c: modelfile_args(w, c, "seed=1.5"), ["'1.5' is not an integer"]),
+    ("modelfile-temperature-past-float32", lambda w, c: modelfile_args(w, c, "temperature=1e39"),
+     ["temperature is 1e+39"]),
+    ("gguf-repeat-penalty-negative", lambda w, c: ["export_gguf.py", "--model", w / "merged", "--output", c / "m.gguf",
+                                                   "--parameter", "repeat_penalty=-1"], ["repeat_penalty is -1.0"]),
+    # 6: each was a traceback
+    ("merge-output-symlink-loop", lambda w, c: merge_args(w / "base", [w / "lora"], symlink_loop("merged")),
+     ["the output is a symbolic link that cannot be followed"]),
+    ("gguf-output-symlink-loop", lambda w, c: ["export_gguf.py", "--model", w / "merged", "--output",
+                                               symlink_loop("m.gguf")],
+     ["the output is a symbolic link that cannot be followed"]),
+    ("modelfile-output-symlink-loop", lambda w, c: ["modelfile.py", "--gguf", w / "out" / "m-f16.gguf", "--output",
+                                                    symlink_loop("m.Modelfile")],
+     ["the output is a symbolic link that cannot be followed"]),
+    ("modelfile-chat-template-not-utf8", lambda w, c: [
+        "modelfile.py", "--gguf", gguf_bad_template(c, w, "bytes", sidecar=False), "--output", c / "m.Modelfile"],
+     ["tokenizer.chat_template is not UTF-8 text (byte 0)"]),
+    ("modelfile-chat-template-a-number", lambda w, c: [
+        "modelfile.py", "--gguf", gguf_bad_template(c, w, "int", sidecar=False), "--output", c / "m.Modelfile"],
+     ["tokenizer.chat_template is a uint32, not a string"]),
+    ("merge-model-type-list", lambda w, c: merge_args(json_edit(c, w / "base", "base", "config.json",
+                                                                model_type='["llama"]'), [w / "lora"], c / "m"),
+     ['model_type is a JSON list (["llama"]), not a name']),
+    ("gguf-model-type-dict", lambda w, c: ["export_gguf.py", "--output", c / "m.gguf", "--model", json_edit(
+        c, w / "merged", "m", "config.json", model_type='{"a": 1}')], ["model_type is a JSON dict"]),
+    ("rank-pattern-not-a-regex", lambda w, c: merge_args(
+        w / "base", [adapter_with(c, w, rank_pattern='{"q_proj(": 4}')], c / "out"),
+     ["rank_pattern key 'q_proj(' is not a valid regular expression"]),
+    ("alpha-pattern-not-a-regex", lambda w, c: merge_args(
+        w / "base", [adapter_with(c, w, alpha_pattern='{"*": 4}')], c / "out"),
+     ["alpha_pattern key '*' is not a valid regular expression"]),
+    ("gguf-quality-of-another-vocabulary", lambda w, c: quality_args(w, c, f16_with_token(c, w, 600, "x")),
+     ["the GGUF's token 600 is 'x'"]),
+    ("gguf-quality-of-another-model", lambda w, c: quality_args(w, c, f16_of_another_model(c, w)),
+     ["the GGUF's token_embd.weight has shape [512, "]),
+    ("gguf-quality-truncated", lambda w, c: quality_args(w, c, truncated(c, w)),
+     ["not a GGUF file, or a damaged one"]),
+    ("gguf-quality-of-a-safetensors-file", lambda w, c: quality_args(w, c, w / "merged" / "model.safetensors"),
+     ["not a GGUF file, or a damaged one"]),
+    ("gguf-quality-llama-cpp-cannot-load", lambda w, c: quality_args(w, c, rewrite_gguf(
+        w / "out" / "m-f16.gguf", c / "f16.gguf", drop_kv={"llama.embedding_length"}, sidecar=False)),
+     ["llama.cpp cannot load this GGUF"]),
+    # 7: messages that said something else
+    ("merge-mistral-architecture-llama-model-type", lambda w, c: merge_args(json_edit(
+        c, w / "base", "base", "config.json", architectures='["MistralForCausalLM"]', model_type='"llama"'),
+        [w / "lora"], c / "m"),
+     ["architecture 'MistralForCausalLM' is that of model_type 'mistral', but config.json says model_type 'llama'"]),
 ]
 
 
@@ -582,3 +1026,213 @@ def test_hash_cache_keys_on_ctime(tmp_path, monkeypatch):
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert f.stat().st_mtime_ns == st.st_mtime_ns
     assert fsutil.sha256_cached(f) == hashlib.sha256(b"b" + b"a" * 99).hexdigest() != first
+
+
+# --- issue 20: ownership marks, deterministic bytes, correct reading of what was refused before -------
+
+
+def test_ownership_marks_are_specific_to_each_kind(world, tmp_path):
+    """Each kind of output is recognised by what only its writer writes, whole: never by a first line a
+    user may type, never as another kind."""
+    from llamaforge import checksums, fsutil, quantize  # noqa: F401  (they register their marks)
+    from llamaforge.checksums import verify_to_report
+    from llamaforge.fsutil import _OWN
+    from llamaforge.quantize import modelfile_text, write_modelfile
+
+    def own(kind, name, content):
+        p = tmp_path / kind / name
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return _OWN[kind][1](p)
+
+    mf = modelfile_text("m.gguf", "<|im_start|>", {"temperature": 0.7, "num_predict": -2, "seed": 3})
+    assert own("modelfile", "a", mf) is True
+    assert own("modelfile", "b", "# llamaforge build notes\nFROM ./m.gguf\n") is False
+    assert own("modelfile", "c", mf + "SYSTEM be terse\n") is False  # the user's edit makes it theirs
+    assert own("modelfile", "d", (world / "pth" / "SHA256SUMS").read_text()) is False
+    sums_line = (world / "out" / "m-f16.gguf.sha256").read_text()
+    assert own("sha256", "m-f16.gguf.sha256", sums_line) is True
+    assert own("sha256", "x.gguf.sha256", sums_line) is False  # it names another file
+    assert own("verify_report", "r", "# llamaforge verify\nOK       a  " + "0" * 64 + "\n") is True
+    assert own("verify_report", "s", "# llamaforge verify\nmy notes\n") is False
+    assert own("verify_report", "t", mf) is False
+    perplexity = fsutil.json_of_kind("perplexity")
+    for name, text, mine in (("p.json", '{"llamaforge": "perplexity", "perplexity": 3.0}', True),
+                             ("q.json", '{"llamaforge": "my notes"}', False),
+                             ("s.json", '{"llamaforge": "summary", "model": "m"}', False)):  # another kind
+        (tmp_path / name).write_text(text)
+        assert perplexity(tmp_path / name) is mine, name
+    rec = '[{"instruction": "i", "input": "", "prompt": "p", "output": "o"}]'
+    assert own("predictions", "p.json", rec) is True
+    assert own("predictions", "a.json", '[{"instruction": "i", "input": "", "output": "o"}]') is False
+    assert _OWN["pth"][1](world / "pth") is True
+    mixed = tmp_path / "pth"
+    shutil.copytree(world / "pth", mixed)
+    (mixed / "mine.txt").write_text("x")
+    assert _OWN["pth"][1](mixed) is False
+    # and llamaforge's own replace each other
+    out = tmp_path / "again" / "m.Modelfile"
+    for temp in (0.5, 0.9):
+        write_modelfile(world / "out" / "m-f16.gguf", {"temperature": temp}, out)
+    assert "PARAMETER temperature 0.9\n" in out.read_text() and "temperature 0.5" not in out.read_text()
+    report = tmp_path / "again" / "report"
+    for _ in range(2):
+        verify_to_report({}, [world / "pth" / "SHA256SUMS"], report, echo=lambda *a: None)
+    assert report.read_text().startswith("# llamaforge verify\nOK       ")
+
+
+def test_modelfile_parameters_take_ollamas_whole_ranges(world, tmp_path):
+    from llamaforge.quantize import check_parameters, modelfile_text, parse_parameters
+
+    edges = ["temperature=0", "top_p=0", "top_p=1", "num_predict=-2", "num_predict=-1", "top_k=0", "seed=-1",
+             "repeat_penalty=1.1"]
+    got = parse_parameters(None, None, edges)
+    assert got == {"temperature": 0.0, "top_p": 1.0, "num_predict": -1, "top_k": 0, "seed": -1,
+                   "repeat_penalty": 1.1}
+    text = modelfile_text("m.gguf", None, got)
+    assert "PARAMETER num_predict -1\n" in text and "PARAMETER top_p 1.0\n" in text
+    assert text.splitlines()[1] == "FROM ./m.gguf"
+    with pytest.raises(Exception, match=r"top_p is 2"):
+        check_parameters({"top_p": 2})  # the library refuses what the command line would
+    with pytest.raises(Exception, match=r"temperature is True"):
+        check_parameters({"temperature": True})
+
+
+def _chat_template_model(world: Path, dst: Path, templates) -> Path:
+    shutil.copytree(world / "merged", dst)
+    tc = json.loads((dst / "tokenizer_config.json").read_text())
+    tc["chat_template"] = templates
+    (dst / "tokenizer_config.json").write_text(json.dumps(tc))
+    return dst
+
+
+NAMED = [{"name": "zeta", "template": "Z"}, {"name": "default", "template": "{{ '<|im_start|>' }}"},
+         {"name": "tool use", "template": "T"}, {"name": "alpha", "template": "A"}]
+
+
+def test_a_list_of_chat_templates_is_written_in_name_order(world, tmp_path):
+    """The default is tokenizer.chat_template (the Modelfile's format follows it); the others are
+    tokenizer.chat_template.NAME in name order, and tokenizer.chat_templates lists them so."""
+    import gguf
+
+    from llamaforge.export import export_gguf
+
+    model = _chat_template_model(world, tmp_path / "m", NAMED)
+    out = tmp_path / "m.gguf"
+    export_gguf(model, out, "f16", echo=lambda *a: None, modelfile={})
+    r = gguf.GGUFReader(out)
+    keys = [k for k in r.fields if k.startswith("tokenizer.chat_template")]
+    assert keys == ["tokenizer.chat_template.alpha", "tokenizer.chat_template.tool_use",
+                    "tokenizer.chat_template.zeta", "tokenizer.chat_templates", "tokenizer.chat_template"]
+    assert [bytes(r.fields["tokenizer.chat_templates"].parts[i]).decode()
+            for i in r.fields["tokenizer.chat_templates"].data] == ["alpha", "tool_use", "zeta"]
+    assert bytes(r.fields["tokenizer.chat_template"].parts[-1]).decode() == "{{ '<|im_start|>' }}"
+    assert bytes(r.fields["tokenizer.chat_template.zeta"].parts[-1]).decode() == "Z"
+    assert "<|im_start|>user" in (tmp_path / "m.Modelfile").read_text()  # chatml, from the default
+
+
+@pytest.mark.slow
+def test_a_list_of_chat_templates_gives_the_same_bytes_under_any_hash_seed(world, tmp_path):
+    model = _chat_template_model(world, tmp_path / "m", NAMED * 0 + [dict(e) for e in NAMED] + [
+        {"name": f"t{i}", "template": str(i)} for i in range(8)])
+    digests = set()
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"m{seed}.gguf"
+        run_script("export_gguf.py", "--model", model, "--output", out, "--no-modelfile", check=True,
+                   env_extra={"PYTHONHASHSEED": seed})
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
+
+
+def test_a_llama3_tokenizer_model_saved_with_crlf_or_a_bom_reads_as_itself(tmp_path):
+    import base64
+
+    from llamaforge.tokenizer import _tiktoken_ranks, is_tiktoken_model
+
+    lines = [f"{base64.b64encode(bytes([i])).decode()} {i}" for i in range(256)]
+    want = {bytes([i]): i for i in range(256)}
+    for name, data in (("lf", "\n".join(lines) + "\n"), ("crlf", "\r\n".join(lines) + "\r\n"),
+                       ("bom", "\ufeff" + "\n".join(lines) + "\n")):
+        p = tmp_path / name
+        p.write_bytes(data.encode("utf-8"))
+        assert is_tiktoken_model(p), name
+        assert _tiktoken_ranks(p) == want, name
+
+
+def test_a_reply_with_a_lone_surrogate_or_wrong_types_is_stored(tmp_path):
+    """A hostile or broken server: a lone surrogate in the text, usage that is no count, choices that are
+    no list, the key in finish_reason or JSON-escaped in the text. The reply is kept, readable, without
+    the key; a later run resumes from it."""
+    import types
+
+    from llamaforge.crawl import _redact, _reply_fields, _Store
+
+    key = "sk-adv-SECRET/key-0123"
+    escaped = "".join(f"\\u{ord(ch):04x}" if ch in "sS" else ("\\/" if ch == "/" else ch) for ch in key)
+    content = ('[{"instruction": "abc \\ud800 def: explain the basics of quantum physics", "input": "", '
+               f'"output": "your key is {escaped} ok"}}]')
+    ns = types.SimpleNamespace
+    reply = ns(choices=[ns(message=ns(content=content), finish_reason=key)],
+               usage=ns(prompt_tokens="many", completion_tokens=-5))
+    text, usage, finish = _reply_fields(reply)
+    assert usage == {"prompt_tokens": 0, "completion_tokens": 0}
+    assert _redact(finish, key) == "***"
+    assert _reply_fields(ns(choices={"a": 1}, usage=None)) == ("", None, None)
+    store = _Store(tmp_path / "c.jsonl", tmp_path / "c.raw.jsonl", 0, 5, 0.7)
+    store.add_reply(0, _redact(text, key), usage, 1, _redact(finish, key))
+    store.close()
+    raw = (tmp_path / "c.raw.jsonl").read_text(encoding="utf-8")
+    items = (tmp_path / "c.jsonl").read_text(encoding="utf-8")
+    assert "SECRET" not in raw and "SECRET" not in items and escaped not in raw
+    assert json.loads(items)["instruction"] == "abc \ufffd def: explain the basics of quantum physics"
+    assert json.loads(items)["output"] == "your key is *** ok"
+    again = _Store(tmp_path / "c.jsonl", tmp_path / "c.raw.jsonl", 0, 5, 0.7)  # resumes from it
+    assert again.done == {0} and len(again.items) == 1
+    again.close()
+
+
+def test_a_torn_last_line_that_is_a_whole_record_is_kept(tmp_path):
+    from llamaforge.crawl import _Store
+
+    (tmp_path / "c.raw.jsonl").write_text(RAW_RECORD.rstrip("\n"))  # a record without its line end
+    store = _Store(tmp_path / "c.jsonl", tmp_path / "c.raw.jsonl", 0, CRAWL_ITEMS_PER_REQUEST, 0.7)
+    store.close()
+    assert store.done == {0}
+    assert (tmp_path / "c.raw.jsonl").read_text() == RAW_RECORD  # the line end added, the record kept
+
+
+@pytest.mark.parametrize("edit,bad", [
+    (lambda c: c["models"].update({"demo\n": {"base": "resources/demo/base"}}), "demo\n"),
+    (lambda c: c["crawl"].update({"a": {"model": "m", "num_requests": 1},
+                                  "a.stats": {"model": "m", "num_requests": 1}}), "a.stats"),
+    (lambda c: c["crawl"].update({"a.raw": {"model": "m", "num_requests": 1}}), "a.raw"),
+    (lambda c: c["crawl"].update({"a": {"model": "m", "num_requests": 10**11}}), "100000000000"),
+    (lambda c: c["eval"].update({"generation": {"seed": -1}}), "-1"),
+    (lambda c: c["demo"].update({"seed": 10**20}), "100000000000000000000"),
+])
+def test_the_config_schema_refuses_what_would_collide_or_crash(edit, bad):
+    import copy
+
+    import yaml
+    from snakemake.utils import validate
+
+    from helpers import REPO
+
+    cfg = copy.deepcopy(yaml.safe_load((REPO / "config.yaml").read_text()))
+    validate(copy.deepcopy(cfg), str(REPO / "schemas" / "config.schema.yaml"))  # the shipped config passes
+    edit(cfg)
+    with pytest.raises(Exception, match=re.escape(bad.strip()) if bad.strip() else ".") as e:
+        validate(cfg, str(REPO / "schemas" / "config.schema.yaml"))
+    assert "ValidationError" in type(e.value).__name__ or "WorkflowError" in type(e.value).__name__
+
+
+def test_an_api_key_no_header_can_carry_is_one_error_without_the_key():
+    from llamaforge.crawl import check_api_key
+    from llamaforge.errors import LlamaforgeError
+
+    check_api_key("sk-proj-AZaz09_-.")
+    for key, said in (("sk-secret-123\r", r"'\r' at its end"), ("sk-secret-ü123", r"'\xfc' in it"),
+                      ("sk-secret 123", "' ' in it")):
+        with pytest.raises(LlamaforgeError) as e:
+            check_api_key(key)
+        assert said in str(e.value) and "secret" not in str(e.value), str(e.value)

@@ -6,13 +6,30 @@ written (`stream.HashingWriter`), never by reading an output again."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import LlamaforgeError
-from .fsutil import atomic_file, guard_output, read_text, sha256_file
+from .fsutil import atomic_file, guard_output, owned_by, read_text, sha256_file
 
 SUMS = "SHA256SUMS"
+REPORT_HEADER = "# llamaforge verify"
+_REPORT_LINE = re.compile(r"(OK {7}|FAILED {3}|MISSING {2})\S.*")
+
+
+@owned_by("verify_report", "checksum report")
+def is_own_report(path: Path) -> bool:
+    """A report as verify_to_report writes it, whole: the header line, then only OK/FAILED/MISSING
+    lines (a text that merely starts with "# llamaforge" is not one)."""
+    try:
+        if path.stat().st_size > 16 << 20:
+            return False
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return (len(lines) > 2 and lines[0] == REPORT_HEADER and lines[-1] == ""
+            and all(_REPORT_LINE.fullmatch(line) for line in lines[1:-1]))
 
 
 def sums_text(hashes: dict[str, str], header: str = "") -> str:
@@ -89,8 +106,8 @@ def verify_to_report(expected: dict[str, str], sums_files: Iterable[str | os.Pat
     """verify_sha256, then its report at `output` (marked as llamaforge's own, so a later run may
     replace it). The output is checked before any file is hashed."""
     sums_files = list(sums_files)
-    guard_output(output, "text", [("checked file", p) for p in [*expected, *sums_files]])
+    guard_output(output, "verify_report", [("checked file", p) for p in [*expected, *sums_files]])
     lines = verify_sha256(expected, sums_files, echo=echo)
     with atomic_file(output, "w") as f:
-        f.write("# llamaforge verify\n" + "".join(line + "\n" for line in lines))
+        f.write(REPORT_HEADER + "\n" + "".join(line + "\n" for line in lines))
     return lines

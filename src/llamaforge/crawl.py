@@ -50,11 +50,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import LlamaforgeError
-from .fsutil import guard_output, write_json
+from .fsutil import _OWN, _first_record, guard_output, owned_by, write_json
 from . import defaults as D
 from .tokenizer import bundled_text
 
 log = logging.getLogger(__name__)
+
+CRAWL_STATS = "crawl"  # the "llamaforge" value of the crawl's stats file
 
 DEFAULT_MODEL = "gpt-4o-mini"
 
@@ -153,8 +155,16 @@ def _item_from_dict(obj: dict) -> Item | None:
             fields[name] = _as_text(value)
     if "instruction" not in fields and "output" not in fields:
         return None
-    return {"instruction": fields.get("instruction", ""), "input": fields.get("input", ""),
-            "output": fields.get("output", "")}
+    return {k: storable(fields.get(k, "")) for k in ("instruction", "input", "output")}
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """`text` as UTF-8 can store it: a lone surrogate (a JSON escape such as \\ud800 that pairs with
+    nothing) becomes U+FFFD, as a strict decoder shows it; a reply holding one is kept, not fatal."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def _items_from_value(value: Any) -> list[Item | None]:
@@ -345,16 +355,88 @@ class DedupIndex:
 # Files: raw replies and accepted items
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL file we append to; a torn last line (a kill mid-write) is cut off."""
+def _peek_jsonl(path: Path) -> list | None:
+    """The whole records of a JSONL file, read only (a torn last line ignored); None if unreadable."""
+    try:
+        data = path.read_bytes()
+        return [json.loads(line) for line in data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+_ITEM_FIELDS = frozenset({"instruction", "input", "output"})
+
+
+@owned_by("crawl_items", "crawl items file")
+def _items_are_ours(path: Path) -> bool:
+    """The items file is the crawl's when the reply file beside it is (each accepted item is written
+    after the reply it came from, so a crawl's items never exist without its replies) and it holds
+    items (its first line; a later bad line is named by the resume). A user's instruction data,
+    however alike, has no reply file of llamaforge's beside it."""
+    _, raw, _, _ = output_paths(path)
+    first = _first_record(path)
+    return raw.is_file() and _OWN["crawl_raw"][1](raw) and isinstance(first, dict) and set(first) <= _ITEM_FIELDS
+
+
+def alpaca_of(items: list[dict]) -> list[dict]:
+    """The Alpaca JSON of the crawl's items (instruction, input, output; missing ones empty)."""
+    return [{"instruction": r.get("instruction", ""), "input": r.get("input", ""), "output": r.get("output", "")}
+            for r in items]
+
+
+def _alpaca_is_ours(path: Path, items_path: Path) -> bool:
+    """The Alpaca JSON is the crawl's when it is the Alpaca form of the first N records of the crawl's
+    own items file (the items file only grows; a run killed before it rewrote the JSON leaves it
+    behind by some items), or else holds only items of the crawl's replies (a kill that cut items
+    off the items file, which the resume recovers from the replies). Nothing else is: a user's data
+    never is, and if it were, it is all in the crawl's own files."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(data, list):
+        return False
+    ours = items_path.is_file() and _items_are_ours(items_path)
+    items = (_peek_jsonl(items_path) if ours else []) or []
+    if len(data) <= len(items) and data == alpaca_of(items[:len(data)]):
+        return True
+    _, raw, _, _ = output_paths(items_path)
+    if not (ours and all(isinstance(r, dict) for r in data)):
+        return False
+    known = {tuple(r.get(k) for k in _ITEM_FIELDS_ORDER) for r in alpaca_of(items)}
+    for record in _peek_jsonl(raw) or []:
+        if isinstance(record, dict) and isinstance(record.get("content"), str):
+            known |= {tuple(i[k] for k in _ITEM_FIELDS_ORDER) for i in parse_reply(record["content"]) if i}
+    return all(tuple(r.get(k) for k in _ITEM_FIELDS_ORDER) in known for r in data)
+
+
+_ITEM_FIELDS_ORDER = ("instruction", "input", "output")
+
+
+def _read_jsonl(path: Path) -> tuple[list, Any]:
+    """The records of a JSONL file we append to, read only, and its repair (None, or a function the
+    caller runs once everything is checked): a last line without its line end is a record when it
+    parses (a line end is added), else what a kill mid-write left (it is cut off). A complete record
+    is never dropped, and nothing is changed before the caller knows the file is sound."""
     if not path.exists():
-        return []
+        return [], None
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        log.warning("%s: dropping an incomplete last line left by an interrupted run", path)
-        with open(path, "r+b") as f:
-            f.truncate(end)
+    repair = None
+    if data[end:].strip():
+        try:
+            json.loads(data[end:])
+            end = len(data)
+            data += b"\n"
+
+            def repair():
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+        except (ValueError, RecursionError):
+            def repair():
+                log.warning("%s: dropping an incomplete last line left by an interrupted run", path)
+                with open(path, "r+b") as f:
+                    f.truncate(end)
     records = []
     for number, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
         if not line.strip():
@@ -366,7 +448,7 @@ def _read_jsonl(path: Path) -> list[dict]:
                 f"line {number} is not valid JSON", path,
                 "delete that line (the crawl appends to this file and resumes from it)",
             ) from None
-    return records
+    return records, repair
 
 
 def _fsync_write(f, text: str) -> None:
@@ -404,6 +486,27 @@ class _Totals:
 _RAW_FIELDS = frozenset({"index", "seed", "items_per_request", "attempts", "usage", "counts", "content"})
 
 
+def _raw_record_problem(record) -> str | None:
+    """What makes `record` no reply record as add_reply writes it (every field of its type), or None."""
+    if not isinstance(record, dict):
+        return "not an object"
+    missing = sorted(_RAW_FIELDS - record.keys())
+    if missing:
+        return f"no {missing[0]!r}"
+    for key in ("index", "seed", "items_per_request", "attempts"):
+        if not _count(record[key]):
+            return f"{key} must be a whole number, 0 or more"
+    counts, usage = record["counts"], record["usage"]
+    if not (isinstance(counts, dict) and {"parsed", "accepted"} <= counts.keys()
+            and all(_count(v) for v in counts.values())):
+        return "counts must be an object of whole numbers with 'parsed' and 'accepted'"
+    if usage is not None and not (isinstance(usage, dict) and all(v is None or _count(v) for v in usage.values())):
+        return "usage must be null or an object of token counts"
+    if not isinstance(record["content"], str):
+        return "content must be a string"
+    return None
+
+
 class _Store:
     """The crawl's two append-only files, opened for resuming, the items written to them and the
     dedup index over those."""
@@ -419,6 +522,7 @@ class _Store:
         self.items: list[dict] = []  # the records of the items file, as written
 
         items_path.parent.mkdir(parents=True, exist_ok=True)
+        new = not raw_path.exists()
         self._raw = open(raw_path, "a+", encoding="utf-8")
         try:
             # One writer per output: a second crawl on the same files would interleave them.
@@ -433,14 +537,20 @@ class _Store:
             self._items = open(items_path, "a", encoding="utf-8")
         except BaseException:
             self._raw.close()
+            if new:  # refused before anything was written: the reply file this made goes again
+                with contextlib.suppress(OSError):
+                    raw_path.unlink()
             raise
 
     def _resume(self) -> None:
-        records = _read_jsonl(self.raw_path)
+        """Read both files, check every record, and only then repair a torn last line (a refused
+        store is left as it was)."""
+        records, raw_repair = _read_jsonl(self.raw_path)
         for number, record in enumerate(records, 1):
-            if not isinstance(record, dict) or not _RAW_FIELDS <= record.keys():
+            problem = _raw_record_problem(record)
+            if problem:
                 raise LlamaforgeError(
-                    f"line {number} is not a reply record of llamaforge's crawl", self.raw_path,
+                    f"line {number} is not a reply record of llamaforge's crawl ({problem})", self.raw_path,
                     "move this file away, or choose another --output",
                 )
             if (record.get("seed"), record.get("items_per_request")) != (self.seed, self.items_per_request):
@@ -452,7 +562,16 @@ class _Store:
             if record["index"] not in self.done:
                 self.done.add(record["index"])
                 self.totals.add_record(record)
-        self.items = _read_jsonl(self.items_path)
+        self.items, items_repair = _read_jsonl(self.items_path)
+        for number, item in enumerate(self.items, 1):
+            if not (isinstance(item, dict) and set(item) <= _ITEM_FIELDS
+                    and all(isinstance(v, str) for v in item.values())):
+                raise LlamaforgeError(f"line {number} is not an item of llamaforge's crawl (an object of instruction, "
+                                      "input and output strings)", self.items_path,
+                                      "delete that line, or choose another --output")
+        for repair in (raw_repair, items_repair):
+            if repair is not None:
+                repair()
         for item in self.items:
             self.dedup.add(item.get("instruction", ""))
         if records:
@@ -514,8 +633,21 @@ class _Store:
 # Requests
 
 
-def _redact(text: str, secret: str) -> str:
-    return text.replace(secret, "***") if secret else text
+def _secret_pattern(secret: str) -> re.Pattern:
+    """The key as it may appear in a reply's text: each character as itself or as a JSON escape
+    (\\u0073, \\/), so that the key never survives into a file in decoded or escaped form."""
+    def one(c: str) -> str:
+        forms = [re.escape(c), re.escape(f"\\u{ord(c):04x}"), re.escape(f"\\u{ord(c):04X}")]
+        if c == "/":
+            forms.append(re.escape("\\/"))
+        return "(?:" + "|".join(forms) + ")"
+    return re.compile("".join(one(c) for c in secret))
+
+
+def _redact(text, secret: str):
+    if not secret or not isinstance(text, str):
+        return text
+    return _secret_pattern(secret).sub("***", text)
 
 
 def _display_url(url: str | None) -> str:
@@ -604,18 +736,22 @@ def _not_a_completion(completion) -> str | None:
 
 def _reply_fields(completion) -> tuple[str, dict | None, str | None]:
     """Content, usage and finish reason of a completion; servers may omit any of them."""
-    choices = getattr(completion, "choices", None) or []
-    choice = choices[0] if choices else None
+    choices = getattr(completion, "choices", None)
+    choice = choices[0] if isinstance(choices, list) and choices else None
     message = getattr(choice, "message", None)
-    content = getattr(message, "content", None) or ""
+    content = getattr(message, "content", None)
+    content = storable(content) if isinstance(content, str) else ""
     usage = getattr(completion, "usage", None)
     usage_dict = None
-    if usage is not None:
-        usage_dict = {
-            "prompt_tokens": getattr(usage, "prompt_tokens", None) or 0,
-            "completion_tokens": getattr(usage, "completion_tokens", None) or 0,
-        }
-    return content, usage_dict, getattr(choice, "finish_reason", None)
+    if usage is not None:  # the client does not check types: a count that is no count is unknown (0)
+        usage_dict = {key: n if _count(n := getattr(usage, key, None)) else 0
+                      for key in ("prompt_tokens", "completion_tokens")}
+    finish = getattr(choice, "finish_reason", None)
+    return content, usage_dict, storable(finish)[:40] if isinstance(finish, str) else None
+
+
+def _count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 async def _run(store: _Store, todo: list[int], s: _Settings, client_args: dict, concurrency: int, progress) -> None:
@@ -640,7 +776,7 @@ async def _run(store: _Store, todo: list[int], s: _Settings, client_args: dict, 
             else:
                 content, usage, finish_reason = _reply_fields(completion)
                 # a server that echoes the key must not get it written into the raw file
-                store.add_reply(index, _redact(content, s.api_key), usage, attempts, finish_reason)
+                store.add_reply(index, _redact(content, s.api_key), usage, attempts, _redact(finish_reason, s.api_key))
             progress.update(1)
             progress.set_postfix(items=store.totals.accepted, failed=store.totals.failed, refresh=False)
 
@@ -671,11 +807,25 @@ def output_paths(output: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
     return items, Path(f"{base}.raw.jsonl"), Path(f"{base}.json"), Path(f"{base}.stats.json")
 
 
+MAX_REQUESTS = 1_000_000  # 5 items each: 100 times the 52k of Stanford Alpaca
+
+
+def check_api_key(key: str) -> None:
+    """An HTTP header takes printable ASCII: a key with a line end (read from a CRLF file), a space or
+    another character is one error here, without the key, instead of retried "connection errors"."""
+    bad = next((c for c in key if not ("!" <= c <= "~")), None)
+    if bad is not None:
+        where = "at its end" if key.index(bad) == len(key) - 1 else "in it"
+        raise LlamaforgeError(f"OPENAI_API_KEY holds the character {ascii(bad)} {where}, which no HTTP header can "
+                              "carry", fix="set the key without line ends or spaces (e.g. export OPENAI_API_KEY="
+                              "\"$(tr -d '\\r\\n ' < key.txt)\")")
+
+
 def _check_settings(num_requests, concurrency, items_per_request, max_retries, timeout, backoff, dedup_threshold,
                     price_in, price_out) -> None:
     # written so that NaN fails every check (every comparison with NaN is false)
     problems = [
-        (not num_requests >= 0, "--num-requests must be 0 or more"),
+        (not 0 <= num_requests <= MAX_REQUESTS, f"--num-requests must be 0 to {MAX_REQUESTS:,}"),
         (not concurrency >= 1, "--concurrency must be at least 1"),
         (not items_per_request >= 1, "--items-per-request must be at least 1"),
         (not max_retries >= 0, "--max-retries must be 0 or more"),
@@ -723,6 +873,7 @@ def crawl(
             "OPENAI_API_KEY is not set",
             fix="export OPENAI_API_KEY=<your key> (any non-empty value for a local server that checks none)",
         )
+    check_api_key(api_key)
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     items_path, raw_path, default_json, stats_path = output_paths(output)
     alpaca_path = Path(alpaca_json) if alpaca_json else default_json
@@ -732,7 +883,7 @@ def crawl(
         raise LlamaforgeError("--alpaca-json is one of the crawl's own files (the .jsonl, .raw.jsonl or .stats.json)",
                               alpaca_path, "give the Alpaca JSON a name of its own, e.g. NAME.json beside NAME.jsonl")
     for path, kind in outputs:
-        guard_output(path, kind)
+        guard_output(path, kind, own=(lambda p: _alpaca_is_ours(p, items_path)) if kind == "alpaca" else None)
 
     store = _Store(items_path, raw_path, seed, items_per_request, dedup_threshold)
     settings = _Settings(model, seed, items_per_request, max_retries, backoff, api_key)
@@ -771,15 +922,12 @@ def crawl(
 
 def _write_outputs(store: _Store, alpaca_path: Path, stats_path: Path, num_requests: int,
                    model: str, price_in: float, price_out: float, seconds: float) -> dict[str, Any]:
-    items = [
-        {"instruction": r.get("instruction", ""), "input": r.get("input", ""), "output": r.get("output", "")}
-        for r in store.items
-    ]
+    items = alpaca_of(store.items)
     write_json(alpaca_path, items)
     t = store.totals
     finished = len(store.done & set(range(num_requests)))
     stats = {
-        "llamaforge": "crawl",
+        "llamaforge": CRAWL_STATS,
         "model": model,
         "requests": {
             "total": num_requests,

@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from .errors import LlamaforgeError
 from .fsutil import atomic_dir, guard_output, write_json
 from .tokenizer import bundled_text, merge_protos, write_hf_tokenizer
 
@@ -153,6 +154,9 @@ def make_demo(output: str | os.PathLike, seed: int = 42, echo=print) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    if not 0 <= seed < 2**32:
+        raise LlamaforgeError(f"the demo seed is {seed}; it must be 0 to 4294967295", None,
+                              "set demo.seed in config.yaml (or --seed) to such a number, e.g. 42")
     guard_output(output, "demo")
     torch.set_num_threads(1)  # bit-identical weights whatever the machine's thread count
     with atomic_dir(output) as tmp:

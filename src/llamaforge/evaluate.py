@@ -36,17 +36,22 @@ from typing import Sequence
 
 from .errors import LlamaforgeError
 from . import defaults as D
-from .fsutil import atomic_file, guard_output, read_json, read_text, require_dir, require_file, write_json
+from .fsutil import atomic_file, guard_output, json_of_kind, read_json, read_text, require_dir, require_file, write_json
 
 log = logging.getLogger(__name__)
+
+# the "llamaforge" value of each result file written here (by which a later run knows it as its own)
+PERPLEXITY, EQUIVALENCE, TOKENIZER_STATS, SUMMARY, GGUF_QUALITY = (
+    "perplexity", "equivalence", "tokenizer_stats", "summary", "gguf_quality")
 
 DEFAULT_TOLERANCE = D.EQUIVALENCE_TOLERANCE
 
 
-def _guard(output, inputs) -> None:
-    """An evaluation output must not overwrite an input, nor a file llamaforge did not write."""
+def _guard(output, kind: str, inputs) -> None:
+    """An evaluation output must not overwrite an input, nor a file that is not llamaforge's result of
+    the same kind (its "llamaforge" value)."""
     if output:
-        guard_output(output, "json", inputs)
+        guard_output(output, "json", inputs, own=json_of_kind(kind))
 
 
 def _eval_text(path: str | os.PathLike | None, what: str) -> tuple[str, str]:
@@ -113,7 +118,7 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike | None = N
     the bundled sample)."""
     from .generate import load_model
 
-    _guard(output, [("model folder", model), ("text file", text_file), ("tokenizer folder", tokenizer)])
+    _guard(output, PERPLEXITY, [("model folder", model), ("text file", text_file), ("tokenizer folder", tokenizer)])
     text, text_name = _eval_text(text_file, "perplexity text")
     loaded = load_model(model, (), tokenizer, device, dtype, echo=echo)
     m, dev, dt, context = loaded.model, loaded.device, loaded.dtype, loaded.context_length
@@ -126,8 +131,12 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike | None = N
     r = sliding_window_nll(m, ids, window, stride, dev)
     chars = len(text.rstrip("\n"))
     mean = r["nll_sum"] / r["scored_tokens"]
+    if not math.isfinite(mean):
+        raise LlamaforgeError(f"the model's logits are not finite (mean negative log-likelihood {mean}): its perplexity "
+                              "is undefined", model, "rebuild the model; check its weights and adapters for NaN or "
+                              "infinite values (evaluate.py equivalence shows where they differ)")
     result = {
-        "llamaforge": "perplexity",
+        "llamaforge": PERPLEXITY,
         "model": os.fspath(model),
         "tokenizer": loaded.sources["tokenizer"],
         "text": text_name,
@@ -193,7 +202,9 @@ def _compare(a: Sequence, b: Sequence) -> dict:
     max_abs, total, n, agree, positions = 0.0, 0.0, 0, 0, 0
     for x, y in zip(a, b):
         d = (x - y).abs()
-        max_abs = max(max_abs, float(d.max()))
+        m = float(d.max())
+        # NaN is sticky: Python's max(0.0, nan) is 0.0, which would pass a model full of NaN
+        max_abs = math.nan if math.isnan(m) or math.isnan(max_abs) else max(max_abs, m)
         total += float(d.double().sum())
         n += d.numel()
         agree += int((x.argmax(-1) == y.argmax(-1)).sum())
@@ -215,8 +226,11 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
     from .generate import (apply_adapters, base_vocab_size, inspect_adapters, load_causal_lm, load_tokenizer,
                            plan_vocab, resolve_device)
 
-    _guard(output, [("merged model folder", merged), ("base model folder", base), ("tokenizer folder", tokenizer),
+    _guard(output, EQUIVALENCE, [("merged model folder", merged), ("base model folder", base), ("tokenizer folder", tokenizer),
                     ("prompts file", prompts_file)] + [("adapter folder", p) for p in loras])
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise LlamaforgeError(f"the equivalence tolerance is {tolerance}; it must be a positive finite number", None,
+                              "set eval.equivalence.tolerance in config.yaml (or --tolerance), e.g. 0.001")
     if not loras:
         raise LlamaforgeError("no adapter given: there is no merge to check", merged,
                               "give the adapters the model was merged from (--lora, in order)")
@@ -270,7 +284,7 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
     allowed = tolerance + 2 * floor
     passed = cmp["max_abs_diff"] <= allowed
     result = {
-        "llamaforge": "equivalence",
+        "llamaforge": EQUIVALENCE,
         "merged": os.fspath(merged), "base": os.fspath(base), "loras": [os.fspath(p) for p in loras],
         "tokenizer": os.fspath(tok_dir), "prompts": len(batch), "positions": cmp["positions"],
         "vocab": merged_vocab, "merged_dtypes": reduced or ["float32"], "compute_dtype": "float32",
@@ -342,7 +356,8 @@ def tokenizer_stats(tokenizer: str | os.PathLike, base_tokenizer: str | os.PathL
                     echo=print) -> dict:
     """Characters per token before (base) and after (merged) the vocabulary merge, line by line
     (default text: the bundled sample)."""
-    _guard(output, [("tokenizer folder", tokenizer), ("base tokenizer", base_tokenizer), ("text file", text_file)])
+    _guard(output, TOKENIZER_STATS, [("tokenizer folder", tokenizer), ("base tokenizer", base_tokenizer),
+                                     ("text file", text_file)])
     text, text_name = _eval_text(text_file, "tokenizer-stats text")
     lines = [s for s in text.splitlines() if s.strip()]
     enc_m, vocab_m = _encoder(tokenizer)
@@ -359,7 +374,7 @@ def tokenizer_stats(tokenizer: str | os.PathLike, base_tokenizer: str | os.PathL
 
     overall = block(lines)
     result = {
-        "llamaforge": "tokenizer_stats",
+        "llamaforge": TOKENIZER_STATS,
         "tokenizer": os.fspath(tokenizer), "base_tokenizer": os.fspath(base_tokenizer), "text": text_name,
         "vocab": {"base": vocab_b, "merged": vocab_m},
         **overall,
@@ -383,9 +398,9 @@ def summarize(model: str, output: str | os.PathLike | None = None, predictions: 
               perplexity_json: str | os.PathLike | None = None, equivalence_json: str | os.PathLike | None = None,
               tokenizer_stats_json: str | os.PathLike | None = None, echo=print) -> dict:
     """One JSON per model with the headline numbers of each evaluation output."""
-    _guard(output, [("predictions file", predictions), ("perplexity file", perplexity_json),
+    _guard(output, SUMMARY, [("predictions file", predictions), ("perplexity file", perplexity_json),
                     ("equivalence file", equivalence_json), ("tokenizer-stats file", tokenizer_stats_json)])
-    out: dict = {"llamaforge": "summary", "model": model}
+    out: dict = {"llamaforge": SUMMARY, "model": model}
     if predictions:
         preds = read_json(predictions, "predictions file")
         if not isinstance(preds, list) or not all(isinstance(p, dict) and isinstance(p.get("output", ""), str)
@@ -604,9 +619,10 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
 
     inputs = [("model folder", model), ("text", text_file), ("prompts file", prompts_file)]
     inputs += [("GGUF file", g) for g in ggufs]
-    _guard(output, inputs)
+    _guard(output, GGUF_QUALITY, inputs)
     if not ggufs:
         raise LlamaforgeError("no GGUF file to measure", None, "give --gguf FILE (repeatable)")
+    _check_ggufs(model, ggufs)
     text, text_name = _eval_text(text_file, "text")
     tok = load_tokenizer(model)
     ids = tok(text).input_ids
@@ -623,13 +639,20 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
     for g in ggufs:
         g = Path(g)
         bpw, nbytes, weights = bits_per_weight(g)
-        lm = _LlamaCppLM(g, n_ctx, threads)
+        try:
+            lm = _LlamaCppLM(g, n_ctx, threads)
+        except (ValueError, RuntimeError, OSError) as e:  # llama-cpp-python: "Failed to load model from file"
+            raise LlamaforgeError(f"llama.cpp cannot load this GGUF ({str(e)[:120]}; its log is above)", g,
+                                  f"export it again: scripts/export_gguf.py --model {model}") from None
         try:
             nll = sliding_window_nll(lm, ids, window, min(stride, window))
             got = [lm(input_ids=torch.tensor([p])).logits[0] for p in prompts]
         finally:
             lm.close()
         kl, top1 = _kl_top1(ref_logits, got)
+        if not (math.isfinite(nll["nll_sum"]) and math.isfinite(kl)):
+            raise LlamaforgeError("llama.cpp's logits of this GGUF are not finite (NaN or infinity)", g,
+                                  f"export it again from a sound model: scripts/export_gguf.py --model {model}")
         outtype = _outtype_of(g)
         types = sorted({t for t, _ in tensor_types(g).values()})
         row = {"file": g.name, "outtype": outtype, "size_bytes": g.stat().st_size, "bits_per_weight": bpw,
@@ -640,7 +663,7 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
         echo(f"{g.name}: {bpw:.2f} bits/weight, perplexity {row['perplexity']:.4f}, KL {kl:.5f}, "
              f"top-1 {top1:.4f}")
     result = {
-        "llamaforge": "gguf_quality", "model": os.fspath(model), "text": text_name,
+        "llamaforge": GGUF_QUALITY, "model": os.fspath(model), "text": text_name,
         "window": window, "stride": min(stride, window), "scored_tokens": ref_nll["scored_tokens"],
         "prompt_positions": sum(len(p) for p in prompts),
         "reference": {"what": "the Hugging Face model, float32", "perplexity":
@@ -649,6 +672,25 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
     }
     write_json(output, result)
     return result
+
+
+def _check_ggufs(model, ggufs) -> None:
+    """Each GGUF is a readable GGUF of `model` (its architecture, tensors and vocabulary; see
+    export.check_gguf_of), checked before any model is loaded."""
+    from .export import check_gguf_of, open_gguf, open_model
+    from .fsutil import require_regular_file
+    from .gguf_file import load_gguf
+
+    gguf = load_gguf()
+    m = open_model(model)
+    try:
+        for g in ggufs:
+            g = Path(g)
+            fix = f"give a GGUF export of this model: scripts/export_gguf.py --model {model}"
+            require_regular_file(g, "the GGUF file", fix)
+            check_gguf_of(gguf, open_gguf(gguf, g, fix), g, m, fix, what="the GGUF")
+    finally:
+        m.src.close()
 
 
 def _outtype_of(path: Path) -> str:
@@ -692,7 +734,7 @@ def plot_gguf_quality(qualities: Sequence[str | os.PathLike], output: str | os.P
             ref = d.get("reference", {}).get("perplexity")
             if ref:
                 a1.axhline(ref, linestyle=":", linewidth=1, color="gray")
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         plt.close(fig)
         raise LlamaforgeError(f"a GGUF quality file does not hold what the plot needs ({type(e).__name__}: {e})",
                               None, "rebuild eval/*/gguf.json with scripts/evaluate.py gguf-quality") from None

@@ -128,12 +128,13 @@ def open_model(folder: str | os.PathLike) -> ExportSource:
                 )
             if not info.dtype.is_floating_point:
                 raise LlamaforgeError(f"{t.hf} is {info.dtype}, not a float tensor", folder, "export float weights")
+        from .tokenizer import check_tokenizer
+
         if tok is not None:
             check_vocab_padding(tok, dims.vocab)
+            check_tokenizer(folder, dims.vocab)
         else:  # byte-level BPE: the releases pad the embeddings freely (Qwen2: 151936 rows, 151665 tokens)
-            from .tokenizer import tokenizer_length
-
-            n = tokenizer_length(folder)
+            n = check_tokenizer(folder)
             if n > dims.vocab:
                 raise LlamaforgeError(f"the tokenizer has {n} tokens but the model has only {dims.vocab} embedding rows",
                                       tok_json, "use the tokenizer the model was merged with")
@@ -353,7 +354,7 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
     `modelfile`: the generation parameters for the Modelfile (Ollama's names: temperature, top_k,
     top_p, repeat_penalty, num_predict). `from_f16`: quantize this F16 GGUF of `model`, written by
     llamaforge before (the workflow's exports/{model}/{model}-f16.gguf), instead of writing one."""
-    from .quantize import LLAMA_CPP_TYPES, load_llama_cpp, modelfile_path
+    from .quantize import LLAMA_CPP_TYPES, check_gguf_name, check_parameters, load_llama_cpp, modelfile_path
 
     quantized = outtype in LLAMA_CPP_TYPES
     if outtype not in GGUF_TYPES and not quantized:
@@ -370,14 +371,17 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
         raise LlamaforgeError("the GGUF output is a folder", output, "give a file name ending in .gguf")
     sums = output.with_name(output.name + ".sha256")
     mfile = modelfile_path(output) if modelfile is not None else None
+    if mfile is not None:
+        check_gguf_name(output)
+        modelfile = check_parameters(modelfile)
     inputs = [("model folder", model), ("F16 GGUF", from_f16)]
     guard_output(output, "gguf", inputs)
     guard_output(sums, "sha256", inputs)
     if mfile is not None:
-        guard_output(mfile, "text", inputs)
-    f16_info = _check_f16(gguf, Path(from_f16)) if from_f16 is not None else None
+        guard_output(mfile, "modelfile", inputs)
     m = open_model(model)
     try:
+        f16_info = check_f16(gguf, Path(from_f16), m) if from_f16 is not None else None
         targets = [output, sums] + ([mfile] if mfile is not None else [])
         # quantizing a given F16 needs no plan of our own: its size and chat template are in the file
         plan = f16_info or _plan_gguf(gguf, m, "f16" if quantized else outtype, name or m.folder.name)
@@ -421,24 +425,103 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
         m.src.close()
 
 
-def _check_f16(gguf, path: Path) -> dict:
-    """--from-f16 must be an F16 GGUF that llamaforge wrote (its tensors are then this model's);
-    returns its size, tensor count and chat template."""
-    from .fsutil import GGUF_OWN_KEY
-    from .quantize import gguf_file_type
+def check_f16(gguf, path: Path, m: ExportSource) -> dict:
+    """--from-f16 must be the F16 GGUF llamaforge wrote of this very model: a regular file whose
+    `.sha256` beside it holds its hash, with the ownership key, file type F16, the model's
+    architecture, exactly the tensors (names and shapes) an export of the model writes, and its
+    vocabulary, token by token. Checked before llama.cpp sees it (which would quantize any of them,
+    or crash). Returns its size, tensor count and chat template."""
+    from .fsutil import GGUF_OWN_KEY, require_regular_file, sha256_cached
+    from .quantize import gguf_file_type, gguf_string
 
-    if not path.is_file():
-        raise LlamaforgeError("the F16 GGUF does not exist", path, "build it first (exports/{model}/{model}-f16.gguf)")
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, KeyError, IndexError) as e:
-        raise LlamaforgeError(f"not a GGUF file ({str(e)[:100]})", path, "export the model to GGUF f16 again") from None
+    again = f"export it again: scripts/export_gguf.py --model {m.folder} --outtype f16 --output {path}"
+    require_regular_file(path, "the F16 GGUF", "build it first (exports/{model}/{model}-f16.gguf)")
+    reader = open_gguf(gguf, path, "export the model to GGUF f16 again")
     if GGUF_OWN_KEY not in reader.fields or gguf_file_type(reader) != int(gguf.LlamaFileType.MOSTLY_F16):
         raise LlamaforgeError("not an F16 GGUF that llamaforge wrote", path,
                               "give the F16 export of this model (scripts/export_gguf.py --outtype f16)")
-    template = reader.fields.get("tokenizer.chat_template")
+    check_gguf_of(gguf, reader, path, m, again)
+    # last, as the costliest: every byte as written (tensor data swapped or damaged since)
+    sidecar = path.with_name(path.name + ".sha256")
+    try:
+        line = sidecar.read_text(encoding="utf-8").split("\n")[0]
+    except (OSError, UnicodeDecodeError):
+        raise LlamaforgeError(f"the F16 GGUF has no readable {sidecar.name} beside it, by which its bytes are checked",
+                              path, again) from None
+    want = line.split()[0] if line.split() else ""
+    got = sha256_cached(path)
+    if got != want:
+        raise LlamaforgeError(f"the F16 GGUF does not match its {sidecar.name} (sha256 {got}, expected "
+                              f"{want or 'none'}): it was changed or damaged after it was written", path, again)
     return {"bytes": path.stat().st_size, "tensors": len(reader.tensors),
-            "chat_template": bytes(template.parts[-1]).decode("utf-8") if template is not None else None}
+            "chat_template": gguf_string(reader, "tokenizer.chat_template", path)}
+
+
+def open_gguf(gguf, path: Path, fix: str):
+    """gguf.GGUFReader of `path` (a regular file), every tensor's data inside the file; else one error."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError, TypeError, AssertionError) as e:
+        raise LlamaforgeError(f"not a GGUF file, or a damaged one ({str(e)[:100]})", path, fix) from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise LlamaforgeError(f"the GGUF is truncated: tensor {t.name} runs past its end ({size} bytes)", path, fix)
+    return reader
+
+
+def check_gguf_of(gguf, reader, path: Path, m: ExportSource, again: str, what: str = "the F16 GGUF") -> None:
+    """A GGUF (`reader` of `path`) against the model it claims to be: the model's architecture,
+    exactly the tensors (names and shapes) an export of the model holds, and its vocabulary."""
+    from .quantize import gguf_string
+
+    arch = gguf_string(reader, "general.architecture", path)
+    if arch != m.family.gguf_arch:
+        raise LlamaforgeError(f"{what} is of architecture {arch!r}, the model {m.folder} of "
+                              f"{m.family.gguf_arch!r}: it is another model's", path, again)
+    want_shapes = {j.t.gguf: tuple(j.info.shape) for j in plan_reads(
+        m, hf_order(m.dims.n_layers, with_output=m.has_output, biases=m.family.qkv_bias))}
+    want_shapes.update({n: tuple(t.shape) for n, t in extra_tensors(m)})
+    have = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}  # GGUF lists ne[0] first
+    for name, shape in want_shapes.items():
+        if name not in have:
+            raise LlamaforgeError(f"{what} has no tensor {name}, which the model's export holds", path, again)
+        if have[name] != shape:
+            raise LlamaforgeError(f"{what}'s {name} has shape {list(have[name])}, the model's {list(shape)}: it is "
+                                  "another model's, or damaged", path, again)
+    extra = sorted(set(have) - set(want_shapes))
+    if extra:
+        raise LlamaforgeError(f"{what} has tensor {extra[0]}, which the model's export does not "
+                              f"({len(extra)} such)", path, again)
+    _check_gguf_vocab(gguf, reader, path, m, again, what)
+
+
+def _check_gguf_vocab(gguf, reader, path: Path, m: ExportSource, again: str, what: str) -> None:
+    """The GGUF's tokenizer.ggml.tokens against the model's tokenizer, without transformers: as many
+    as the model's embedding rows, and the same token at every id the tokenizer files define."""
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is None or field.types[:2] != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+        raise LlamaforgeError(f"{what} has no vocabulary (tokenizer.ggml.tokens)", path, again)
+    try:
+        tokens = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    except UnicodeDecodeError:
+        raise LlamaforgeError(f"{what}'s vocabulary holds a token that is not UTF-8", path, again) from None
+    if len(tokens) != m.dims.vocab:
+        raise LlamaforgeError(f"{what}'s vocabulary has {len(tokens)} tokens, the model {m.dims.vocab} embedding "
+                              "rows: it is another model's", path, again)
+    if m.tokenizer is not None:
+        from .gguf_file import _token_vocab
+
+        expect = dict(enumerate(t.decode("utf-8") for t in _token_vocab(m)["tokens"]))
+    else:
+        from .fsutil import read_json
+
+        vocab = (read_json(m.tokenizer_json, "tokenizer.json").get("model") or {}).get("vocab") or {}
+        expect = {int(i): t for t, i in vocab.items()}
+    for i, token in sorted(expect.items()):
+        if i < len(tokens) and tokens[i] != token:
+            raise LlamaforgeError(f"{what}'s token {i} is {tokens[i]!r}, the model's tokenizer says {token!r}: it "
+                                  "is another model's vocabulary", path, again)
 
 
 def _plan_gguf(gguf, m: ExportSource, outtype: str, name: str) -> dict:

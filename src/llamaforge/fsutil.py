@@ -13,10 +13,12 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -275,6 +277,25 @@ def require_file(path: str | os.PathLike, what: str, fix: str | None = None) -> 
     return p
 
 
+def require_regular_file(path: str | os.PathLike, what: str, fix: str) -> Path:
+    """`path` as a Path if it is a regular file (followed through links); a missing path, a folder,
+    a device (/dev/zero), a FIFO or a socket is each one error that says which."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise LlamaforgeError(f"{what} does not exist", p, fix) from None
+    except (OSError, RuntimeError) as e:
+        raise LlamaforgeError(f"{what} cannot be opened ({getattr(e, 'strerror', None) or e})", p, fix) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise LlamaforgeError(f"{what} is a folder, not a file", p, fix)
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+                else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket")
+        raise LlamaforgeError(f"{what} is {kind}, not a regular file", p, fix)
+    return p
+
+
 def require_dir(path: str | os.PathLike, what: str, fix: str | None = None) -> Path:
     p = Path(path)
     if not p.exists():
@@ -284,10 +305,23 @@ def require_dir(path: str | os.PathLike, what: str, fix: str | None = None) -> P
     return p
 
 
+def finite_json(obj):
+    """`obj` with every non-finite float (NaN, infinity) as None: JSON has no such numbers, and the
+    bare NaN that Python writes by default is refused by strict parsers (jq, JSON.parse)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Write `obj` as indented UTF-8 JSON with sorted keys (stable bytes for stable inputs), atomically."""
+    """Write `obj` as indented UTF-8 JSON with sorted keys (stable bytes for stable inputs), atomically;
+    a non-finite number is written as null (finite_json)."""
     with atomic_file(path, "w") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2, sort_keys=True)
+        json.dump(finite_json(obj), f, ensure_ascii=False, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
 
 
@@ -338,6 +372,9 @@ def _manifest_kind(folder: Path, name: str = _OWN_MANIFEST):
     return data.get("llamaforge") if isinstance(data, dict) else None
 
 
+SUMS_MARK = "# llamaforge export_pth"
+
+
 def sums_header(kind: str) -> str:
     """The comment line llamaforge puts first in the SHA256SUMS it writes (`sha256sum -c` skips
     lines starting with '#'), by which a later run recognises the folder as its own output."""
@@ -345,19 +382,20 @@ def sums_header(kind: str) -> str:
 
 
 def _sums_kind(folder: Path) -> str | None:
-    """The kind named by SHA256SUMS' header line; 'export_pth' also for the header-less SHA256SUMS
-    of earlier llamaforge versions, which list exactly params.json, tokenizer.model and the
-    consolidated.NN.pth files of the folder."""
+    """'export_pth' when the folder's SHA256SUMS is the one a Meta export writes: the header line
+    `# llamaforge export_pth` (or none: earlier llamaforge versions), then only '<sha256>  <name>'
+    lines that list exactly the folder's other files (params.json, tokenizer.model and the
+    consolidated.NN.pth files). A header alone is no mark: a folder holding anything else is not ours."""
     try:
         lines = (folder / "SHA256SUMS").read_text(encoding="utf-8").splitlines()
+        present = {p.name for p in folder.iterdir()} - {"SHA256SUMS"}
     except (OSError, UnicodeDecodeError):
         return None
-    if lines and lines[0].startswith("# llamaforge "):
-        return lines[0][len("# llamaforge "):].strip()
+    if lines and lines[0] == SUMS_MARK:
+        lines = lines[1:]
     if not lines or not all(_SUM_LINE.fullmatch(line) for line in lines):
         return None
     listed = {line[66:] for line in lines}
-    present = {p.name for p in folder.iterdir()} - {"SHA256SUMS"}
     ok = listed == present and {"params.json", "consolidated.00.pth"} <= listed and all(
         n in ("params.json", "tokenizer.model") or re.fullmatch(r"consolidated\.\d\d\.pth", n) for n in listed)
     return "export_pth" if ok else None
@@ -367,22 +405,26 @@ _SUM_LINE = re.compile(r"[0-9a-f]{64} [ *]\S.*")
 
 
 def _is_sidecar(path: Path) -> bool:
-    """A `<file>.sha256` as llamaforge writes it: one '<sha256>  <name>' line."""
+    """A `<file>.sha256` as llamaforge writes it: one '<sha256>  <file>' line naming the file it is
+    beside (a SHA256SUMS, or the hash of another file, is not that)."""
+    if not path.name.endswith(".sha256"):
+        return False
     try:
         if path.stat().st_size > 4096:
             return False
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return False
-    return len(lines) == 1 and bool(_SUM_LINE.fullmatch(lines[0]))
+    return (len(lines) == 1 and bool(_SUM_LINE.fullmatch(lines[0]))
+            and lines[0][66:] == path.name[:-len(".sha256")])
 
 
 def _gguf_is_own(path: Path) -> bool:
     try:
         import gguf
 
-        reader = gguf.GGUFReader(path, "r")
-        return GGUF_OWN_KEY in reader.fields
+        field = gguf.GGUFReader(path, "r").fields.get(GGUF_OWN_KEY)
+        return field is not None and field.types == [gguf.GGUFValueType.STRING]
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False
 
@@ -403,15 +445,20 @@ def _png_is_own(path: Path) -> bool:
     return data.startswith(b"\x89PNG\r\n\x1a\n") and b"Software\x00llamaforge" in data
 
 
-def _json_is_own(path: Path) -> bool:
-    data = _json_of(path)
-    return isinstance(data, dict) and isinstance(data.get("llamaforge"), str)
+def json_of_kind(kind: str):
+    """The ownership test of a JSON object llamaforge writes with "llamaforge": `kind` (a result,
+    settings, stats), for guard_output's `own`: the writer names the kind it writes, so no other
+    JSON (a user's with a "llamaforge" key, another kind of result) is taken for its output."""
+    def test(path: Path) -> bool:
+        data = _json_of(path)
+        return isinstance(data, dict) and data.get("llamaforge") == kind
+    return test
 
 
 def _records_are(path: Path, keys: set[str]) -> bool:
-    """A JSON list of records whose fields are among `keys` (llamaforge's Alpaca data, predictions)."""
+    """A JSON list of records with exactly the fields `keys` (llamaforge's predictions)."""
     data = _json_of(path)
-    return isinstance(data, list) and all(isinstance(x, dict) and set(x) <= keys for x in data)
+    return isinstance(data, list) and all(isinstance(x, dict) and set(x) == keys for x in data)
 
 
 def _first_record(path: Path):
@@ -420,14 +467,6 @@ def _first_record(path: Path):
             return json.loads(f.readline())
     except (OSError, ValueError):
         return None
-
-
-def _text_is_own(path: Path) -> bool:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.readline().startswith("# llamaforge ")
-    except (OSError, UnicodeDecodeError):
-        return False
 
 
 GGUF_OWN_KEY = "llamaforge.version"
@@ -441,21 +480,31 @@ _OWN: dict[str, tuple[str, object]] = {
     "demo": ("demo folder", lambda p: p.is_dir() and _manifest_kind(p) == "demo"),
     "gguf": ("GGUF file", lambda p: p.is_file() and _gguf_is_own(p)),
     "sha256": ("checksum file", lambda p: p.is_file() and _is_sidecar(p)),
-    "json": ("llamaforge JSON file", lambda p: p.is_file() and _json_is_own(p)),
-    "crawl_stats": ("crawl stats file", lambda p: p.is_file() and (_json_is_own(p) or (
-        isinstance(d := _json_of(p), dict) and {"requests", "items", "tokens", "cost_usd"} <= d.keys()))),
-    "alpaca": ("instruction data file",
-               lambda p: p.is_file() and _records_are(p, {"instruction", "input", "output"})),
+    # a JSON result: its writer passes the test of its kind (guard_output's own=json_of_kind(KIND))
+    "json": ("llamaforge JSON file", lambda p: False),
+    "crawl_stats": ("crawl stats file", lambda p: p.is_file() and isinstance(d := _json_of(p), dict) and (
+        d.get("llamaforge") == "crawl" or {"requests", "items", "tokens", "cost_usd"} <= d.keys())),
+    # the crawl's Alpaca JSON: judged by crawl.py against its items file (guard_output's `own`)
+    "alpaca": ("Alpaca JSON of this crawl's items", lambda p: False),
     "predictions": ("predictions file",
                     lambda p: p.is_file() and _records_are(p, {"instruction", "input", "prompt", "output"})),
     # the crawl's append-only files: judged by their first line (a later one may be torn by a kill)
     "crawl_raw": ("crawl reply file", lambda p: p.is_file() and isinstance(r := _first_record(p), dict)
                   and {"index", "seed", "items_per_request", "content"} <= r.keys()),
-    "crawl_items": ("crawl items file", lambda p: p.is_file() and isinstance(r := _first_record(p), dict)
-                    and set(r) <= {"instruction", "input", "output"}),
+    # "crawl_items": registered by crawl.py (the items file is the crawl's when its reply file is)
     "png": ("llamaforge plot", lambda p: p.is_file() and _png_is_own(p)),
-    "text": ("llamaforge report", lambda p: p.is_file() and _text_is_own(p)),
 }
+
+
+def owned_by(kind: str, what: str):
+    """Decorator: register `test(path) -> bool`, by which guard_output recognises llamaforge's own
+    earlier output of `kind` (`what` names it in the error). A writer defines the mark of its
+    output beside itself (quantize.py's Modelfile, checksums.py's report), as a whole-file check of
+    what only it writes: a first line a user may type is no mark."""
+    def register(test):
+        _OWN[kind] = (what, lambda p: p.is_file() and test(p))
+        return test
+    return register
 
 
 def _is_empty(p: Path) -> bool:
@@ -469,6 +518,15 @@ def _is_empty(p: Path) -> bool:
         return False
 
 
+def resolve_path(path: Path, what: str) -> Path:
+    """path.resolve(), with a symlink loop (or a link too deep to follow) as one clear error."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError: "Symlink loop" before Python 3.13; ELOOP after
+        raise LlamaforgeError(f"{what} is a symbolic link that cannot be followed ({e})", path,
+                              "remove the broken link or give another path") from None
+
+
 def _overlap(out: Path, inp: Path) -> str | None:
     if out == inp:
         return "is"
@@ -480,7 +538,7 @@ def _overlap(out: Path, inp: Path) -> str | None:
 
 
 def guard_output(output: str | os.PathLike, kind: str,
-                 inputs: "list[tuple[str, str | os.PathLike | None]]" = ()) -> Path:
+                 inputs: "list[tuple[str, str | os.PathLike | None]]" = (), own=None) -> Path:
     """Refuse, before anything is read or written, an output that would destroy what a user has.
 
     * An output that is, holds or lies inside any input (symlinks resolved) is refused.
@@ -489,11 +547,14 @@ def guard_output(output: str | os.PathLike, kind: str,
       GGUF key `llamaforge.version`, ...); an empty file or folder may go too. Anything else is
       refused with one line naming it.
 
-    `inputs`: (description, path) pairs; a None path is skipped. Returns `output` as a Path.
+    `inputs`: (description, path) pairs; a None path is skipped. `own`: the test of ownership when
+    it needs what only the caller knows (the crawl's Alpaca JSON is its own when it is the Alpaca
+    form of its items file), instead of the one registered for `kind`. Returns `output` as a Path.
     """
     out = Path(output)
-    what, own = _OWN[kind]
-    resolved = out.resolve()
+    what, registered = _OWN[kind]
+    own = registered if own is None else (lambda p, test=own: p.is_file() and test(p))
+    resolved = resolve_path(out, "the output")
     for parent in resolved.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -503,7 +564,7 @@ def guard_output(output: str | os.PathLike, kind: str,
     for desc, p in inputs:
         if p is None:
             continue
-        rel = _overlap(resolved, Path(p).resolve())
+        rel = _overlap(resolved, resolve_path(Path(p), f"the {desc}"))
         if rel is not None:
             raise LlamaforgeError(
                 f"the output {rel} the {desc} {os.fspath(p)}; writing it would destroy that input", out,
@@ -513,7 +574,7 @@ def guard_output(output: str | os.PathLike, kind: str,
         if not (_is_empty(target) or own(target)):
             kind_of = "folder" if target.is_dir() else "file"
             raise LlamaforgeError(
-                f"the output exists and is not a {what} that llamaforge wrote (an existing {kind_of} is only "
+                f"the output exists and is not {'an' if what[0] in 'aeiouAEIOU' else 'a'} {what} that llamaforge wrote (an existing {kind_of} is only "
                 "replaced when it is llamaforge's own earlier output of the same kind)", out,
                 "choose another output path, or move that one away yourself if it may go")
     return out

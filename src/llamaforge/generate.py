@@ -33,10 +33,12 @@ from typing import Callable, Sequence
 
 from .errors import LlamaforgeError
 from . import defaults as D
-from .fsutil import atomic_file, guard_output, read_text, require_dir, write_json
+from .fsutil import atomic_file, guard_output, json_of_kind, read_text, require_dir, write_json
 from .tokenizer import HF_FILES, ships_padding
 
 log = logging.getLogger(__name__)
+
+PREDICT = "predict"  # the "llamaforge" value of generation_config.json written beside predictions
 
 # ---------------------------------------------------------------------------------------------
 # Generation settings and prompt templates
@@ -162,17 +164,21 @@ class GenerationSettings:
 
         if self.max_new_tokens < 1:
             bad(f"max_new_tokens is {self.max_new_tokens}", "give at least 1")
-        if self.repetition_penalty <= 0:
+        # written so that NaN fails every check (every comparison with NaN is false)
+        if not self.repetition_penalty > 0:
             bad(f"repetition_penalty is {self.repetition_penalty}", "give a positive number (1.0 = off)")
         if self.do_sample:
-            if self.temperature <= 0:
+            if not self.temperature > 0:
                 bad(f"temperature is {self.temperature}", "give a positive temperature, or use --greedy")
             if not 0 < self.top_p <= 1:
                 bad(f"top_p is {self.top_p}", "give a value in (0, 1]")
-            if self.top_k < 0:
+            if not self.top_k >= 0:
                 bad(f"top_k is {self.top_k}", "give 0 (off) or a positive number")
         if self.num_beams != 1:
             bad("beam search is not supported", "use num_beams 1")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            bad(f"seed is {self.seed}; a sampling seed is 0 to 4294967295 (numpy's range)",
+                "give a seed in that range, or none (unseeded)")
         return self
 
     def to_json(self) -> dict:
@@ -267,7 +273,7 @@ def inspect_adapter(folder: str | os.PathLike, base_names) -> AdapterInfo:
     and the length of the tokenizer stored with it (read without transformers)."""
     from .lora import open_adapter
     from .names import EMBED_HF, LM_HEAD_HF
-    from .tokenizer import tokenizer_length
+    from .tokenizer import check_tokenizer
     from .tokenizer import load_proto, special_ids
 
     d = require_dir(folder, "adapter folder")
@@ -286,7 +292,7 @@ def inspect_adapter(folder: str | os.PathLike, base_names) -> AdapterInfo:
     info = AdapterInfo(d, embed if embed is not None else head)
     # the merge's rule (merge._resolve_tokenizer): an adapter has a tokenizer when tokenizer.model is beside it
     if (d / "tokenizer.model").is_file():
-        info.tokenizer_len = tokenizer_length(d)
+        info.tokenizer_len = check_tokenizer(d)
         info.pad_id = special_ids(load_proto(d / "tokenizer.model"), d).get("pad")
         if info.rows is not None and info.tokenizer_len != info.rows:
             raise LlamaforgeError(
@@ -680,7 +686,7 @@ def predict(model: str | os.PathLike, predictions_file: str | os.PathLike, data_
     inputs = [("model folder", model), ("prompts file", data_file), ("tokenizer folder", tokenizer)]
     inputs += [("adapter folder", p) for p in loras]
     guard_output(out, "predictions", inputs)
-    guard_output(gen_config, "json", inputs)
+    guard_output(gen_config, "json", inputs, own=json_of_kind(PREDICT))
     if out.suffix.lower() != ".json":
         log.warning("%s: predictions are written as JSON", out)
     if data_file:
@@ -701,7 +707,7 @@ def predict(model: str | os.PathLike, predictions_file: str | os.PathLike, data_
         echo(f"Input: {ex.instruction}" + (f"\n{ex.input}" if ex.input else "") + "\n")
         echo(f"Output: {g.text}\n")
         records.append({"instruction": ex.instruction, "input": ex.input, "prompt": g.prompt, "output": g.text})
-    config = {"llamaforge": "predict", **settings.to_json(), "template": tpl.name, "with_prompt": with_prompt, "batch_size": batch_size,
+    config = {"llamaforge": PREDICT, **settings.to_json(), "template": tpl.name, "with_prompt": with_prompt, "batch_size": batch_size,
               "dtype": str(loaded.dtype).replace("torch.", ""), "device": loaded.device, **loaded.sources}
     # write_json would sort the keys; the records keep inference_hf.py's field order
     with atomic_file(out, "w") as f:

@@ -283,7 +283,9 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
         writer.add_token_types(v["types"])
         from .gguf_vocab import SpecialVocab
 
-        SpecialVocab(model.folder, load_merges=True).add_to_gguf(writer, quiet=True)
+        sv = SpecialVocab(model.folder, load_merges=True)
+        sv.chat_template = _chat_template(model.folder)
+        sv.add_to_gguf(writer, quiet=True)
         if arch == "llama" and d.vocab == 49152:
             writer.add_add_bos_token(False)  # the converter's rule for this vocabulary size (Granite, SmolLM)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -329,9 +331,19 @@ def _sentencepiece_metadata(gguf, writer, model, arch: str) -> None:
         sv.special_token_ids.setdefault(key, tid)
     sv.add_special_token.setdefault("bos", v["add_bos"])
     sv.add_special_token.setdefault("eos", v["add_eos"])
-    if not sv.chat_template:
-        sv.chat_template = ALPACA_CHAT_TEMPLATE
+    sv.chat_template = _chat_template(model.folder) or ALPACA_CHAT_TEMPLATE
     sv.add_to_gguf(writer, quiet=True)
+
+
+def _chat_template(folder):
+    """The chat template(s) of a tokenizer folder as SpecialVocab.add_to_gguf writes them: a string,
+    or [default, then the named ones sorted by name] (tokenizer.chat_templates validates them)."""
+    from .tokenizer import chat_templates
+
+    default, named = chat_templates(folder)
+    if named:
+        return [{"name": "default", "template": default}] + [{"name": k, "template": v} for k, v in named.items()]
+    return default
 
 
 def begin_gguf_file(gguf, writer, f: HashingWriter, path) -> None:

@@ -20,7 +20,34 @@ import gguf
 logger = logging.getLogger(__name__)
 
 
+def gguf_template_key(name: str) -> str:
+    """A chat template's name as its GGUF key holds it (gguf-py's rule: other than ASCII letters and
+    digits becomes '_')."""
+    return "".join(c if c.isascii() and c.isalnum() else "_" for c in name)
+
+
 class SpecialVocab(gguf.SpecialVocab):
+    def add_to_gguf(self, gw, quiet: bool = False) -> None:
+        """gguf-py's, but a list of named chat templates is written in its given order (gguf-py
+        collects the names in a set: the GGUF's bytes then change with PYTHONHASHSEED). The caller
+        sets chat_template from tokenizer.chat_templates: a string, or [default, others by name]."""
+        template, self.chat_template = self.chat_template, None
+        try:
+            super().add_to_gguf(gw, quiet=quiet)
+        finally:
+            self.chat_template = template
+        if isinstance(template, list):
+            names = []
+            for entry in template:
+                if entry["name"] != "default":
+                    names.append(gguf_template_key(entry["name"]))
+                    gw.add_string(gguf.Keys.Tokenizer.CHAT_TEMPLATE_N.format(name=names[-1]), entry["template"])
+            if names:
+                gw.add_array(gguf.Keys.Tokenizer.CHAT_TEMPLATES, names)
+            template = next(e["template"] for e in template if e["name"] == "default")
+        if template is not None:
+            gw.add_chat_template(template)
+
     def _parse_normalizer(self, normalizer: dict) -> None:
         # ref: https://huggingface.co/docs/tokenizers/api/normalizers
         #

@@ -147,6 +147,11 @@ def read_adapter_config(folder: Path) -> dict:
         if not isinstance(patterns, dict):
             raise LlamaforgeError(f"{key} is not an object", path, "save the adapter with PEFT")
         for module, value in patterns.items():
+            try:  # matched as PEFT does (_pattern_value): a key is a regular expression
+                re.compile(rf"(.*\.)?({module})$")
+            except re.error as e:
+                raise LlamaforgeError(f"{key} key {module!r} is not a valid regular expression ({e})", path,
+                                      "write the module name or a valid pattern, as PEFT saves it") from None
             _check_number(value, f"{key}[{module!r}]", path)
             if key == "rank_pattern" and not (float(value).is_integer() and value > 0):
                 raise LlamaforgeError(f"rank_pattern[{module!r}] is {value}; a LoRA rank is a positive whole number",

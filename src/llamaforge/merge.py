@@ -41,7 +41,7 @@ from .fsutil import atomic_dir, guard_output, hash_files, require_dir, sha256_ca
 from .lora import Adapter, Factors, LoraUpdate, apply_factors, load_factors, open_adapter
 from .names import EMBED_HF, LM_HEAD_HF, family_of, hf_tensor_order
 from .stream import BLOCK_ELEMS, BlockReader, Read, Stage, block_rows, row_ranges
-from .tokenizer import has_tokenizer, ships_padding, tokenizer_files, tokenizer_length
+from .tokenizer import check_tokenizer, has_tokenizer, ships_padding, tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
                 "use adapters that store both embed_tokens and lm_head in full (modules_to_save)",
             )
         tok_folder = _resolve_tokenizer(tokenizer, adapters, base)
-        tok_len = tokenizer_length(tok_folder)
+        tok_len = check_tokenizer(tok_folder)  # the one tokenizer check, here at the first command
         base_rows = src.info(EMBED_HF).shape[0]
         # Qwen2 and others ship embeddings padded past the tokenizer (151936 rows, 151665 tokens):
         # kept as released when no adapter changed the vocabulary.

@@ -40,6 +40,7 @@ when needed) that reproduce a model's intermediate_size exactly, or says it is i
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -135,9 +136,17 @@ def family_of(cfg: dict, path) -> Family:
     archs = cfg.get("architectures")
     arch = archs[0] if isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) else None
     mt = cfg.get("model_type")
+    if mt is not None and not isinstance(mt, str):
+        raise LlamaforgeError(f"model_type is a JSON {type(mt).__name__} ({json.dumps(mt)[:40]}), not a name", path,
+                              'restore the model\'s config.json (e.g. "model_type": "llama")')
     for fam in FAMILIES.values():
         if arch == fam.architecture and mt in (None, fam.name):
             return fam
+        if arch == fam.architecture:  # a supported architecture, but config.json contradicts itself
+            raise LlamaforgeError(
+                f"architecture {arch!r} is that of model_type {fam.name!r}, but config.json says model_type {mt!r}",
+                path, f"make the two agree: \"model_type\": \"{fam.name}\" for {arch}, or the architecture of "
+                f"model_type {mt!r}")
     if arch is None and (mt is None or mt in FAMILIES):
         return FAMILIES[mt or "llama"]
     what = f"architecture {arch!r}" if arch else f"model_type {mt!r}"

@@ -365,6 +365,9 @@ def tokenizer_length(folder: Path) -> int:
         at = folder / "added_tokens.json"
         if at.is_file():
             ids += [int(i) for i in read_json(at, "added_tokens.json").values()]
+        tc = folder / "tokenizer_config.json"
+        if tc.is_file():  # transformers gives these ids tokens too (checked by check_tokenizer)
+            ids += [int(i) for i in (read_json(tc, "tokenizer_config.json").get("added_tokens_decoder") or {})]
     except (KeyError, TypeError, ValueError, AttributeError):
         raise LlamaforgeError("the tokenizer's token ids are malformed (an id that is not a number, or an added "
                               "token without one)", folder, "restore the tokenizer files from its release") from None
@@ -372,6 +375,114 @@ def tokenizer_length(folder: Path) -> int:
         raise LlamaforgeError("tokenizer.json holds no vocabulary (model.vocab)", tj,
                               "restore the tokenizer files from its release")
     return max(ids) + 1
+
+
+_REPAIR = "restore the tokenizer files from its release, or rebuild them with scripts/merge_tokenizers.py"
+
+
+def chat_templates(folder: str | os.PathLike) -> tuple[str | None, dict[str, str]]:
+    """(the default chat template, {name: template} of the other named ones, sorted by name) of a
+    tokenizer folder, as transformers reads them: tokenizer_config.json's chat_template (a string, or
+    a list of {"name", "template"}), else chat_template.jinja (+ additional_chat_templates/*.jinja),
+    else chat_template.json. A list without a "default" entry is an error: transformers then refuses
+    to pick one, and any pick (or none: Alpaca) would be a guess."""
+    from .fsutil import read_json, read_text
+
+    folder = Path(folder)
+    tc_path = folder / "tokenizer_config.json"
+    tc = read_json(tc_path, "tokenizer_config.json") if tc_path.is_file() else {}
+    where = tc_path
+    if isinstance(tc, dict) and "chat_template" in tc:
+        value = tc["chat_template"]
+    elif (folder / "chat_template.jinja").is_file():
+        where = folder / "chat_template.jinja"
+        value = read_text(where, "chat_template.jinja")
+        extra = sorted((folder / "additional_chat_templates").glob("*.jinja"))
+        if extra:
+            value = [{"name": "default", "template": value}] + [
+                {"name": p.stem, "template": read_text(p, p.name)} for p in extra]
+    elif (folder / "chat_template.json").is_file():
+        where = folder / "chat_template.json"
+        data = read_json(where, "chat_template.json")
+        value = data.get("chat_template") if isinstance(data, dict) else data
+    else:
+        return None, {}
+    if value is None or isinstance(value, str):
+        return value, {}
+    fix = 'give chat_template as one string, or as a list of {"name": ..., "template": ...} with one named "default"'
+    if not isinstance(value, list):
+        raise LlamaforgeError(f"chat_template is a JSON {type(value).__name__}, not a string or a list of named "
+                              "templates", where, fix)
+    named: dict[str, str] = {}
+    for n, entry in enumerate(value):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]
+                and isinstance(entry.get("template"), str)):
+            raise LlamaforgeError(f"chat_template entry {n} is {json.dumps(entry)[:60]}, not an object with a "
+                                  "\"name\" and a \"template\" string", where, fix)
+        if entry["name"] in named:
+            raise LlamaforgeError(f"chat_template names {entry['name']!r} twice", where, fix)
+        named[entry["name"]] = entry["template"]
+    keys: dict[str, str] = {}
+    for name in named:
+        key = "".join(c if c.isascii() and c.isalnum() else "_" for c in name)  # gguf_vocab.gguf_template_key
+        if key in keys:
+            raise LlamaforgeError(f"chat_template names {keys[key]!r} and {name!r} are one name in a GGUF ({key!r})",
+                                  where, "give the templates names that differ in their letters and digits")
+        keys[key] = name
+    if "default" not in named:
+        raise LlamaforgeError(f"chat_template lists templates named {', '.join(sorted(named)) or 'none'} but none named "
+                              "'default', so no tool knows which to use", where,
+                              "name the template the model is to use 'default'")
+    default = named.pop("default")
+    return default, dict(sorted(named.items()))
+
+
+def check_tokenizer(folder: str | os.PathLike, rows: int | None = None) -> int:
+    """The one check of a tokenizer folder, made by every command that reads one (the merge's
+    --tokenizer, the exports, inference), so a tokenizer the later steps would refuse is refused at
+    the first: its JSON files are objects, tokenizer.json loads in the tokenizers library (its
+    merges, vocabulary and post-processor), tokenizer_config.json's added_tokens_decoder maps token
+    ids to token objects, its chat templates are readable (chat_templates), and with `rows` no token
+    id lies past the model's embedding rows. Returns the tokenizer's length (tokenizer_length)."""
+    folder = Path(folder)
+    check_tokenizer_json(folder)
+    _check_added_tokens_decoder(folder)
+    n = tokenizer_length(folder)
+    tj = folder / "tokenizer.json"
+    if tj.is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_file(os.fspath(tj))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+            msg = (str(e).splitlines() or [type(e).__name__])[0]
+            raise LlamaforgeError(f"tokenizer.json cannot be loaded by the tokenizers library ({msg[:160]})", tj,
+                                  _REPAIR) from None
+    chat_templates(folder)
+    if rows is not None and n > rows:
+        raise LlamaforgeError(f"the tokenizer has {n} tokens (ids up to {n - 1}) but the model has {rows} embedding "
+                              "rows", folder, "use the tokenizer the model was trained or merged with")
+    return n
+
+
+def _check_added_tokens_decoder(folder: Path) -> None:
+    """tokenizer_config.json's added_tokens_decoder: token ids (digits) to objects with a "content" string."""
+    from .fsutil import read_json
+
+    tc_path = folder / "tokenizer_config.json"
+    if tc_path.is_file():
+        tc = read_json(tc_path, "tokenizer_config.json")
+        decoder = tc.get("added_tokens_decoder")
+        if decoder is not None and not isinstance(decoder, dict):
+            raise LlamaforgeError(f"added_tokens_decoder is a JSON {type(decoder).__name__}, not an object of token "
+                                  "ids", tc_path, _REPAIR)
+        for key, value in (decoder or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise LlamaforgeError(f"added_tokens_decoder has the key {key!r}, which is no token id", tc_path,
+                                      _REPAIR)
+            if not isinstance(value, dict) or not isinstance(value.get("content"), str):
+                raise LlamaforgeError(f"added_tokens_decoder[{key}] is {json.dumps(value)[:60]}, not a token object "
+                                      'with a "content" string', tc_path, _REPAIR)
 
 
 def ships_padding(folder: str | os.PathLike | None, rows: int) -> bool:
@@ -389,7 +500,7 @@ def load_hf_tokenizer(folder: str | os.PathLike):
     """AutoTokenizer for a folder, never trusting remote code."""
     from transformers import AutoTokenizer
 
-    check_tokenizer_json(folder)
+    check_tokenizer(folder)
     try:
         tok = AutoTokenizer.from_pretrained(os.fspath(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
@@ -662,7 +773,8 @@ def is_tiktoken_model(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(256)
     first = head.split(b"\n", 1)[0]
-    return bool(re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", first))
+    # saved by an editor: a UTF-8 byte order mark, CRLF line ends (read alike by _tiktoken_ranks)
+    return bool(re.fullmatch(rb"(\xef\xbb\xbf)?[A-Za-z0-9+/=]+ \d+\r?", first))
 
 
 def _tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -671,7 +783,9 @@ def _tiktoken_ranks(path: Path) -> dict[bytes, int]:
 
     ranks = {}
     try:
-        for n, line in enumerate(path.read_bytes().splitlines()):  # noqa: B007 (n names the bad line)
+        data = path.read_bytes()
+        data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+        for n, line in enumerate(data.splitlines()):  # noqa: B007 (n names the bad line)
             if line.strip():
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
