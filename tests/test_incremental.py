@@ -35,7 +35,7 @@ from helpers import clone_build, copy_workflow, snakemake, snakemake_env
 
 from llamaforge.demo import synthetic_sp_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo_build")]  # one worker, one build
 
 # Snakemake's own marker inside directory outputs (empty, its mtime is the folder's date).
 SNAKEMAKE_MARKERS = {".snakemake_timestamp"}

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from helpers import copy_workflow, snakemake
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo_build")]  # one worker, one build
 
 
 # `built`: this module's copy of the session's demo build (conftest.py)

@@ -24,7 +24,8 @@ import pytest
 import yaml
 from helpers import copy_workflow, snakemake, snakemake_env
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500),
+              pytest.mark.xdist_group("demo_build")]  # with the other users of the session's demo build
 
 # Folders that hold build outputs (whatever exists after the default build is compared).
 OUTPUT_DIRS = ("resources", "tokenizers", "imported", "merged", "exports", "eval")
