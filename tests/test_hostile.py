@@ -295,6 +295,12 @@ def f16_with_token(case: Path, world: Path, i: int, token: str) -> Path:
         "tokenizer.ggml.tokens": (tokens, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)})
 
 
+def gguf_type(name: str):
+    import gguf
+
+    return gguf.GGUFValueType[name]
+
+
 def f16_shape(case: Path, world: Path, name: str, rows: int) -> Path:
     import gguf
 
@@ -762,6 +768,16 @@ CASES = [
      ["has no vocabulary (tokenizer.ggml.tokens)"]),
     ("from-f16-of-another-vocabulary", lambda w, c: quantize_args(w, c, f16_with_token(c, w, 600, "\u4e0d\u662f")),
      ["token 600 is '\u4e0d\u662f'", "another model's vocabulary"]),
+    # an F16 whose hyperparameters were edited and its .sha256 written again: llama.cpp copies the keys
+    ("from-f16-head-count-edited", lambda w, c: quantize_args(w, c, rewrite_gguf(
+        w / "out" / "m-f16.gguf", c / "f16.gguf", kv={"llama.attention.head_count": (1, gguf_type("UINT32"))})),
+     ["the F16 GGUF's llama.attention.head_count differs from the model's (1)"]),
+    ("from-f16-rope-base-edited", lambda w, c: quantize_args(w, c, rewrite_gguf(
+        w / "out" / "m-f16.gguf", c / "f16.gguf", kv={"llama.rope.freq_base": (1.0, gguf_type("FLOAT32"))})),
+     ["the F16 GGUF's llama.rope.freq_base differs from the model's"]),
+    ("from-f16-extra-key", lambda w, c: quantize_args(w, c, rewrite_gguf(
+        w / "out" / "m-f16.gguf", c / "f16.gguf", kv={"llama.expert_count": (8, gguf_type("UINT32"))})),
+     ["has the key llama.expert_count, which an F16 export of the model does not write"]),
     ("from-f16-dev-zero", lambda w, c: quantize_args(w, c, Path("/dev/zero")),
      ["/dev/zero: the F16 GGUF is a character device, not a regular file"]),
     ("from-f16-fifo", lambda w, c: quantize_args(w, c, fifo()), ["the F16 GGUF is a FIFO (named pipe)"]),

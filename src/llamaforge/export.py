@@ -441,6 +441,8 @@ def check_f16(gguf, path: Path, m: ExportSource) -> dict:
         raise LlamaforgeError("not an F16 GGUF that llamaforge wrote", path,
                               "give the F16 export of this model (scripts/export_gguf.py --outtype f16)")
     check_gguf_of(gguf, reader, path, m, again)
+    template = gguf_string(reader, "tokenizer.chat_template", path)  # a string of UTF-8, before it is compared
+    _check_f16_metadata(gguf, reader, path, m, again)
     # last, as the costliest: every byte as written (tensor data swapped or damaged since)
     sidecar = path.with_name(path.name + ".sha256")
     try:
@@ -454,7 +456,79 @@ def check_f16(gguf, path: Path, m: ExportSource) -> dict:
         raise LlamaforgeError(f"the F16 GGUF does not match its {sidecar.name} (sha256 {got}, expected "
                               f"{want or 'none'}): it was changed or damaged after it was written", path, again)
     return {"bytes": path.stat().st_size, "tensors": len(reader.tensors),
-            "chat_template": gguf_string(reader, "tokenizer.chat_template", path)}
+            "chat_template": template}
+
+
+def _check_f16_metadata(gguf, reader, path: Path, m: ExportSource, again: str) -> None:
+    """Every key of the F16 GGUF as an F16 export of the model writes it, and every tensor of the type
+    it writes: llama.cpp's quantizer copies the keys as they are, so an F16 whose hyperparameters
+    (head counts, rope base, norm epsilon, context length), special tokens, scores or chat template were
+    changed would give a quantized model that is not the model's. general.name may be any (--name),
+    llamaforge.version that of the llamaforge which wrote it."""
+    from .fsutil import GGUF_OWN_KEY
+    from .quantize import gguf_string
+
+    plan = _plan_gguf(gguf, m, "f16", gguf_string(reader, "general.name", path) or m.folder.name)
+    want = plan["writer"].kv_data[0]
+    have = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    for key in sorted(set(want) | set(have)):
+        if key in (GGUF_OWN_KEY, "general.name"):
+            continue
+        if key not in have:
+            raise LlamaforgeError(f"the F16 GGUF has no key {key}, which an F16 export of the model writes", path, again)
+        if key not in want:
+            raise LlamaforgeError(f"the F16 GGUF has the key {key}, which an F16 export of the model does not write",
+                                  path, again)
+        if not _same_kv(gguf, want[key], have[key], ordered=key != gguf.Keys.Tokenizer.CHAT_TEMPLATES):
+            raise LlamaforgeError(f"the F16 GGUF's {key} differs from the model's ({_kv_text(have[key])}): it was "
+                                  "changed after it was written, or is another model's", path, again)
+    types = {info_name: q for info_name, q in
+             [(n, gguf.GGMLQuantizationType.F32) for n, _ in plan["extra"]]
+             + [(j.t.gguf, q) for j, q in zip(plan["jobs"], plan["qtypes"])]}
+    for t in reader.tensors:
+        if t.name in types and int(t.tensor_type) != int(types[t.name]):
+            raise LlamaforgeError(f"the F16 GGUF's {t.name} is of type {t.tensor_type.name}, an F16 export's "
+                                  f"{types[t.name].name}", path, again)
+
+
+def _same_kv(gguf, want, field, ordered: bool = True) -> bool:
+    """Whether a GGUF reader's `field` holds the writer's value `want` (a GGUFValue), byte for byte."""
+    import numpy as np
+
+    T = gguf.GGUFValueType
+
+    def raw(v) -> bytes:
+        return v.encode("utf-8") if isinstance(v, str) else bytes(v)
+
+    if not field.types or field.types[0] != want.type:
+        return False
+    if want.type == T.STRING:
+        return bytes(field.parts[-1]) == raw(want.value)
+    if want.type != T.ARRAY:
+        got = field.parts[-1]
+        return bool(np.array_equal(got, np.asarray([want.value], dtype=got.dtype)))
+    # gguf-py leaves sub_type None where it infers the items' type when writing
+    if (want.sub_type is not None and field.types[-1] != want.sub_type) or len(field.data) != len(want.value):
+        return False
+    if field.types[-1] == T.STRING:
+        if not all(isinstance(v, (str, bytes, bytearray)) for v in want.value):
+            return False
+        got_s, want_s = [bytes(field.parts[i]) for i in field.data], [raw(v) for v in want.value]
+        return got_s == want_s if ordered else sorted(got_s) == sorted(want_s)
+    if not field.data:
+        return True
+    got = np.concatenate([field.parts[i] for i in field.data])
+    return bool(np.array_equal(got, np.asarray(want.value, dtype=got.dtype)))
+
+
+def _kv_text(field) -> str:
+    """A short text of a GGUF field's value for an error line."""
+    try:
+        value = field.contents()
+    except (UnicodeDecodeError, ValueError, IndexError):
+        return "not readable"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def open_gguf(gguf, path: Path, fix: str):
