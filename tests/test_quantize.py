@@ -226,3 +226,32 @@ def test_quality_table_of_the_demo_merge(inputs, tmp_path):
     assert rows["q4_k_m"]["bits_per_weight"] < rows["q8_0"]["bits_per_weight"] < rows["f16"]["bits_per_weight"]
     ref = res["reference"]["perplexity"]
     assert abs(rows["f16"]["perplexity"] - ref) / ref < 0.01
+
+
+def test_from_f16_reads_the_f16_it_just_wrote_once(demo, tmp_path, monkeypatch):
+    """The export remembers the hash of the F16 it wrote (hashed as written), so --from-f16 of it does
+    not read the whole file again before llama.cpp does (a 13 GB F16 per quantized type)."""
+    from llamaforge import fsutil
+    from llamaforge.export import check_f16, export_gguf, open_model
+    from llamaforge.gguf_file import load_gguf
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("LLAMAFORGE_NO_HASH_CACHE", raising=False)
+    monkeypatch.setattr(fsutil, "_CACHE_MIN", 0)
+    f16 = tmp_path / "m-f16.gguf"
+    digest = export_gguf(demo / "base", f16, "f16", echo=lambda *a: None)
+
+    def no_rehash(path):
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(fsutil, "sha256_file", no_rehash)
+    m = open_model(demo / "base")
+    try:
+        info = check_f16(load_gguf(), f16, m)
+    finally:
+        m.src.close()
+    assert info["bytes"] == f16.stat().st_size
+    assert fsutil.sha256_cached(f16) == digest
+    f16.write_bytes(f16.read_bytes())  # rewritten in place: its ctime moves, so it is hashed again
+    with pytest.raises(AssertionError, match="hashed again"):
+        fsutil.sha256_cached(f16)

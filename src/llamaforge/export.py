@@ -418,6 +418,9 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
 
                 template = plan["chat_template"]
                 tmps[2].write_text(modelfile_text(output.name, template, modelfile), encoding="utf-8")
+        from .fsutil import remember_sha256
+
+        remember_sha256(output, digest)  # hashed as written: --from-f16 of it then reads it once, not twice
         echo(f"wrote {output} ({output.stat().st_size / 1e9:.2f} GB), {sums.name}"
              + (f" and {mfile.name}" if mfile is not None else ""))
         return digest

@@ -58,7 +58,7 @@ def sha256_cached(path: str | os.PathLike) -> str:
     """
     p = Path(path)
     st = p.stat()
-    key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    key = _hash_key(p, st)
     use = not os.environ.get("LLAMAFORGE_NO_HASH_CACHE")
     cache_path = _cache_file()
     cache = {}
@@ -70,7 +70,31 @@ def sha256_cached(path: str | os.PathLike) -> str:
         if key in cache:
             return cache[key]
     digest = sha256_file(p)
-    if use and st.st_size >= _CACHE_MIN:
+    if use:
+        _remember(st, key, digest, cache)
+    return digest
+
+
+def _hash_key(p: Path, st: os.stat_result) -> str:
+    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+
+
+def remember_sha256(path: str | os.PathLike, digest: str) -> None:
+    """Put the sha256 of a file llamaforge has just written (hashed as it was written) into
+    sha256_cached's cache, so a later reader (--from-f16 of a 13 GB F16) need not read it all again."""
+    if os.environ.get("LLAMAFORGE_NO_HASH_CACHE"):
+        return
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return
+    _remember(st, _hash_key(p, st), digest, {})
+
+
+def _remember(st: os.stat_result, key: str, digest: str, cache: dict) -> None:
+    cache_path = _cache_file()
+    if st.st_size >= _CACHE_MIN:
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             try:  # merge with what other processes wrote meanwhile
@@ -84,7 +108,6 @@ def sha256_cached(path: str | os.PathLike) -> str:
             os.replace(tmp, cache_path)
         except OSError:
             pass  # a read-only home: no cache, same result
-    return digest
 
 
 def _umask() -> int:
