@@ -464,3 +464,29 @@ def test_lora_arithmetic_on_one_block_of_rows_equals_peft(dora):
     merged = layer.base_layer.weight.detach()
     assert (merged[8:24] - block).abs().max().item() < 1e-6
     assert (block - w0[8:24]).abs().max().item() > 1e-3  # the update is not a no-op
+
+
+def test_an_adapter_already_in_a_merged_base_is_refused(demo, tmp_path):
+    """A merged folder given again as the base with an adapter its llamaforge.json lists (the same
+    folder or a copy of it) is refused, where applying it again would add its update twice; another
+    adapter on that merged base (Chinese-Alpaca-Plus's second step) still merges."""
+    plus, alpaca = demo / "lora_llama_plus", demo / "lora_alpaca_plus"
+    merged = tmp_path / "merged-plus"
+    merge_lora(demo / "base", [plus], merged, **QUIET)
+    copy = tmp_path / "copy-of-plus"
+    shutil.copytree(plus, copy)
+    for again in (plus, copy):
+        msg = _expect_error(tmp_path, "already merged into the base", merged, [again])
+        assert msg.startswith(f"{again}: ") and str(merged) in msg and "twice" in msg
+    msg = _expect_error(tmp_path, "already merged into the base", merged, [alpaca, plus])
+    assert msg.startswith(f"{plus}: ")
+    proc = run_script("merge_lora.py", "--base", merged, "--lora", plus, "--output", tmp_path / "cli")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llamaforge: error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr and "Fix:" in errors[0]
+    assert not (tmp_path / "cli").exists()
+    manifest = merge_lora(merged, [alpaca], tmp_path / "two-steps", **QUIET)
+    assert [a["path"] for a in manifest["adapters"]] == [str(alpaca)]
+    with safe_open(str(tmp_path / "two-steps" / "model.safetensors"), "pt") as f, \
+            safe_open(str(merged / "model.safetensors"), "pt") as g:
+        assert not torch.equal(f.get_tensor("model.layers.0.self_attn.q_proj.weight"),
+                               g.get_tensor("model.layers.0.self_attn.q_proj.weight"))

@@ -301,6 +301,35 @@ def _versions() -> dict:
             "safetensors": safetensors.__version__, "numpy": numpy.__version__}
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _refuse_adapters_already_in(base: Path, loras) -> None:
+    """A folder this merge wrote, given again as a base: an adapter whose weights its llamaforge.json
+    records among the inputs (by sha256, so a copy or a moved folder counts too) is refused, since
+    merging it again would add its update twice. Another tool's folder, or a manifest that is not a
+    merge's, says nothing about what is in the weights and is taken as a plain base."""
+    import json
+
+    try:
+        manifest = json.loads((base / "llamaforge.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(manifest, dict) or manifest.get("llamaforge") != "merge":
+        return
+    hashes = manifest.get("inputs_sha256")
+    merged = {h for k, h in hashes.items() if isinstance(k, str) and Path(k).name in ADAPTER_WEIGHTS} \
+        if isinstance(hashes, dict) else set()
+    for p in loras:
+        for name in ADAPTER_WEIGHTS:
+            f = Path(p) / name
+            if merged and f.is_file() and sha256_cached(f) in merged:
+                raise LlamaforgeError(
+                    f"this adapter is already merged into the base {os.fspath(base)} (its llamaforge.json lists "
+                    "it among the merge's inputs); merging it again would add its update twice", p,
+                    "give the original base model with the whole adapter list, or leave this adapter out")
+
+
 def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "merged", tokenizer=None,
                dtype: str = D.MERGE_DTYPE, max_shard_size: str | int = D.MAX_SHARD_SIZE, device: str = D.MERGE_DEVICE,
                echo=print, progress: bool = True) -> dict:
@@ -318,6 +347,7 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
             raise LlamaforgeError(f"the same adapter is listed twice (also as {seen[key]})", p,
                                   "list each adapter once, in merge order")
         seen[key] = os.fspath(p)
+    _refuse_adapters_already_in(base, loras)
     out_dtype = torch_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     if device == "cuda" and not torch.cuda.is_available():
