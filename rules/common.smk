@@ -187,6 +187,145 @@ def script_lib(script):
     return script_inputs(script)["lib"]
 
 
+def repeated_option(option, key):
+    """A params function: `--OPTION FILE` for each file of the job's input `key` (quoted), joined."""
+
+    def option_per_input(wildcards, input):
+        return " ".join(f"--{option} {shell_quote(f)}" for f in input[key])
+
+    return option_per_input
+
+
+# ---- demo ---------------------------------------------------------------------------------------
+
+
+def demo_outdir(wildcards, output):
+    """The folder the demo is written to (resources/demo), from its first output."""
+    return str(Path(output[0]).parent.parent)
+
+
+# ---- tokenizers ---------------------------------------------------------------------------------
+
+
+def tokenizer_base(wildcards):
+    """A tokenizer's base as configured (a SentencePiece model or a tokenizer folder)."""
+    return tokenizer_cfg(wildcards.name)["base"]
+
+
+def tokenizer_base_files(wildcards):
+    """The files of a tokenizer's base, as rule inputs."""
+    return folder_files(tokenizer_base(wildcards))
+
+
+def tokenizer_extra_file(wildcards):
+    """A tokenizer's extra SentencePiece model, or no input when it has none."""
+    return tokenizer_cfg(wildcards.name)["extra"] or []
+
+
+def tokenizer_extra_flag(wildcards):
+    """`--extra FILE` of merge_tokenizers.py, or nothing without an extra model."""
+    extra = tokenizer_cfg(wildcards.name)["extra"]
+    return f"--extra {shell_quote(extra)}" if extra else ""
+
+
+def tokenizer_add_token_flags(wildcards):
+    """`--add-token TOKEN` for each of a tokenizer's add_tokens."""
+    return " ".join(f"--add-token {shell_quote(t)}" for t in tokenizer_cfg(wildcards.name)["add_tokens"])
+
+
+# ---- merge --------------------------------------------------------------------------------------
+
+
+def model_setting(key):
+    """A params function: the model's `key` in config.yaml (dtype, device, max_shard_size, ...)."""
+
+    def setting(wildcards):
+        return model_cfg(wildcards.model)[key]
+
+    return setting
+
+
+def base_dir(wildcards):
+    """The Hugging Face folder a model merges from (see model_base_dir)."""
+    return model_base_dir(wildcards.model)
+
+
+def base_dir_files(wildcards):
+    """The files of the Hugging Face folder a model merges from, as rule inputs."""
+    return folder_files(model_base_dir(wildcards.model))
+
+
+def lora_files(wildcards):
+    """The files of a model's adapters, in order, as rule inputs."""
+    return [f for lora in model_cfg(wildcards.model)["loras"] for f in folder_files(lora)]
+
+
+def lora_flags(wildcards):
+    """`--lora FOLDER` for each of a model's adapters, in order."""
+    return " ".join(f"--lora {shell_quote(lora)}" for lora in model_cfg(wildcards.model)["loras"])
+
+
+def model_tokenizer_files(wildcards):
+    """The files of a model's tokenizer folder, or no input when it keeps the base's."""
+    tokenizer = model_cfg(wildcards.model)["tokenizer"]
+    return folder_files(tokenizer) if tokenizer else []
+
+
+def model_tokenizer_flag(wildcards):
+    """`--tokenizer FOLDER` of merge_lora.py, or nothing when the model keeps the base's tokenizer."""
+    tokenizer = model_cfg(wildcards.model)["tokenizer"]
+    return f"--tokenizer {shell_quote(tokenizer)}" if tokenizer else ""
+
+
+def merge_runtime(wildcards, input):
+    """Minutes of a merge: 10, plus one per 200 MB of input."""
+    return 10 + input_mb(input) // 200
+
+
+def merge_gpu(wildcards):
+    """GPUs a merge asks for: 1 with `device: cuda`."""
+    return 1 if model_cfg(wildcards.model)["device"] == "cuda" else 0
+
+
+def merged_model_files(wildcards):
+    """The files of merged/{model}, as rule inputs (of the exports and the evaluation)."""
+    return folder_files(f"merged/{wildcards.model}")
+
+
+def configured_base(wildcards):
+    """A model's base as configured (a Meta base is read as such, not as its import)."""
+    return model_cfg(wildcards.model)["base"]
+
+
+def configured_base_files(wildcards):
+    """The files of a model's base folder as configured, as rule inputs."""
+    return folder_files(configured_base(wildcards))
+
+
+# ---- crawl --------------------------------------------------------------------------------------
+
+
+def crawl_setting(key):
+    """A params function: the crawl's `key` in config.yaml (model, num_requests, seed, ...)."""
+
+    def setting(wildcards):
+        return config["crawl"][wildcards.name][key]
+
+    return setting
+
+
+def crawl_base_url_flag(wildcards):
+    """`--base-url URL` of crawl_prompts.py, or nothing for $OPENAI_BASE_URL / OpenAI's."""
+    url = config["crawl"][wildcards.name]["base_url"]
+    return f"--base-url {shell_quote(url)}" if url else ""
+
+
+def crawl_runtime(wildcards):
+    """Minutes of a crawl: a reply of 20 items takes about a minute; two per request and slot, plus 30."""
+    c = config["crawl"][wildcards.name]
+    return 30 + 2 * -(-c["num_requests"] // c["concurrency"])
+
+
 # ---- exports and the Meta import ---------------------------------------------------------------
 
 
@@ -258,6 +397,33 @@ def verify_sums(name):
         for f in export_files(name)
         if f.startswith("exports")
     ]
+
+
+def pth_shards_flag(wildcards):
+    """`--num-shards N` of export_pth.py when the model sets pth_shards, else nothing."""
+    shards = model_cfg(wildcards.model)["pth_shards"]
+    return f"--num-shards {shards}" if shards else ""
+
+
+def verify_inputs(wildcards):
+    """What verify checks: the targets of the files under sha256: and the model's exports."""
+    m = model_cfg(wildcards.model)
+    return sorted({verify_target(wildcards.model, p) for p in m["sha256"]} | set(export_files(wildcards.model)))
+
+
+def verify_expect_flags(wildcards):
+    """`--expect PATH=SHA256` for each entry under the model's sha256:."""
+    return " ".join(f"--expect {shell_quote(f'{p}={h}')}" for p, h in sorted(model_cfg(wildcards.model)["sha256"].items()))
+
+
+def verify_sums_flags(wildcards):
+    """`--sums FILE` for each checksum file the model's exports write."""
+    return " ".join(f"--sums {shell_quote(s)}" for s in verify_sums(wildcards.model))
+
+
+def verify_runtime(wildcards, input):
+    """Minutes of a verification: 1 per GiB hashed, plus 10."""
+    return int(10 + input_mb(input) / 1024)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
@@ -336,6 +502,30 @@ def eval_summary_inputs(wildcards):
     """The inputs of a model's summary: the script, its modules, and its other evaluation outputs."""
     files = {Path(f).stem: f for f in eval_files(wildcards.model) if Path(f).name not in ("summary.json", "gguf.json")}
     return {**script_inputs("scripts/evaluate.py"), **files}
+
+
+def eval_summary_flags(wildcards, input):
+    """summary's `--predictions FILE ...` options: one per evaluation output the model has."""
+    return " ".join(
+        f"--{key.replace('_', '-')} {shell_quote(input[key])}"
+        for key in ("predictions", "perplexity", "equivalence", "tokenizer_stats")
+        if key in input.keys()
+    )
+
+
+def eval_summaries(wildcards):
+    """The summary of every evaluated model (the plots' inputs)."""
+    return [f"eval/{name}/summary.json" for name in eval_models()]
+
+
+def model_gguf_exports(wildcards):
+    """The model's GGUF exports (the GGUF quality table's inputs)."""
+    return gguf_exports(wildcards.model)
+
+
+def gguf_qualities(wildcards):
+    """The GGUF quality table of every evaluated model with GGUF exports (the GGUF plot's inputs)."""
+    return [f"eval/{name}/gguf.json" for name in gguf_quality_models()]
 
 
 # ---- targets ------------------------------------------------------------------------------------

@@ -26,21 +26,17 @@ rule crawl_prompts:
         stats="data/instructions/{name}.stats.json",
     params:
         jsonl="data/instructions/{name}.jsonl",
-        model=lambda wc: config["crawl"][wc.name]["model"],
-        num_requests=lambda wc: config["crawl"][wc.name]["num_requests"],
-        concurrency=lambda wc: config["crawl"][wc.name]["concurrency"],
-        base_url=lambda wc: (
-            f"--base-url {shell_quote(config['crawl'][wc.name]['base_url'])}"
-            if config["crawl"][wc.name]["base_url"]
-            else ""
-        ),
-        items_per_request=lambda wc: config["crawl"][wc.name]["items_per_request"],
-        seed=lambda wc: config["crawl"][wc.name]["seed"],
-        max_retries=lambda wc: config["crawl"][wc.name]["max_retries"],
-        timeout=lambda wc: config["crawl"][wc.name]["timeout"],
-        dedup_threshold=lambda wc: config["crawl"][wc.name]["dedup_threshold"],
-        price_in=lambda wc: config["crawl"][wc.name]["price_in"],
-        price_out=lambda wc: config["crawl"][wc.name]["price_out"],
+        model=crawl_setting("model"),
+        num_requests=crawl_setting("num_requests"),
+        concurrency=crawl_setting("concurrency"),
+        base_url=crawl_base_url_flag,
+        items_per_request=crawl_setting("items_per_request"),
+        seed=crawl_setting("seed"),
+        max_retries=crawl_setting("max_retries"),
+        timeout=crawl_setting("timeout"),
+        dedup_threshold=crawl_setting("dedup_threshold"),
+        price_in=crawl_setting("price_in"),
+        price_out=crawl_setting("price_out"),
     wildcard_constraints:
         # Only configured names ("(?!)" matches nothing), so other data/instructions/ files are
         # never taken for crawls.
@@ -50,9 +46,7 @@ rule crawl_prompts:
     threads: 1
     resources:
         mem_mb=2000,
-        # Minutes: a reply of 20 items takes about a minute; allow two per request and slot.
-        runtime=lambda wc: 30
-        + 2 * -(-config["crawl"][wc.name]["num_requests"] // config["crawl"][wc.name]["concurrency"]),
+        runtime=crawl_runtime,
     conda:
         "../envs/crawl.yaml"
     shell:

@@ -10,7 +10,7 @@ rule make_demo:
     output:
         DEMO_OUTPUTS,
     params:
-        outdir=lambda wildcards, output: str(Path(output[0]).parent.parent),
+        outdir=demo_outdir,
         seed=config["demo"]["seed"],
     log:
         "logs/demo/make_demo.log",

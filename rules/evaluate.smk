@@ -28,7 +28,7 @@ rule eval_predictions:
     input:
         script="scripts/inference.py",
         lib=script_lib("scripts/inference.py"),
-        model=lambda wc: folder_files(f"merged/{wc.model}"),
+        model=merged_model_files,
         prompts=eval_path(config["eval"]["prompts"], "eval_prompts.txt"),
     output:
         predictions=report(
@@ -63,7 +63,7 @@ rule eval_perplexity:
     input:
         script="scripts/evaluate.py",
         lib=script_lib("scripts/evaluate.py"),
-        model=lambda wc: folder_files(f"merged/{wc.model}"),
+        model=merged_model_files,
         text=eval_path(config["eval"]["text"], "eval_text.txt"),
     output:
         report(
@@ -104,9 +104,9 @@ rule eval_equivalence:
     input:
         script="scripts/evaluate.py",
         lib=script_lib("scripts/evaluate.py"),
-        model=lambda wc: folder_files(f"merged/{wc.model}"),
-        base=lambda wc: folder_files(model_base_dir(wc.model)),
-        loras=lambda wc: [f for lora in model_cfg(wc.model)["loras"] for f in folder_files(lora)],
+        model=merged_model_files,
+        base=base_dir_files,
+        loras=lora_files,
         prompts=eval_path(config["eval"]["equivalence"]["prompts"], "eval_prompts.txt"),
     output:
         report(
@@ -118,8 +118,8 @@ rule eval_equivalence:
         ),
     params:
         merged="merged/{model}",
-        base=lambda wc: shell_quote(model_base_dir(wc.model)),
-        loras=lambda wc: " ".join(f"--lora {shell_quote(p)}" for p in model_cfg(wc.model)["loras"]),
+        base=base_dir,
+        loras=lora_flags,
         tolerance=config["eval"]["equivalence"]["tolerance"],
         device=eval_device,
     log:
@@ -135,7 +135,7 @@ rule eval_equivalence:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script:q} equivalence --merged {params.merged:q} --base {params.base} "
+        "OMP_NUM_THREADS={threads} python {input.script:q} equivalence --merged {params.merged:q} --base {params.base:q} "
         "{params.loras} --prompts {input.prompts:q} --tolerance {params.tolerance} --device {params.device} "
         "--output {output:q} > {log:q} 2>&1"
 
@@ -145,8 +145,8 @@ rule eval_tokenizer_stats:
         script="scripts/evaluate.py",
         lib=script_lib("scripts/evaluate.py"),
         # the merged model's tokenizer: exactly the one the merge chose and checked
-        tokenizer=lambda wc: folder_files(f"merged/{wc.model}"),
-        base=lambda wc: folder_files(model_cfg(wc.model)["base"]),
+        tokenizer=merged_model_files,
+        base=configured_base_files,
         text=eval_path(config["eval"]["text"], "eval_text.txt"),
     output:
         report(
@@ -159,7 +159,7 @@ rule eval_tokenizer_stats:
     params:
         tokenizer="merged/{model}",
         # the base folder as configured: a Meta folder's tokenizer.model is read with SentencePiece
-        base=lambda wc: shell_quote(model_cfg(wc.model)["base"]),
+        base=configured_base,
     log:
         "logs/eval/{model}/tokenizer_stats.log",
     threads: 1
@@ -169,7 +169,7 @@ rule eval_tokenizer_stats:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script:q} tokenizer-stats --tokenizer {params.tokenizer:q} --base-tokenizer {params.base} "
+        "OMP_NUM_THREADS={threads} python {input.script:q} tokenizer-stats --tokenizer {params.tokenizer:q} --base-tokenizer {params.base:q} "
         "--text {input.text:q} --output {output:q} > {log:q} 2>&1"
 
 
@@ -185,11 +185,7 @@ rule eval_summary:
             labels={"model": "{model}", "output": "summary"},
         ),
     params:
-        flags=lambda wc, input: " ".join(
-            f"--{key.replace('_', '-')} {shell_quote(input[key])}"
-            for key in ("predictions", "perplexity", "equivalence", "tokenizer_stats")
-            if key in input.keys()
-        ),
+        flags=eval_summary_flags,
     log:
         "logs/eval/{model}/summary.log",
     threads: 1
@@ -206,7 +202,7 @@ rule eval_plots:
     input:
         script="scripts/evaluate.py",
         lib=script_lib("scripts/evaluate.py"),
-        summaries=lambda wc: [f"eval/{name}/summary.json" for name in eval_models()],
+        summaries=eval_summaries,
     output:
         tokens_per_char=report(
             EVAL_PLOTS[0],
@@ -230,7 +226,7 @@ rule eval_plots:
             labels={"plot": "merge equivalence"},
         ),
     params:
-        summaries=lambda wc, input: " ".join(f"--summary {shell_quote(f)}" for f in input.summaries),
+        summaries=repeated_option("summary", "summaries"),
     log:
         "logs/eval/plots.log",
     threads: 1
@@ -249,8 +245,8 @@ rule eval_gguf:
     input:
         script="scripts/evaluate.py",
         lib=script_lib("scripts/evaluate.py"),
-        model=lambda wc: folder_files(f"merged/{wc.model}"),
-        ggufs=lambda wc: gguf_exports(wc.model),
+        model=merged_model_files,
+        ggufs=model_gguf_exports,
         text=eval_path(config["eval"]["text"], "eval_text.txt"),
         prompts=eval_path(config["eval"]["equivalence"]["prompts"], "eval_prompts.txt"),
     output:
@@ -263,7 +259,7 @@ rule eval_gguf:
         ),
     params:
         model="merged/{model}",
-        ggufs=lambda wc, input: " ".join(f"--gguf {shell_quote(f)}" for f in input.ggufs),
+        ggufs=repeated_option("gguf", "ggufs"),
         max_length=(
             ""
             if config["eval"]["perplexity"]["max_length"] is None
@@ -290,7 +286,7 @@ rule eval_gguf_plot:
     input:
         script="scripts/evaluate.py",
         lib=script_lib("scripts/evaluate.py"),
-        qualities=lambda wc: [f"eval/{name}/gguf.json" for name in gguf_quality_models()],
+        qualities=gguf_qualities,
     output:
         report(
             GGUF_PLOT,
@@ -300,7 +296,7 @@ rule eval_gguf_plot:
             labels={"plot": "GGUF quality"},
         ),
     params:
-        qualities=lambda wc, input: " ".join(f"--quality {shell_quote(f)}" for f in input.qualities),
+        qualities=repeated_option("quality", "qualities"),
     log:
         "logs/eval/gguf_plot.log",
     threads: 1

@@ -14,13 +14,13 @@ rule import_pth:
     input:
         script="scripts/import_pth.py",
         lib=script_lib("scripts/import_pth.py"),
-        weights=lambda wc: folder_files(model_cfg(wc.model)["base"]),
+        weights=configured_base_files,
         tokenizer=import_tokenizer,
     output:
         directory("imported/{model}"),
     params:
-        base=lambda wc: model_cfg(wc.model)["base"],
-        max_shard_size=lambda wc: model_cfg(wc.model)["max_shard_size"],
+        base=configured_base,
+        max_shard_size=model_setting("max_shard_size"),
     log:
         "logs/import/{model}.log",
     benchmark:
@@ -41,14 +41,12 @@ rule export_pth:
     input:
         script="scripts/export_pth.py",
         lib=script_lib("scripts/export_pth.py"),
-        model=lambda wc: folder_files(f"merged/{wc.model}"),
+        model=merged_model_files,
     output:
         directory("exports/{model}/pth"),
     params:
         model="merged/{model}",
-        shards=lambda wc: (
-            f"--num-shards {model_cfg(wc.model)['pth_shards']}" if model_cfg(wc.model)["pth_shards"] else ""
-        ),
+        shards=pth_shards_flag,
     log:
         "logs/export/{model}/pth.log",
     benchmark:
@@ -68,7 +66,7 @@ rule export_gguf:
     input:
         script="scripts/export_gguf.py",
         lib=script_lib("scripts/export_gguf.py"),
-        model=lambda wc: folder_files(f"merged/{wc.model}"),
+        model=merged_model_files,
     output:
         gguf="exports/{model}/{model}-{outtype}.gguf",
         sha256="exports/{model}/{model}-{outtype}.gguf.sha256",
@@ -96,7 +94,7 @@ rule export_gguf_scratch:
     input:
         script="scripts/export_gguf.py",
         lib=script_lib("scripts/export_gguf.py"),
-        model=lambda wc: folder_files(f"merged/{wc.model}"),
+        model=merged_model_files,
     output:
         gguf=temp("exports/{model}/.f16/{model}-f16.gguf"),
         sha256=temp("exports/{model}/.f16/{model}-f16.gguf.sha256"),
@@ -122,7 +120,7 @@ rule quantize_gguf:
     input:
         script="scripts/export_gguf.py",
         lib=script_lib("scripts/export_gguf.py"),
-        model=lambda wc: folder_files(f"merged/{wc.model}"),
+        model=merged_model_files,
         f16=quantize_source,
     output:
         gguf="exports/{model}/{model}-{qtype}.gguf",
@@ -176,22 +174,18 @@ rule verify:
     input:
         script="scripts/verify_sha256.py",
         lib=script_lib("scripts/verify_sha256.py"),
-        files=lambda wc: sorted(
-            {verify_target(wc.model, p) for p in model_cfg(wc.model)["sha256"]} | set(export_files(wc.model))
-        ),
+        files=verify_inputs,
     output:
         "verify/{model}",
     params:
-        expect=lambda wc: " ".join(
-            f"--expect {shell_quote(f'{p}={h}')}" for p, h in sorted(model_cfg(wc.model)["sha256"].items())
-        ),
-        sums=lambda wc: " ".join(f"--sums {shell_quote(s)}" for s in verify_sums(wc.model)),
+        expect=verify_expect_flags,
+        sums=verify_sums_flags,
     log:
         "logs/verify/{model}.log",
     threads: 1
     resources:
         mem_mb=1024,
-        runtime=lambda wc, input: int(10 + input_mb(input) / 1024),
+        runtime=verify_runtime,
     conda:
         "../envs/export.yaml"
     shell:

@@ -5,20 +5,18 @@ rule merge_lora:
     input:
         script="scripts/merge_lora.py",
         lib=script_lib("scripts/merge_lora.py"),
-        base=lambda wc: folder_files(model_base_dir(wc.model)),
-        loras=lambda wc: [f for lora in model_cfg(wc.model)["loras"] for f in folder_files(lora)],
-        tokenizer=lambda wc: folder_files(model_cfg(wc.model)["tokenizer"]) if model_cfg(wc.model)["tokenizer"] else [],
+        base=base_dir_files,
+        loras=lora_files,
+        tokenizer=model_tokenizer_files,
     output:
         directory("merged/{model}"),
     params:
-        base=lambda wc: model_base_dir(wc.model),
-        loras=lambda wc: " ".join(f"--lora {shell_quote(lora)}" for lora in model_cfg(wc.model)["loras"]),
-        tokenizer=lambda wc: (
-            f"--tokenizer {shell_quote(model_cfg(wc.model)['tokenizer'])}" if model_cfg(wc.model)["tokenizer"] else ""
-        ),
-        dtype=lambda wc: model_cfg(wc.model)["dtype"],
-        max_shard_size=lambda wc: model_cfg(wc.model)["max_shard_size"],
-        device=lambda wc: model_cfg(wc.model)["device"],
+        base=base_dir,
+        loras=lora_flags,
+        tokenizer=model_tokenizer_flag,
+        dtype=model_setting("dtype"),
+        max_shard_size=model_setting("max_shard_size"),
+        device=model_setting("device"),
     log:
         "logs/merge/{model}.log",
     benchmark:
@@ -26,8 +24,8 @@ rule merge_lora:
     threads: 2
     resources:
         mem_mb=merge_mem_mb,
-        runtime=lambda wc, input: 10 + input_mb(input) // 200,
-        gpu=lambda wc: 1 if model_cfg(wc.model)["device"] == "cuda" else 0,
+        runtime=merge_runtime,
+        gpu=merge_gpu,
     conda:
         "../envs/merge.yaml"
     shell:

@@ -5,16 +5,14 @@ rule merge_tokenizers:
     input:
         script="scripts/merge_tokenizers.py",
         lib=script_lib("scripts/merge_tokenizers.py"),
-        base=lambda wc: folder_files(tokenizer_cfg(wc.name)["base"]),
-        extra=lambda wc: tokenizer_cfg(wc.name)["extra"] or [],
+        base=tokenizer_base_files,
+        extra=tokenizer_extra_file,
     output:
         directory("tokenizers/{name}"),
     params:
-        base=lambda wc: tokenizer_cfg(wc.name)["base"],
-        extra=lambda wc: f"--extra {shell_quote(tokenizer_cfg(wc.name)['extra'])}" if tokenizer_cfg(wc.name)["extra"] else "",
-        add_tokens=lambda wc: " ".join(
-            f"--add-token {shell_quote(t)}" for t in tokenizer_cfg(wc.name)["add_tokens"]
-        ),
+        base=tokenizer_base,
+        extra=tokenizer_extra_flag,
+        add_tokens=tokenizer_add_token_flags,
     log:
         "logs/tokenizers/{name}.log",
     threads: 1
