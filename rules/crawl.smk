@@ -43,6 +43,8 @@ rule crawl_prompts:
         name="|".join(re.escape(name) for name in config["crawl"]) or "(?!)",
     log:
         "logs/crawl/{name}.log",
+    benchmark:
+        "logs/benchmarks/crawl/{name}.tsv"
     threads: 1
     resources:
         mem_mb=2000,

@@ -14,6 +14,8 @@ rule make_demo:
         seed=config["demo"]["seed"],
     log:
         "logs/demo/make_demo.log",
+    benchmark:
+        "logs/benchmarks/demo/make_demo.tsv"
     threads: 1
     resources:
         mem_mb=2000,

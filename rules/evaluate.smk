@@ -162,6 +162,8 @@ rule eval_tokenizer_stats:
         base=configured_base,
     log:
         "logs/eval/{model}/tokenizer_stats.log",
+    benchmark:
+        "logs/benchmarks/eval/{model}/tokenizer_stats.tsv"
     threads: 1
     resources:
         mem_mb=2000,
@@ -188,6 +190,7 @@ rule eval_summary:
         flags=eval_summary_flags,
     log:
         "logs/eval/{model}/summary.log",
+    # no benchmark: it only gathers the model's small evaluation JSON files into one
     threads: 1
     resources:
         mem_mb=1000,
@@ -229,6 +232,8 @@ rule eval_plots:
         summaries=repeated_option("summary", "summaries"),
     log:
         "logs/eval/plots.log",
+    benchmark:
+        "logs/benchmarks/eval/plots.tsv"
     threads: 1
     resources:
         mem_mb=1000,
@@ -299,6 +304,8 @@ rule eval_gguf_plot:
         qualities=repeated_option("quality", "qualities"),
     log:
         "logs/eval/gguf_plot.log",
+    benchmark:
+        "logs/benchmarks/eval/gguf_plot.tsv"
     threads: 1
     resources:
         mem_mb=1000,

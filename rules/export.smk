@@ -160,6 +160,7 @@ rule gguf_modelfile:
         parameters=modelfile_parameters,
     log:
         "logs/export/{model}/modelfile-{gtype}.log",
+    # no benchmark: it only reads the GGUF's header and writes a small text file
     threads: 1
     resources:
         mem_mb=500,
@@ -182,6 +183,8 @@ rule verify:
         sums=verify_sums_flags,
     log:
         "logs/verify/{model}.log",
+    benchmark:
+        "logs/benchmarks/verify/{model}.tsv"
     threads: 1
     resources:
         mem_mb=1024,

@@ -15,6 +15,8 @@ rule merge_tokenizers:
         add_tokens=tokenizer_add_token_flags,
     log:
         "logs/tokenizers/{name}.log",
+    benchmark:
+        "logs/benchmarks/tokenizers/{name}.tsv"
     threads: 1
     resources:
         mem_mb=2000,
