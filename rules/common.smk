@@ -4,7 +4,7 @@
 # declared file by file, not as folders: Snakemake compares a folder by its own timestamp, so a
 # changed adapter_model.safetensors inside an unchanged folder would otherwise go unnoticed.
 
-import importlib.util
+import importlib
 import runpy
 import sys
 from pathlib import Path
@@ -439,26 +439,56 @@ def eval_models():
     return [name for name, m in config["models"].items() if m["evaluate"]]
 
 
-# llama.cpp (llama-cpp-python, the gguf extra) measures the GGUF exports; without it the quality
-# table is left out of the default target (everything else builds; a K-quant export asks for it)
-HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
-
-
 def gguf_exports(name):
     """The GGUF files among a model's exports."""
     return [f for f in export_files(name) if f.endswith(".gguf")]
+
+
+def llama_cpp_importable():
+    """True when llama-cpp-python (the gguf extra) can be imported, not merely found."""
+    try:
+        importlib.import_module("llama_cpp")
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def llama_cpp_needs():
+    """(config key, what) of everything config.yaml asks for that llama.cpp makes: a 4-6 bit GGUF
+    export (its quantizer), then an evaluated model's GGUF quality table (its inference)."""
+    needs = [(f"models.{name}.exports", e) for name, m in config["models"].items()
+             for e in m["exports"] if e.startswith("gguf-") and e[5:] in LLAMA_CPP_TYPES]
+    needs += [(f"models.{name}.evaluate", f"the GGUF quality table eval/{name}/gguf.json")
+              for name in eval_models() if gguf_exports(name)]
+    return needs
+
+
+def check_llama_cpp():
+    """Stop, while the workflow is parsed, when config.yaml asks for something llama.cpp makes and
+    llama-cpp-python cannot be imported: which targets exist depends on the config only, never on
+    what is installed, so this is one line at the start rather than a job failing hours in."""
+    needs = llama_cpp_needs()
+    if not needs or llama_cpp_importable():
+        return
+    key, what = needs[0]
+    undo = "remove the export" if key.endswith(".exports") else "set evaluate: false, or remove its GGUF exports"
+    sys.exit(f"llamaforge: error: config.yaml: {key}: {what} needs llama-cpp-python. "
+             f"Fix: pip install 'llamaforge[gguf]' (or {undo})")
 
 
 def eval_files(name):
     """One model's evaluation outputs; no equivalence check without adapters (nothing was merged);
     the GGUF quality table when the model has GGUF exports."""
     files = [f"eval/{name}/{f}" for f in EVAL_FILES if f != "equivalence.json" or model_cfg(name)["loras"]]
-    return files + ([f"eval/{name}/gguf.json"] if gguf_exports(name) and HAVE_LLAMA_CPP else [])
+    return files + ([f"eval/{name}/gguf.json"] if gguf_exports(name) else [])
 
 
 def gguf_quality_models():
     """Evaluated models with GGUF exports (the GGUF quality plot's points)."""
-    return [name for name in eval_models() if gguf_exports(name)] if HAVE_LLAMA_CPP else []
+    return [name for name in eval_models() if gguf_exports(name)]
+
+
+check_llama_cpp()
 
 
 def eval_targets():

@@ -110,3 +110,45 @@ def test_a_configured_input_inside_a_folder_the_workflow_builds_stops_the_parse(
     after = sorted((p.relative_to(wf).as_posix(), p.is_dir() or p.read_bytes()) for p in wf.rglob("*")
                    if ".snakemake" not in p.parts)
     assert after == before
+
+
+def _without_llama_cpp(tmp_path, monkeypatch):
+    """PYTHONPATH with a llama_cpp package that cannot be imported (as when the gguf extra is missing)."""
+    import os
+
+    blocker = tmp_path / "block" / "llama_cpp"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('llama_cpp is blocked in this test')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(blocker.parent), os.environ.get("PYTHONPATH")])))
+
+
+@pytest.mark.slow  # snakemake -n in a copy of the workflow: seconds each
+@pytest.mark.parametrize("models,line", [
+    (None, "models.demo.exports: gguf-q4_k_m needs llama-cpp-python. "
+           "Fix: pip install 'llamaforge[gguf]' (or remove the export)"),
+    ({"demo": {"exports": ["hf", "gguf-q8_0"]}},
+     "models.demo.evaluate: the GGUF quality table eval/demo/gguf.json needs llama-cpp-python. "
+     "Fix: pip install 'llamaforge[gguf]' (or set evaluate: false, or remove its GGUF exports)"),
+    ({"demo": {"exports": ["hf", "gguf-q8_0"], "evaluate": False}}, None),
+])
+def test_what_needs_llama_cpp_without_it_is_one_line_at_parse_time(tmp_path, monkeypatch, models, line):
+    """Which targets exist depends on config.yaml only: a 4-6 bit GGUF export, or the GGUF quality
+    table of an evaluated model, without llama-cpp-python stops the parse with one line (not a job
+    failing later, nor a target silently left out); a config that needs nothing of it still parses."""
+    from helpers import copy_workflow, snakemake
+
+    wf = copy_workflow(tmp_path / "wf")
+    if models is not None:
+        cfg = yaml.safe_load((wf / "config.yaml").read_text())
+        cfg["models"] = {name: {**cfg["models"]["demo"], **m} for name, m in models.items()}
+        cfg["tokenizers"] = {"demo-alpaca": cfg["tokenizers"]["demo-alpaca"]}
+        (wf / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _without_llama_cpp(tmp_path, monkeypatch)
+    proc = snakemake(wf, "-n", check=False)
+    if line is None:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "eval/demo/gguf.json" not in proc.stdout
+        return
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("llamaforge: error:")]
+    assert proc.returncode != 0 and errors == [f"llamaforge: error: config.yaml: {line}"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
