@@ -417,7 +417,14 @@ def load_causal_lm(folder: str | os.PathLike, dtype, device: str = "cpu"):
 
     from .formats import ModelSource, read_hf_config
 
-    read_hf_config(folder)  # the clear error for a Meta checkpoint or a folder without config.json
+    from .fsutil import read_json_object
+    from .names import dims_from_config
+
+    # the clear error for a Meta checkpoint, a folder without config.json, or one whose counts are
+    # garbled (a string, 0, null): never a traceback from transformers
+    dims_from_config(read_hf_config(folder), Path(folder) / "config.json")
+    if (Path(folder) / "generation_config.json").is_file():
+        read_json_object(Path(folder) / "generation_config.json", "generation_config.json")
     # every weight file checked first, pickles with weights_only=True: a hostile .bin is one clear
     # error here, not a traceback from transformers
     ModelSource(folder).close()
