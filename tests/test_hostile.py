@@ -863,6 +863,40 @@ CASES = [
         c, w / "base", "base", "config.json", architectures='["MistralForCausalLM"]', model_type='"llama"'),
         [w / "lora"], c / "m"),
      ["architecture 'MistralForCausalLM' is that of model_type 'mistral', but config.json says model_type 'llama'"]),
+    # 8: a sweep of every path option: each was a silent success (a garbled file copied on) or a traceback
+    ("merge-config-hidden-size-a-string", lambda w, c: merge_args(json_edit(
+        c, w / "base", "base", "config.json", hidden_size='"64"'), [w / "lora"], c / "m"),
+     ["config.json lacks or garbles 'hidden_size' (a JSON str \"64\", not a number)"]),
+    ("merge-config-zero-heads", lambda w, c: merge_args(json_edit(
+        c, w / "base", "base", "config.json", num_attention_heads="0"), [w / "lora"], c / "m"),
+     ["the attention heads is 0; it must be a positive number"]),
+    ("merge-config-vocab-minus-one", lambda w, c: merge_args(json_edit(
+        c, w / "base", "base", "config.json", vocab_size="-1"), [w / "lora"], c / "m"),
+     ["the vocabulary size is -1"]),
+    ("merge-generation-config-a-list", lambda w, c: merge_args(folder_with(
+        c, w / "base", "base", {"generation_config.json": "[1]"}), [w / "lora"], c / "m"),
+     ["generation_config.json holds a JSON list, not an object"]),
+    ("merge-generation-config-not-utf8", lambda w, c: merge_args(folder_with(
+        c, w / "base", "base", {"generation_config.json": b'{"a": "\xff"}'}), [w / "lora"], c / "m"),
+     ["generation_config.json is not UTF-8 text"]),
+    ("gguf-config-layers-a-string", lambda w, c: ["export_gguf.py", "--output", c / "m.gguf", "--model", json_edit(
+        c, w / "merged", "m", "config.json", num_hidden_layers='"2"')],
+     ["config.json lacks or garbles 'num_hidden_layers' (a JSON str \"2\", not a number)"]),
+    ("pth-config-intermediate-null", lambda w, c: ["export_pth.py", "--output", c / "pth", "--model", json_edit(
+        c, w / "merged", "m", "config.json", intermediate_size="null")],
+     ["config.json lacks or garbles 'intermediate_size'"]),
+    ("inference-config-hidden-size-a-string", lambda w, c: [
+        "inference.py", "--model", json_edit(c, w / "merged", "m", "config.json", hidden_size='"64"'),
+        "--predictions-file", c / "p.json"], ["config.json lacks or garbles 'hidden_size'"]),
+    ("inference-config-zero-heads", lambda w, c: [
+        "inference.py", "--model", json_edit(c, w / "merged", "m", "config.json", num_attention_heads="0"),
+        "--predictions-file", c / "p.json"], ["the attention heads is 0"]),
+    ("inference-generation-config-null", lambda w, c: [
+        "inference.py", "--model", folder_with(c, w / "merged", "m", {"generation_config.json": "null"}),
+        "--predictions-file", c / "p.json"], ["generation_config.json holds a JSON null, not an object"]),
+    ("perplexity-config-vocab-minus-one", lambda w, c: [
+        "evaluate.py", "perplexity", "--model", json_edit(c, w / "merged", "m", "config.json", vocab_size="-1"),
+        "--device", "cpu", "--output", c / "p.json"], ["the vocabulary size is -1"]),
 ]
 
 

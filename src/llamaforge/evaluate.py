@@ -223,7 +223,8 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
     """
     import torch
 
-    from .generate import (apply_adapters, base_vocab_size, inspect_adapters, load_causal_lm, load_tokenizer,
+    from .generate import (apply_adapters, base_vocab_size, check_model_config, inspect_adapters, load_causal_lm,
+                           load_tokenizer,
                            plan_vocab, resolve_device)
 
     _guard(output, EQUIVALENCE, [("merged model folder", merged), ("base model folder", base), ("tokenizer folder", tokenizer),
@@ -236,6 +237,8 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
                               "give the adapters the model was merged from (--lora, in order)")
     if tolerance <= 0:
         raise LlamaforgeError(f"tolerance is {tolerance}", None, "give a positive tolerance, e.g. 1e-3")
+    check_model_config(merged)
+    check_model_config(base)
     dev = resolve_device(device)
     tok_dir = Path(tokenizer) if tokenizer else Path(merged)
     tok = load_tokenizer(tok_dir)
@@ -614,7 +617,7 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .generate import load_tokenizer
+    from .generate import check_model_config, load_tokenizer
     from .quantize import bits_per_weight, fallbacks, tensor_types
 
     inputs = [("model folder", model), ("text", text_file), ("prompts file", prompts_file)]
@@ -624,6 +627,7 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
         raise LlamaforgeError("no GGUF file to measure", None, "give --gguf FILE (repeatable)")
     _check_ggufs(model, ggufs)
     text, text_name = _eval_text(text_file, "text")
+    check_model_config(model)
     tok = load_tokenizer(model)
     ids = tok(text).input_ids
     prompts = [tok(p).input_ids for p in equivalence_prompts(prompts_file)]

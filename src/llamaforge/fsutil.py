@@ -368,6 +368,15 @@ def read_json(path: str | os.PathLike, what: str = "JSON file"):
         raise LlamaforgeError(f"{what} is not valid JSON (nested too deeply)", p, "repair it or build it again") from None
 
 
+def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """read_json of a file that must hold a JSON object: a list, a number, a string or null is one error."""
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        kind = "null" if data is None else type(data).__name__
+        raise LlamaforgeError(f"{what} holds a JSON {kind}, not an object", Path(path), "repair it or build it again")
+    return data
+
+
 def hash_files(folder: Path, known: dict[str, str]) -> dict[str, str]:
     """`known` completed with the sha256 of every other file directly in `folder`, sorted by name."""
     out = dict(known)

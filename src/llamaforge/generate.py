@@ -411,13 +411,26 @@ def base_vocab_size(folder: str | os.PathLike) -> int:
     return n
 
 
+def check_model_config(folder: str | os.PathLike) -> None:
+    """The clear error for a Meta checkpoint, a folder without config.json, one whose counts are
+    garbled (a string, 0, null) or whose generation_config.json is no object: never a traceback
+    from transformers (which reads both when it loads the tokenizer or the model)."""
+    from .formats import read_hf_config
+    from .fsutil import read_json_object
+    from .names import dims_from_config
+
+    dims_from_config(read_hf_config(folder), Path(folder) / "config.json")
+    if (Path(folder) / "generation_config.json").is_file():
+        read_json_object(Path(folder) / "generation_config.json", "generation_config.json")
+
+
 def load_causal_lm(folder: str | os.PathLike, dtype, device: str = "cpu"):
     """AutoModelForCausalLM in `dtype` on `device`, in eval mode, never trusting remote code."""
     from transformers import AutoModelForCausalLM
 
-    from .formats import ModelSource, read_hf_config
+    from .formats import ModelSource
 
-    read_hf_config(folder)  # the clear error for a Meta checkpoint or a folder without config.json
+    check_model_config(folder)
     # every weight file checked first, pickles with weights_only=True: a hostile .bin is one clear
     # error here, not a traceback from transformers
     ModelSource(folder).close()
@@ -506,6 +519,7 @@ def load_model(model: str | os.PathLike, loras: Sequence[str | os.PathLike] = ()
     """Tokenizer + model (+ adapters on the fly), checked before any weight is read."""
     echo = echo or log.info
     require_dir(model, "model folder")
+    check_model_config(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     tok_dir = Path(tokenizer) if tokenizer else default_tokenizer_dir(model, loras)

@@ -37,9 +37,11 @@ from .formats import (
     read_hf_config,
     torch_dtype,
 )
-from .fsutil import atomic_dir, guard_output, hash_files, require_dir, sha256_cached, write_json
+from .fsutil import (
+    atomic_dir, guard_output, hash_files, read_json_object, require_dir, sha256_cached, write_json,
+)
 from .lora import Adapter, Factors, LoraUpdate, apply_factors, load_factors, open_adapter
-from .names import EMBED_HF, LM_HEAD_HF, family_of, hf_tensor_order
+from .names import EMBED_HF, LM_HEAD_HF, dims_from_config, family_of, hf_tensor_order
 from .stream import BLOCK_ELEMS, BlockReader, Read, Stage, block_rows, row_ranges
 from .tokenizer import check_tokenizer, has_tokenizer, ships_padding, tokenizer_files
 
@@ -354,6 +356,10 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
         raise LlamaforgeError("--device cuda but no CUDA device is available", None, "use --device cpu")
     config = read_hf_config(base)
     family = family_of(config, base / "config.json")
+    dims_from_config(config, base / "config.json")  # a garbled count or theta is refused here, not copied on
+    gen_config = base / "generation_config.json"
+    if gen_config.is_file():
+        read_json_object(gen_config, "generation_config.json")
     src = ModelSource(base)
     adapters: list[Adapter] = []
     try:

@@ -270,6 +270,24 @@ def _get(cfg: dict, *keys, default=None):
     return default
 
 
+def _number(v, key: str) -> float:
+    """A JSON number as a float; a string, a boolean, null or anything else is a TypeError naming the key."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{key!r} (a JSON {type(v).__name__} {json.dumps(v)[:40]}, not a number)")
+    return float(v)
+
+
+def _whole(cfg: dict, key: str, default=None) -> int:
+    """A config.json count: a JSON whole number (never a string such as "64", a boolean or a fraction)."""
+    v = cfg.get(key) if default is None else _get(cfg, key, default=default)
+    if v is None and default is None:
+        raise KeyError(key)
+    f = _number(v, key)
+    if not f.is_integer():
+        raise ValueError(f"{key!r} ({v}, not a whole number)")
+    return int(f)
+
+
 def rope_settings(cfg: dict) -> tuple[float, str, dict]:
     """(rope_theta, rope_type, parameters) from a config.json of transformers 4 (rope_theta,
     rope_scaling) or 5 (rope_parameters)."""
@@ -277,7 +295,10 @@ def rope_settings(cfg: dict) -> tuple[float, str, dict]:
     scaling = cfg.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise TypeError("'rope_parameters' / 'rope_scaling' (not an object)")
-    theta = float(_get(params, "rope_theta", default=_get(cfg, "rope_theta", default=10000.0)))
+    for where, key in ((params, "rope_theta"), (cfg, "rope_theta")):
+        if key in where and where[key] is None and _get(params, key) is None:
+            raise TypeError("'rope_theta' (null, not a number)")
+    theta = _number(_get(params, "rope_theta", default=_get(cfg, "rope_theta", default=10000.0)), "rope_theta")
     rtype = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     return theta, rtype, {**scaling, **params}
 
@@ -314,14 +335,14 @@ def dims_from_config(cfg: dict, path: str | Path) -> LlamaDims:
     """LlamaDims from a Hugging Face config.json, with a clear error for what is not LLaMA."""
     fam = family_of(cfg, path)
     try:
-        hidden = int(cfg["hidden_size"])
-        n_heads = int(cfg["num_attention_heads"])
+        hidden = _whole(cfg, "hidden_size")
+        n_heads = _whole(cfg, "num_attention_heads")
         dims = LlamaDims(
-            hidden=hidden, intermediate=int(cfg["intermediate_size"]), n_layers=int(cfg["num_hidden_layers"]),
-            n_heads=n_heads, n_kv_heads=int(_get(cfg, "num_key_value_heads", default=n_heads)),
-            vocab=int(cfg["vocab_size"]), norm_eps=float(_get(cfg, "rms_norm_eps", default=1e-6)),
-            rope_theta=rope_settings(cfg)[0], max_positions=int(_get(cfg, "max_position_embeddings", default=2048)),
-            head_dim=int(_get(cfg, "head_dim", default=0)), tied=bool(cfg.get("tie_word_embeddings", False)),
+            hidden=hidden, intermediate=_whole(cfg, "intermediate_size"), n_layers=_whole(cfg, "num_hidden_layers"),
+            n_heads=n_heads, n_kv_heads=_whole(cfg, "num_key_value_heads", default=n_heads),
+            vocab=_whole(cfg, "vocab_size"), norm_eps=_number(_get(cfg, "rms_norm_eps", default=1e-6), "rms_norm_eps"),
+            rope_theta=rope_settings(cfg)[0], max_positions=_whole(cfg, "max_position_embeddings", default=2048),
+            head_dim=_whole(cfg, "head_dim", default=0), tied=bool(cfg.get("tie_word_embeddings", False)),
             family=fam.name,
         )
     except (KeyError, TypeError, ValueError, OverflowError) as e:
