@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import LlamaforgeError
-from .fsutil import atomic_file, guard_output, owned_by, read_text, sha256_file
+from .fsutil import atomic_file, guard_output, owned_by, read_text, sha256_file, small_text_lines
 
 SUMS = "SHA256SUMS"
 REPORT_HEADER = "# llamaforge verify"
@@ -22,13 +22,8 @@ _REPORT_LINE = re.compile(r"(OK {7}|FAILED {3}|MISSING {2})\S.*")
 def is_own_report(path: Path) -> bool:
     """A report as verify_to_report writes it, whole: the header line, then only OK/FAILED/MISSING
     lines (a text that merely starts with "# llamaforge" is not one)."""
-    try:
-        if path.stat().st_size > 16 << 20:
-            return False
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError):
-        return False
-    return (len(lines) > 2 and lines[0] == REPORT_HEADER and lines[-1] == ""
+    lines = small_text_lines(path, 16 << 20)
+    return (lines is not None and len(lines) > 2 and lines[0] == REPORT_HEADER and lines[-1] == ""
             and all(_REPORT_LINE.fullmatch(line) for line in lines[1:-1]))
 
 

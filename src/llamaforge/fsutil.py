@@ -357,6 +357,18 @@ def read_text(path: str | os.PathLike, what: str = "text file") -> str:
         raise LlamaforgeError(f"{what} is not UTF-8 text (byte {e.start})", p, "save it as UTF-8") from None
 
 
+def small_text_lines(path: Path, limit: int) -> list[str] | None:
+    """The lines of a UTF-8 text file of at most `limit` bytes (split on "\n", so a final newline
+    gives a last empty line), or None for a larger, unreadable or non-UTF-8 file: what an ownership
+    test reads before it judges a file as llamaforge's own."""
+    try:
+        if path.stat().st_size > limit:
+            return None
+        return path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file"):
     p = Path(path)
     try:

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import LlamaforgeError
-from .fsutil import owned_by
+from .fsutil import owned_by, small_text_lines
 
 # --outtype names (llama-quantize's, lower case) made by llama.cpp's quantizer
 LLAMA_CPP_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
@@ -164,12 +164,7 @@ def is_own_modelfile(path: Path) -> bool:
     """A Modelfile as modelfile_text writes it, whole: the header line, then only FROM, TEMPLATE
     \"\"\"...\"\"\" and PARAMETER lines of the names it writes. A file that merely starts like it (notes
     titled "# llamaforge ...", a Modelfile the user added a SYSTEM line to) is not llamaforge's."""
-    try:
-        if path.stat().st_size > 1 << 20:
-            return False
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError):
-        return False
+    lines = small_text_lines(path, 1 << 20)
     if not lines or not _HEADER_RE.fullmatch(lines[0]) or lines[-1] != "":
         return False
     i, froms, templates = 1, 0, 0
