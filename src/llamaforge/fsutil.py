@@ -31,7 +31,50 @@ _CHUNK = 1 << 20
 _CACHE_MIN = 64 << 20  # only files this big are worth remembering
 
 
+# The metadata files of model, adapter and tokenizer folders. Several modules look at each
+# (the family, the tokenizer checks, the GGUF keys, the hashes in a manifest, a copy into the
+# output); each is opened once per process and served from memory after that (`metadata_bytes`).
+METADATA_FILES = frozenset({
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "adapter_config.json", "params.json",
+})
+_METADATA_MAX = 64 << 20  # a larger "metadata" file is read as any other file, never held
+_metadata: dict[tuple, bytes] = {}
+
+
+def is_metadata(path: str | os.PathLike) -> bool:
+    return os.path.basename(os.fspath(path)) in METADATA_FILES
+
+
+def metadata_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a metadata file (METADATA_FILES), read once per process: later calls are served
+    from memory while the file is the same one (device, inode, size, mtime and ctime unchanged), so
+    a file replaced or rewritten between two calls is read again."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    data = _metadata.get(key)
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
+        if len(data) <= _METADATA_MAX and stat.S_ISREG(st.st_mode):
+            if len(_metadata) >= 256:
+                _metadata.clear()
+            _metadata[key] = data
+    return data
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """shutil.copyfile, but a metadata file is written from the bytes already read (metadata_bytes)."""
+    if is_metadata(src):
+        with open(dst, "wb") as f:
+            f.write(metadata_bytes(src))
+    else:
+        shutil.copyfile(src, dst)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
+    if is_metadata(path):
+        return hashlib.sha256(metadata_bytes(path)).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         buf = bytearray(_CHUNK)
@@ -352,6 +395,8 @@ def read_text(path: str | os.PathLike, what: str = "text file") -> str:
     """A UTF-8 text file, with clear errors for a missing or undecodable file."""
     p = require_file(path, what)
     try:
+        if is_metadata(p):
+            return metadata_bytes(p).decode("utf-8")
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise LlamaforgeError(f"{what} is not UTF-8 text (byte {e.start})", p, "save it as UTF-8") from None

@@ -6,7 +6,8 @@ one lets a ByteLevel post-processor say "no BOS/EOS" (Llama-3, Qwen2), lets the 
 over tokenizer_config.json's add_*_token, and takes a template's leading special token as BOS. This
 subclass carries those three methods from llama.cpp's gguf-py/gguf/vocab.py (MIT License,
 Copyright (c) 2023-2024 The ggml authors) unchanged, so llamaforge's GGUF metadata is the
-converter's. Everything else is the installed gguf's.
+converter's. Everything else is the installed gguf's. The files are read through
+`fsutil.metadata_bytes` (once per process) instead of `open`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import logging
 from pathlib import Path
 
 import gguf
+
+from .fsutil import metadata_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +78,7 @@ class SpecialVocab(gguf.SpecialVocab):
         tokenizer = None
         tokenizer_file = path / 'tokenizer.json'
         if tokenizer_file.is_file():
-            with open(tokenizer_file, encoding = 'utf-8') as f:
-                tokenizer = json.load(f)
+            tokenizer = json.loads(metadata_bytes(tokenizer_file))
             if self.load_merges:
                 merges = tokenizer.get('model', {}).get('merges')
                 if isinstance(merges, list) and merges:
@@ -112,8 +114,7 @@ class SpecialVocab(gguf.SpecialVocab):
         tokenizer_config = None
         tokenizer_config_file = path / 'tokenizer_config.json'
         if tokenizer_config_file.is_file():
-            with open(tokenizer_config_file, encoding = 'utf-8') as f:
-                tokenizer_config = json.load(f)
+            tokenizer_config = json.loads(metadata_bytes(tokenizer_config_file))
         if tokenizer:
             special_bos = (tokenizer_config or {}).get('bos_token')
             special_cls = (tokenizer_config or {}).get('cls_token')
@@ -213,16 +214,14 @@ class SpecialVocab(gguf.SpecialVocab):
         chat_template_json = path / 'chat_template.json'
         chat_template_jinja = path / 'chat_template.jinja'
         if chat_template_jinja.is_file():
-            with open(chat_template_jinja, encoding = 'utf-8') as f:
-                chat_template_alt = f.read()
+            chat_template_alt = metadata_bytes(chat_template_jinja).decode('utf-8')
             if additional_templates := list((path / 'additional_chat_templates').glob('*.jinja')):
                 chat_template_alt = [{'name': 'default', 'template': chat_template_alt}]
                 for template_path in additional_templates:
                     with open(template_path, encoding = 'utf-8') as fp:
                         chat_template_alt.append({'name': template_path.stem, 'template': fp.read()})
         elif chat_template_json.is_file():
-            with open(chat_template_json, encoding = 'utf-8') as f:
-                chat_template_alt = json.load(f).get('chat_template')
+            chat_template_alt = json.loads(metadata_bytes(chat_template_json)).get('chat_template')
         chat_template = tokenizer_config.get('chat_template', chat_template_alt)
         if chat_template is None or isinstance(chat_template, (str, list)):
             self.chat_template = chat_template
@@ -257,8 +256,7 @@ class SpecialVocab(gguf.SpecialVocab):
         config_file = path / 'config.json'
         if not config_file.is_file():
             return False
-        with open(config_file, encoding = 'utf-8') as f:
-            config = json.load(f)
+        config = json.loads(metadata_bytes(config_file))
         for typ in self.special_token_types:
             token_id = config.get(f'{typ}_token_id')
             # If not found at root, check in text_config (for multimodal models like Kimi-VL)
