@@ -1215,7 +1215,8 @@ def test_a_reply_with_a_lone_surrogate_or_wrong_types_is_stored(tmp_path):
     the key; a later run resumes from it."""
     import types
 
-    from llamaforge.crawl import _redact, _reply_fields, _Store
+    from llamaforge.crawl.client import _redact, _reply_fields
+    from llamaforge.crawl.store import _Store
 
     key = "sk-adv-SECRET/key-0123"
     escaped = "".join(f"\\u{ord(ch):04x}" if ch in "sS" else ("\\/" if ch == "/" else ch) for ch in key)
@@ -1242,7 +1243,7 @@ def test_a_reply_with_a_lone_surrogate_or_wrong_types_is_stored(tmp_path):
 
 
 def test_a_torn_last_line_that_is_a_whole_record_is_kept(tmp_path):
-    from llamaforge.crawl import _Store
+    from llamaforge.crawl.store import _Store
 
     (tmp_path / "c.raw.jsonl").write_text(RAW_RECORD.rstrip("\n"))  # a record without its line end
     store = _Store(tmp_path / "c.jsonl", tmp_path / "c.raw.jsonl", 0, CRAWL_ITEMS_PER_REQUEST, 0.7)
