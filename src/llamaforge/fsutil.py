@@ -573,14 +573,14 @@ _OWN: dict[str, tuple[str, object]] = {
     "json": ("llamaforge JSON file", lambda p: False),
     "crawl_stats": ("crawl stats file", lambda p: p.is_file() and isinstance(d := _json_of(p), dict) and (
         d.get("llamaforge") == "crawl" or {"requests", "items", "tokens", "cost_usd"} <= d.keys())),
-    # the crawl's Alpaca JSON: judged by crawl.py against its items file (guard_output's `own`)
+    # the crawl's Alpaca JSON: judged by crawl/store.py against its items file (guard_output's `own`)
     "alpaca": ("Alpaca JSON of this crawl's items", lambda p: False),
     "predictions": ("predictions file",
                     lambda p: p.is_file() and _records_are(p, {"instruction", "input", "prompt", "output"})),
     # the crawl's append-only files: judged by their first line (a later one may be torn by a kill)
     "crawl_raw": ("crawl reply file", lambda p: p.is_file() and isinstance(r := _first_record(p), dict)
                   and {"index", "seed", "items_per_request", "content"} <= r.keys()),
-    # "crawl_items": registered by crawl.py (the items file is the crawl's when its reply file is)
+    # "crawl_items": registered by crawl/store.py (the items file is the crawl's when its reply file is)
     "png": ("llamaforge plot", lambda p: p.is_file() and _png_is_own(p)),
 }
 
