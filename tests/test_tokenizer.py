@@ -207,3 +207,25 @@ def test_llama_tokenizer_matches_llama_cpp_test_vectors(fixtures):
     cases = vocab_tests("llama-spm")
     assert len(cases) > 40
     assert [sp.encode(t) for t, _ in cases] == [ids for _, ids in cases]
+
+
+def test_the_package_re_exports_every_name_imported_from_it():
+    """llamaforge.tokenizer is a package of one concern a module; every name the checkout imports from
+    it (deferred imports inside functions included) stays importable from the package itself."""
+    import ast
+    from pathlib import Path
+
+    import llamaforge.tokenizer as package
+
+    root = Path(__file__).resolve().parents[1]
+    names = set()
+    for folder in ("src", "scripts", "tests", "benchmarks"):
+        for path in (root / folder).rglob("*.py"):
+            if "tokenizer" in path.relative_to(root / folder).parts[:-1]:
+                continue  # the package's own modules
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (
+                        node.module == "llamaforge.tokenizer" or (node.level == 1 and node.module == "tokenizer")):
+                    names |= {a.name for a in node.names}
+    assert {"load_proto", "merge_tokenizers", "_pb2", "_tiktoken_ranks"} <= names
+    assert sorted(n for n in names if not hasattr(package, n)) == []

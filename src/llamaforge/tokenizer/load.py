@@ -1,0 +1,81 @@
+"""Loading a tokenizer folder with transformers (`load_hf_tokenizer`, with sentencepiece's own decode)
+and probing it against SentencePiece."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import LlamaforgeError
+from .folder import check_tokenizer
+from .texts import TEST_SENTENCE
+
+
+def load_hf_tokenizer(folder: str | os.PathLike):
+    """AutoTokenizer for a folder, never trusting remote code."""
+    from transformers import AutoTokenizer
+
+    check_tokenizer(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(os.fspath(folder), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LlamaforgeError(f"cannot load the tokenizer: {msg[:200]}", folder,
+                              "restore the tokenizer files, or rebuild them with scripts/merge_tokenizers.py") from None
+    if hasattr(tok, "sp_model"):
+        exact_sentencepiece_decode(tok)
+    return tok
+
+
+def exact_sentencepiece_decode(tok):
+    """Decode as sentencepiece does: transformers 5.24's SentencePieceBackend joins the pieces as
+    text, so byte-fallback pieces come out as "<0x0A>" and edge spaces are stripped; sentencepiece's
+    own decode_pieces turns them back into the bytes and keeps the spaces."""
+    import types
+
+    def convert_tokens_to_string(self, tokens):
+        return self.sp_model.decode_pieces(list(tokens))
+
+    tok.convert_tokens_to_string = types.MethodType(convert_tokens_to_string, tok)
+    return tok
+
+
+def check_hf_tokenizer(folder: str | os.PathLike, samples=(TEST_SENTENCE,)) -> dict:
+    """Load `folder` with AutoTokenizer and compare it with SentencePiece; raise when it is broken.
+
+    Guards against the silent failures of transformers 5 (a 3-token tokenizer, a missing BOS).
+    Returns the share of sample lines segmented identically.
+    """
+    import sentencepiece as spm
+
+    folder = Path(folder)
+    sp = spm.SentencePieceProcessor(model_file=os.fspath(folder / "tokenizer.model"))
+    tok = load_hf_tokenizer(folder)
+    n = sp.get_piece_size()
+    fix = "rebuild it with scripts/merge_tokenizers.py, which writes tokenizer.json beside tokenizer.model"
+    if len(tok) != n:
+        raise LlamaforgeError(f"Hugging Face tokenizer has {len(tok)} tokens but tokenizer.model has {n}", folder, fix)
+    bos = sp.bos_id()
+    same = total = 0
+    for line in samples:
+        for text in (s for s in line.splitlines() if s.strip()):
+            total += 1
+            ids = tok(text).input_ids
+            if bos >= 0:
+                if not ids or ids[0] != bos:
+                    raise LlamaforgeError(f"Hugging Face tokenizer does not put BOS id {bos} first", folder, fix)
+                ids = ids[1:]
+            same += ids == sp.encode(text)
+    if bos >= 0 and tok.bos_token_id != bos:
+        raise LlamaforgeError(f"bos_token_id is {tok.bos_token_id}, SentencePiece says {bos}", folder, fix)
+    if sp.eos_id() >= 0 and tok.eos_token_id != sp.eos_id():
+        raise LlamaforgeError(f"eos_token_id is {tok.eos_token_id}, SentencePiece says {sp.eos_id()}", folder, fix)
+    if sp.unk_id() >= 0 and tok.unk_token_id != sp.unk_id():
+        raise LlamaforgeError(f"unk_token_id is {tok.unk_token_id}, SentencePiece says {sp.unk_id()}", folder, fix)
+    return {"lines": total, "identical": same, "agreement": same / total if total else 1.0}
+
+
+def tokens_per_char(sp, text: str) -> float:
+    chars = sum(len(line) for line in text.splitlines())
+    toks = sum(len(sp.encode(line)) for line in text.splitlines())
+    return toks / chars if chars else 0.0
