@@ -17,7 +17,6 @@ import functools
 import logging
 import os
 import queue
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from .formats import (
     torch_dtype,
 )
 from .fsutil import (
-    atomic_dir, guard_output, hash_files, read_json_object, require_dir, sha256_cached, write_json,
+    atomic_dir, copy_file, guard_output, hash_files, read_json_object, require_dir, sha256_cached, write_json,
 )
 from .lora import Adapter, Factors, LoraUpdate, apply_factors, load_factors, open_adapter
 from .names import EMBED_HF, LM_HEAD_HF, dims_from_config, family_of, hf_tensor_order
@@ -283,7 +282,7 @@ def _copy_tokenizer(folder: Path, out: Path) -> None:
     from .tokenizer import load_proto, special_ids, write_hf_tokenizer
 
     for f in tokenizer_files(folder):
-        shutil.copyfile(f, out / f.name)
+        copy_file(f, out / f.name)
     if (folder / "tokenizer.json").is_file():
         return
     # A transformers-4-era folder (tokenizer.model + LlamaTokenizer config): write the fast files
@@ -445,7 +444,7 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
             cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = dtype
             write_json(tmp / "config.json", cfg)
             if (base / "generation_config.json").is_file():
-                shutil.copyfile(base / "generation_config.json", tmp / "generation_config.json")
+                copy_file(base / "generation_config.json", tmp / "generation_config.json")
             else:
                 write_json(tmp / "generation_config.json", {
                     k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None})

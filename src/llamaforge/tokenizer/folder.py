@@ -190,7 +190,9 @@ def check_tokenizer(folder: str | os.PathLike, rows: int | None = None) -> int:
         try:
             from tokenizers import Tokenizer
 
-            Tokenizer.from_file(os.fspath(tj))
+            from ..fsutil import metadata_bytes
+
+            Tokenizer.from_str(metadata_bytes(tj).decode("utf-8"))
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
             msg = (str(e).splitlines() or [type(e).__name__])[0]
             raise LlamaforgeError(f"tokenizer.json cannot be loaded by the tokenizers library ({msg[:160]})", tj,
