@@ -14,14 +14,14 @@ import click
 from llamaforge import defaults as D
 from llamaforge.cli import Command, setup_logging, user_errors
 from llamaforge.generate import ORIGINAL_GENERATION as ORIG
-from llamaforge.generate import TEMPLATES
+from llamaforge.prompts import TEMPLATES
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", required=True, type=click.Path(file_okay=False), help="Hugging Face model folder (merged, or the base of --lora).")
 @click.option("--lora", "loras", multiple=True, type=click.Path(file_okay=False),
               help="PEFT adapter folder applied on the fly, in order (repeat: LLaMA-Plus, then Alpaca-Plus).")
-@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer folder. Default: the last --lora holding tokenizer.model, else --model.")
+@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer folder. Default: the last --lora holding tokenizer.model or tokenizer.json, else --model.")
 @click.option("--data-file", type=click.Path(dir_okay=False),
               help="Instructions: text (one a line), or .json/.jsonl Alpaca records (instruction + input).")
 @click.option("--predictions-file", default="predictions.json", show_default=True, type=click.Path(dir_okay=False),

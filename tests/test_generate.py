@@ -4,6 +4,7 @@ checks of the adapter chain, on the demo models."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -63,6 +64,75 @@ def test_templates_are_the_originals():
     assert chat == header + "### Instruction:\n\na\n\n### Response:\n\nb\n\n### Instruction:\n\nc\n\n### Response:\n\n"
     assert ORIGINAL_GENERATION == dict(temperature=0.2, top_k=40, top_p=0.9, do_sample=True, num_beams=1,
                                        repetition_penalty=1.1, max_new_tokens=400)
+
+
+#: the strings every prompt format rendered to before llamaforge.prompts defined them once (byte for byte)
+ALPACA_JINJA = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}"
+    "{%- else -%}{{ 'Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\\n\\n' }}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '### Instruction:\\n\\n' + message['content'] + '\\n\\n### Response:\\n\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + '\\n\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+)
+MODELFILE_TEMPLATES = {
+    "alpaca": ("{{ if .System }}{{ .System }}\n\n{{ end }}Below is an instruction that describes a task. Write a "
+               "response that appropriately completes the request.\n\n### Instruction:\n\n{{ .Prompt }}\n\n"
+               "### Response:\n\n{{ .Response }}", ["### Instruction:"]),
+    "chatml": ('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+               '{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n'
+               '{{ .Response }}<|im_end|>\n', ["<|im_start|>", "<|im_end|>"]),
+    "llama3": ('{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
+               '{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}'
+               '<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>',
+               ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    "inst": ("[INST] {{ if .System }}{{ .System }} {{ end }}{{ .Prompt }} [/INST]{{ .Response }}",
+             ["[INST]", "[/INST]"]),
+}
+
+
+def test_one_prompt_definition_renders_todays_strings():
+    """llamaforge.prompts is the one definition of each format: the GGUF chat template and every
+    Modelfile TEMPLATE + stop list it renders are exactly the strings written out before."""
+    import jinja2
+
+    from llamaforge import gguf_file, quantize
+    from llamaforge.prompts import (ALPACA_CHAT_TEMPLATE, FORMATS, MODELFILE_FORMATS, Template, jinja_chat_template,
+                                    modelfile_template, prompt_format)
+
+    assert ALPACA_CHAT_TEMPLATE == ALPACA_JINJA == jinja_chat_template(FORMATS["alpaca"])
+    assert gguf_file.ALPACA_CHAT_TEMPLATE == ALPACA_JINJA
+    assert set(MODELFILE_FORMATS) == set(MODELFILE_TEMPLATES)
+    for name, want in MODELFILE_TEMPLATES.items():
+        assert modelfile_template(name) == want, name
+    # the Modelfile's text around them
+    text = quantize.modelfile_text("m.gguf", "{{ '<|im_start|>' }}", {"temperature": 0.2})
+    assert f'TEMPLATE """{MODELFILE_TEMPLATES["chatml"][0]}"""' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text.splitlines()
+    assert [prompt_format(t) for t in (None, "", "<|im_start|>", "<|start_header_id|>", "[INST]", "x")] == [
+        "alpaca", "alpaca", "chatml", "llama3", "inst", "alpaca"]
+    assert quantize.prompt_format is prompt_format
+    # the Jinja and the Python renderings of a format agree (single turn, history, a system message)
+    for name in ("alpaca", "alpaca-train", "none", "chatml", "llama3"):
+        t, tpl = jinja2.Template(jinja_chat_template(FORMATS[name])), TEMPLATES.get(name) or Template.of(FORMATS[name])
+        assert t.render(messages=[{"role": "user", "content": "为什么？"}]) == tpl.prompt("为什么？"), name
+        history = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                   {"role": "user", "content": "Q2"}]
+        assert t.render(messages=history) == tpl.chat([("Q1", "A1")], "Q2"), name
+    assert jinja2.Template(ALPACA_JINJA).render(messages=[{"role": "system", "content": "S"},
+                                                          {"role": "user", "content": "Q"}]) == (
+        "S\n\n### Instruction:\n\nQ\n\n### Response:\n\n")
+    with pytest.raises(ValueError, match="inst"):
+        jinja_chat_template(FORMATS["inst"])
+
+
+def test_the_prompt_module_imports_no_torch():
+    code = ("import sys, llamaforge.prompts, llamaforge.generate; "
+            "assert not {'torch', 'transformers', 'peft'} & set(sys.modules), sorted(sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_read_examples_text_json_jsonl(tmp_path):
@@ -293,3 +363,31 @@ def test_bad_settings():
     with pytest.raises(LlamaforgeError, match="top_p"):
         GenerationSettings(top_p=1.5).check()
     GenerationSettings(temperature=0, do_sample=False).check()  # unused under greedy
+
+
+def test_adapter_with_only_tokenizer_json_has_a_tokenizer(demo, tmp_path):
+    """The tokenizer package's rule (has_tokenizer), as the merge's: tokenizer.json alone (+
+    tokenizer_config.json) beside an adapter is its tokenizer, with the pad id tokenizer_config.json names."""
+    from llamaforge.generate import default_tokenizer_dir, inspect_adapters, plan_vocab
+    from llamaforge.tokenizer import has_tokenizer
+
+    ad = tmp_path / "lora_alpaca_plus"
+    shutil.copytree(demo / "lora_alpaca_plus", ad)
+    (ad / "tokenizer.model").unlink()
+    (ad / "special_tokens_map.json").unlink()
+    assert sorted(p.name for p in ad.glob("tokenizer*")) == ["tokenizer.json", "tokenizer_config.json"]
+    assert has_tokenizer(ad)
+    assert default_tokenizer_dir(demo / "base", [demo / "lora_llama_plus", ad]) == ad
+    assert default_tokenizer_dir(demo / "base", [ad, tmp_path]) == ad  # a folder without one is passed over
+    [info] = inspect_adapters(demo / "base", [ad])
+    [sp] = inspect_adapters(demo / "base", [demo / "lora_alpaca_plus"])
+    assert (info.rows, info.tokenizer_len, info.pad_id) == (sp.rows, sp.tokenizer_len, sp.pad_id) == (1190, 1190, 1189)
+    # so the chain check knows the Alpaca-Plus adapter by it
+    with pytest.raises(LlamaforgeError, match="LLaMA-Plus"):
+        plan_vocab(512, [info], 1190)
+    # no pad_token named: no pad id (and no error)
+    cfg = json.loads((ad / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del cfg["pad_token"]
+    (ad / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    [info] = inspect_adapters(demo / "base", [ad])
+    assert info.tokenizer_len == 1190 and info.pad_id is None

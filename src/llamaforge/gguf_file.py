@@ -298,15 +298,8 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
 # The Alpaca prompt of inference_hf.py (generate.TEMPLATES["alpaca"]) as a chat template, for the
 # GGUF of a model whose tokenizer has none (the Chinese-Alpaca recipe): llama.cpp's chat mode then
 # formats prompts as llamaforge's inference does (BOS comes from add_bos_token, not the template).
-ALPACA_CHAT_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}"
-    "{%- else -%}{{ 'Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\\n\\n' }}{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ '### Instruction:\\n\\n' + message['content'] + '\\n\\n### Response:\\n\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + '\\n\\n' }}{%- endif -%}"
-    "{%- endfor -%}"
-)
+# Rendered from the one definition of the prompt formats (llamaforge.prompts).
+from .prompts import ALPACA_CHAT_TEMPLATE  # noqa: E402
 
 
 def _sentencepiece_metadata(gguf, writer, model, arch: str) -> None:

@@ -86,42 +86,8 @@ def type_summary(path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------------
 # Ollama Modelfile
 
-_TEMPLATES = {
-    # ChatML (Qwen2, SmolLM2, ...)
-    "chatml": ('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-               '{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n'
-               '{{ .Response }}<|im_end|>\n', ["<|im_start|>", "<|im_end|>"]),
-    # Llama-3.x Instruct
-    "llama3": ('{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
-               '{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}'
-               '<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>',
-               ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
-    # Mistral / Llama-2 chat
-    "inst": ("[INST] {{ if .System }}{{ .System }} {{ end }}{{ .Prompt }} [/INST]{{ .Response }}",
-             ["[INST]", "[/INST]"]),
-}
-
-
-def _alpaca_template() -> tuple[str, list[str]]:
-    from .generate import TEMPLATES
-
-    tpl = TEMPLATES["alpaca"]
-    turn = tpl.turn.replace("{instruction}", "{{ .Prompt }}")
-    return "{{ if .System }}{{ .System }}\n\n{{ end }}" + tpl.header + turn + "{{ .Response }}", [tpl.stop]
-
-
-def prompt_format(chat_template: str | None) -> str:
-    """The prompt format of a model by its tokenizer's chat template: chatml, llama3, inst, or alpaca
-    (no chat template: the Chinese-Alpaca recipe's)."""
-    if not chat_template:
-        return "alpaca"
-    if "<|im_start|>" in chat_template:
-        return "chatml"
-    if "<|start_header_id|>" in chat_template:
-        return "llama3"
-    if "[INST]" in chat_template:
-        return "inst"
-    return "alpaca"
+# the TEMPLATE and stop strings of each prompt format, and prompt_format, are llamaforge.prompts'
+from .prompts import modelfile_template, prompt_format  # noqa: E402
 
 
 MODELFILE_HEADER = "# llamaforge Modelfile: {name} for Ollama (ollama create NAME -f this file)"
@@ -147,7 +113,7 @@ def modelfile_text(gguf_name: str, chat_template: str | None, settings: dict) ->
     check_gguf_name(gguf_name)
     settings = check_parameters(settings)
     fmt = prompt_format(chat_template)
-    template, stops = _alpaca_template() if fmt == "alpaca" else _TEMPLATES[fmt]
+    template, stops = modelfile_template(fmt)
     lines = [MODELFILE_HEADER.format(name=gguf_name), f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     for key in MODELFILE_PARAMETERS:  # Ollama's names
