@@ -157,11 +157,11 @@ def _bpe_vocab(model) -> dict:
     """tokens and types of a byte-level BPE tokenizer, as convert_hf_to_gguf.py's get_vocab_base:
     the vocabulary by id padded to the embedding rows with [PAD{id}] (UNUSED), added special tokens
     (and those that look special, <|...|>) CONTROL, other added tokens USER_DEFINED."""
-    from .tokenizer import load_hf_tokenizer
+    from .tokenizer import FastTokenizer
 
     gguf = load_gguf()
     T = gguf.TokenType
-    tok = load_hf_tokenizer(model.folder)
+    tok = FastTokenizer(model.folder)
     vocab = tok.get_vocab()
     rows = model.dims.vocab
     if vocab and max(vocab.values()) >= rows:

@@ -49,7 +49,7 @@ from .folder import (
     tokenizer_length,
 )
 from .hf_json import build_tokenizer_json, pad_token_of, write_hf_tokenizer
-from .load import check_hf_tokenizer, exact_sentencepiece_decode, load_hf_tokenizer, tokens_per_char
+from .load import FastTokenizer, check_hf_tokenizer, exact_sentencepiece_decode, load_hf_tokenizer, tokens_per_char
 from .merge import MergeResult, _added_token, add_tokens_json, merge_protos, merge_tokenizers
 from .proto import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, _pb2, _special_ids, load_proto, special_ids
 from .texts import TEST_SENTENCE, bundled_text
@@ -66,6 +66,7 @@ from .tiktoken import (
 )
 
 __all__ = [
+    "FastTokenizer",
     # proto
     "NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE", "_pb2", "load_proto", "_special_ids",
     "special_ids",

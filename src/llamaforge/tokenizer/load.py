@@ -79,3 +79,45 @@ def tokens_per_char(sp, text: str) -> float:
     chars = sum(len(line) for line in text.splitlines())
     toks = sum(len(sp.encode(line)) for line in text.splitlines())
     return toks / chars if chars else 0.0
+
+
+class FastTokenizer:
+    """A tokenizer.json tokenizer as transformers' fast tokenizer presents it (get_vocab,
+    get_added_vocab, added_tokens_decoder, encode, decode), from the tokenizers library alone and
+    from the bytes already read (fsutil.metadata_bytes): what the GGUF export needs of a byte-level
+    BPE tokenizer, without importing transformers or opening the files again. Tokens that
+    tokenizer_config.json's added_tokens_decoder declares and tokenizer.json lacks are added, as
+    transformers adds them."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from tokenizers import AddedToken, Tokenizer
+
+        from ..fsutil import metadata_bytes, read_json
+
+        folder = Path(folder)
+        check_tokenizer(folder)
+        self._tk = Tokenizer.from_str(metadata_bytes(folder / "tokenizer.json").decode("utf-8"))
+        tc = folder / "tokenizer_config.json"
+        declared = (read_json(tc, "tokenizer_config.json").get("added_tokens_decoder") or {}) if tc.is_file() else {}
+        have = self._tk.get_added_tokens_decoder()
+        for tid, data in sorted(declared.items(), key=lambda kv: int(kv[0])):
+            if int(tid) in have:
+                continue
+            tok = AddedToken(data["content"], single_word=bool(data.get("single_word", False)),
+                             lstrip=bool(data.get("lstrip", False)), rstrip=bool(data.get("rstrip", False)),
+                             normalized=bool(data.get("normalized", not data.get("special", False))),
+                             special=bool(data.get("special", False)))
+            (self._tk.add_special_tokens if tok.special else self._tk.add_tokens)([tok])
+        self.added_tokens_decoder = self._tk.get_added_tokens_decoder()
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tk.get_vocab(with_added_tokens=True)
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.added_tokens_decoder.items()}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids) -> str:
+        return self._tk.decode(list(ids), skip_special_tokens=False)
