@@ -4,7 +4,7 @@ Every input is made here, in temporary folders: the embedded demo merged with it
 (vocabulary 1190, and 1189 for the odd N=2 split), a small random grouped-query-attention model,
 and the same with tied embeddings (no lm_head.weight stored).
 The Meta files are read back by an independent reader written below from Meta's rules (concatenate
-the shards, permute q/k back to Hugging Face order), not with llamaforge.names.
+the shards, permute q/k back to Hugging Face order), not with llamaforge.model.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def sha256sum_check(folder: Path, sums: str) -> str:
 
 
 def test_permutations_are_inverses():
-    from llamaforge.names import permute_into
+    from llamaforge.model import permute_into
 
     w = torch.randn(4 * 16, 24)
     # llama.cpp's LlamaModel.permute (convert_hf_to_gguf.py), written out: HF -> Meta/GGUF
@@ -103,7 +103,7 @@ def test_permutations_are_inverses():
 def test_table_matches_gguf_name_map():
     import gguf
 
-    from llamaforge.names import hf_order
+    from llamaforge.model import hf_order
 
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3)
     for t in hf_order(3):
@@ -111,7 +111,7 @@ def test_table_matches_gguf_name_map():
 
 
 def test_shard_rules():
-    from llamaforge.names import EMBED, LAYER, OUTPUT, default_num_shards, shard_ranges, split_sizes
+    from llamaforge.model import EMBED, LAYER, OUTPUT, default_num_shards, shard_ranges, split_sizes
 
     assert [default_num_shards(h) for h in (4096, 5120, 6656, 8192, 2048)] == [1, 2, 4, 8, 1]
     assert split_sizes(49953, 2, uneven=True) == [24976, 24977]
@@ -129,7 +129,7 @@ def test_shard_rules():
     (64, 176, (16, None)), (64, 200, (8, 1.176)), (2048, 5504, (128, None)), (64, 100, (4, 0.588)),
 ])
 def test_ffn_params_reproduce_the_width(dim, ffn, expected):
-    from llamaforge.names import ffn_params
+    from llamaforge.model import ffn_params
 
     multiple_of, mult = ffn_params(dim, ffn)
     assert (multiple_of, mult) == expected

@@ -274,7 +274,7 @@ LLAMA3_TOKENIZER_MODEL_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f8
 def test_llama3_meta_export_has_params_and_metas_own_tokenizer_model(family, name, tmp_path):
     import hashlib
 
-    from llamaforge.names import permute_into
+    from llamaforge.model import permute_into
 
     f = family(name)
     out = tmp_path / "meta"

@@ -24,23 +24,24 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .checksums import SUMS, sums_text
 from .errors import LlamaforgeError
-from .formats import ModelSource, TensorInfo, read_hf_config
-from .fsutil import atomic_dir, atomic_files, guard_output, require_dir, sha256_file, sums_header
+from .fsutil import atomic_dir, atomic_files, guard_output, sha256_file, sums_header
 from .gguf_file import (
-    GGUF_TYPES, Converter, begin_gguf_file, extra_tensors, gguf_metadata, gguf_nbytes, gguf_qtype, load_gguf,
+    GGUF_TYPES, Converter, begin_gguf_file, extra_tensor_shapes, extra_tensors, gguf_metadata, gguf_nbytes, gguf_qtype,
+    load_gguf,
 )
-from .names import (
-    DERIVED_HF, EMBED, FAMILIES, OUTPUT, Family, LlamaDims, TensorName, by_hf, check_shardable, default_num_shards,
-    dims_from_config, hf_order, meta_order, params_from_dims, permute_into, shard_ranges,
+from .model import (
+    DERIVED_HF, EMBED, OUTPUT, ModelFolder, TensorName, TokenizerKind, check_shardable, default_num_shards,
+    meta_order, params_from_dims, permute_into, shard_ranges,
 )
-from .pth import TorchZipWriter
-from .stream import COPY_BLOCK_ELEMS, BlockReader, HashingWriter, Read, block_rows
+
+if TYPE_CHECKING:  # torch, the weight files and the stream only where tensors are read or written
+    import torch
+
+    from .formats import TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -53,95 +54,70 @@ MAX_VOCAB_PADDING = 128
 # the source: a merged (or any) Hugging Face LLaMA folder
 
 
-@dataclass
-class ExportSource:
-    """A Hugging Face LLaMA folder opened for export: its config, dimensions, tensors and tokenizer."""
+def describe_model(folder: str | os.PathLike) -> ModelFolder:
+    """The model folder an export reads, its metadata checked (no tensor read, no torch): a tokenizer
+    whose vocabulary Meta and GGUF files can carry, consistent with the embedding rows."""
+    m = ModelFolder(folder)
+    kind, tok = m.tokenizer.kind, m.tokenizer
+    if kind is TokenizerKind.NONE:
+        raise LlamaforgeError(
+            "no tokenizer in the model folder (tokenizer.model or tokenizer.json: Meta and GGUF exports carry the "
+            "vocabulary)", m.path, "merge with a tokenizer folder (tokenizer: in config.yaml), or copy the "
+            "model's tokenizer files into the folder")
+    if kind is TokenizerKind.JSON:
+        raise LlamaforgeError(
+            "no tokenizer.model in the model folder, and its tokenizer.json is a SentencePiece-style one (Meta and "
+            "GGUF exports carry the SentencePiece vocabulary itself)", m.path,
+            "merge with a tokenizer folder that holds tokenizer.model (tokenizer: in config.yaml), or copy the "
+            "model's tokenizer.model into the folder")
+    if kind is TokenizerKind.SENTENCEPIECE:
+        check_vocab_padding(tok.model, m.dims.vocab)
+        if m.vocab_length > m.dims.vocab:
+            raise LlamaforgeError(f"the tokenizer has {m.vocab_length} tokens (ids up to {m.vocab_length - 1}) but the "
+                                  f"model has {m.dims.vocab} embedding rows", m.path,
+                                  "use the tokenizer the model was trained or merged with")
+    elif m.vocab_length > m.dims.vocab:  # byte-level BPE: releases pad the embeddings freely (Qwen2: 151936 rows, 151665 tokens)
+        raise LlamaforgeError(f"the tokenizer has {m.vocab_length} tokens but the model has only {m.dims.vocab} "
+                              "embedding rows", tok.json, "use the tokenizer the model was merged with")
+    return m
 
-    folder: Path
-    config: dict
-    dims: LlamaDims
-    src: ModelSource
-    tokenizer: Path | None  # tokenizer.model (SentencePiece), or None for a tokenizer.json tokenizer
-    has_output: bool  # lm_head.weight is stored; without it (tied embeddings) the head is the embedding
-    tokenizer_json: Path | None = None  # tokenizer.json when there is no tokenizer.model (Llama-3, Qwen2)
-    permute: bool = True  # q/k rows go interleaved (Meta; GGUF of the llama architecture); Qwen2's stay
 
-    @property
-    def family(self) -> Family:
-        return FAMILIES[self.dims.family]
-
-    def heads_of(self, t: TensorName) -> int | None:
-        """Heads of a q/k tensor that is permuted on the way out, else None."""
-        return self.dims.heads_of(t) if self.permute else None
-
-    def hf_name(self, t: TensorName) -> str:
-        """The stored tensor behind t (lm_head of a tied model is the embedding)."""
-        return EMBED.hf if t == OUTPUT and not self.has_output else t.hf
-
-    def dtype(self) -> torch.dtype:
-        return self.src.info(EMBED.hf).dtype
+def has_output(m: ModelFolder) -> bool:
+    """lm_head.weight is stored; without it (tied embeddings) the head is the embedding."""
+    return OUTPUT.hf in m.tensors()
 
 
-def open_model(folder: str | os.PathLike) -> ExportSource:
-    """Open a Hugging Face LLaMA folder and check every tensor against config.json before any export."""
-    folder = require_dir(folder, "model folder")
-    cfg = read_hf_config(folder)
-    dims = dims_from_config(cfg, folder / "config.json")
-    fam = FAMILIES[dims.family]
-    tok = folder / "tokenizer.model"
-    tok_json = folder / "tokenizer.json"
-    if not tok.is_file():
-        tok = None
-        if not tok_json.is_file():
-            raise LlamaforgeError(
-                "no tokenizer in the model folder (tokenizer.model or tokenizer.json: Meta and GGUF exports carry the "
-                "vocabulary)", folder, "merge with a tokenizer folder (tokenizer: in config.yaml), or copy the "
-                "model's tokenizer files into the folder")
-        from .tokenizer import is_byte_level_bpe
-
-        if not is_byte_level_bpe(tok_json):
-            raise LlamaforgeError(
-                "no tokenizer.model in the model folder, and its tokenizer.json is a SentencePiece-style one (Meta and "
-                "GGUF exports carry the SentencePiece vocabulary itself)", folder,
-                "merge with a tokenizer folder that holds tokenizer.model (tokenizer: in config.yaml), or copy the "
-                "model's tokenizer.model into the folder")
-    src = ModelSource(folder)
+def open_model(folder: str | os.PathLike) -> ModelFolder:
+    """describe_model, and every tensor checked against config.json before any export (its tensor
+    index open: close the ModelFolder when done)."""
+    m = describe_model(folder)
+    dims, fam = m.dims, m.family
     try:
-        table = by_hf(dims.n_layers, biases=fam.qkv_bias)
+        src = m.tensors()
+        table = fam.by_hf(dims.n_layers)
         unknown = [k for k in src.keys() if k not in table and not DERIVED_HF.search(k)]
         if unknown:
             raise LlamaforgeError(
-                f"tensor {unknown[0]} has no Meta or GGUF name ({len(unknown)} unknown tensors)", folder,
+                f"tensor {unknown[0]} has no Meta or GGUF name ({len(unknown)} unknown tensors)", m.path,
                 f"export plain {fam.architecture} models (without extra modules)",
             )
         # Only a model with tie_word_embeddings may lack lm_head.weight.
-        has_output = OUTPUT.hf in src
-        for t in hf_order(dims.n_layers, with_output=has_output or not dims.tied, biases=fam.qkv_bias):
+        for t in fam.hf_order(dims.n_layers, with_output=has_output(m) or not dims.tied):
             if t.hf not in src:
-                raise LlamaforgeError(f"the model has no {t.hf}", folder,
+                raise LlamaforgeError(f"the model has no {t.hf}", m.path,
                                       "the folder is incomplete or its config.json belongs to another model")
             info = src.info(t.hf)
             if tuple(info.shape) != dims.shape_of(t):
                 raise LlamaforgeError(
-                    f"{t.hf} has shape {list(info.shape)} but config.json implies {list(dims.shape_of(t))}", folder,
+                    f"{t.hf} has shape {list(info.shape)} but config.json implies {list(dims.shape_of(t))}", m.path,
                     "use the config.json written with these weights (vocab_size must equal the embedding rows)",
                 )
             if not info.dtype.is_floating_point:
-                raise LlamaforgeError(f"{t.hf} is {info.dtype}, not a float tensor", folder, "export float weights")
-        from .tokenizer import check_tokenizer
-
-        if tok is not None:
-            check_vocab_padding(tok, dims.vocab)
-            check_tokenizer(folder, dims.vocab)
-        else:  # byte-level BPE: the releases pad the embeddings freely (Qwen2: 151936 rows, 151665 tokens)
-            n = check_tokenizer(folder)
-            if n > dims.vocab:
-                raise LlamaforgeError(f"the tokenizer has {n} tokens but the model has only {dims.vocab} embedding rows",
-                                      tok_json, "use the tokenizer the model was merged with")
+                raise LlamaforgeError(f"{t.hf} is {info.dtype}, not a float tensor", m.path, "export float weights")
     except BaseException:
-        src.close()
+        m.close()
         raise
-    return ExportSource(folder, cfg, dims, src, tok, has_output, None if tok else tok_json)
+    return m
 
 
 def check_vocab_padding(tokenizer: Path, rows: int) -> int:
@@ -182,44 +158,52 @@ class TensorRead:
     info: TensorInfo
     shards: tuple[tuple[int, int] | None, ...] | None = None
     source: tuple[int, int] | None = None
+    heads: int | None = None  # q/k rows permuted to Meta/GGUF order, per head: the head count
+
+    @property
+    def transformed(self) -> bool:
+        """The tensor is rearranged on the way (q/k permuted, or gathered as column slices)."""
+        return self.column_split or self.heads is not None
 
     @property
     def column_split(self) -> bool:
         return self.shards is not None and self.t.split_dim == 1
 
 
-def plan_reads(model: ExportSource, names: Iterable[TensorName], n_shards: int = 1) -> list[TensorRead]:
+def plan_reads(model: ModelFolder, names: Iterable[TensorName], n_shards: int = 1,
+               permute: bool = True) -> list[TensorRead]:
+    """The reads of `names` from the model: q/k rows permuted when `permute` (Meta; the GGUF of a
+    family whose entry says permute_qk), each shard's range with n_shards > 1."""
+    src = model.tensors()
+    head = OUTPUT.hf in src
     reads = []
     for t in names:
-        info = model.src.info(model.hf_name(t))
-        shards = tuple(shard_ranges(t, info.shape, n_shards, model.folder)) if n_shards > 1 else None
-        r = TensorRead(t, info, shards)
-        if not r.column_split and model.heads_of(t) is None:
-            r = TensorRead(t, info, shards, model.src.byte_range(info.name))
+        info = src.info(EMBED.hf if t == OUTPUT and not head else t.hf)  # a tied head is the embedding
+        shards = tuple(shard_ranges(t, info.shape, n_shards, model.path)) if n_shards > 1 else None
+        r = TensorRead(t, info, shards, heads=model.dims.heads_of(t) if permute else None)
+        if not r.transformed:
+            r = TensorRead(t, info, shards, src.byte_range(info.name))
         reads.append(r)
     return reads
 
 
-def _transformed(model: ExportSource, r: TensorRead) -> bool:
-    """Whether the tensor is rearranged on the way (q/k permuted, or gathered as column slices)."""
-    return r.column_split or model.heads_of(r.t) is not None
-
-
-def _block_rows(model: ExportSource, r: TensorRead) -> int:
+def _block_rows(model: ModelFolder, r: TensorRead) -> int:
     """Rows per block of a rearranged tensor (whole heads for q/k: the permutation is per head)."""
-    unit = model.dims.hd if model.heads_of(r.t) is not None else 1
+    from .stream import COPY_BLOCK_ELEMS, block_rows
+
+    unit = model.dims.hd if r.heads is not None else 1
     return block_rows(r.info.numel // r.info.shape[0], unit, values=COPY_BLOCK_ELEMS)
 
 
-def _fill(model: ExportSource, r: TensorRead, buf: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+def _fill(model: ModelFolder, r: TensorRead, buf: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """Read r's tensor (q/k permuted, or as column slices) from the model into the front of `buf`."""
-    src, info = model.src, r.info
-    if not _transformed(model, r):
+    src, info = model.tensors(), r.info
+    if not r.transformed:
         return src.read_flat(info.name, 0, info.numel, buf).view(info.shape)
     rows = info.shape[0]
     width = info.numel // rows
     out = buf[: info.nbytes].view(info.dtype)
-    heads = model.heads_of(r.t)
+    heads = r.heads
     step = _block_rows(model, r)
     for a in range(0, rows, step):
         b = min(rows, a + step)
@@ -234,12 +218,16 @@ def _fill(model: ExportSource, r: TensorRead, buf: torch.Tensor, scratch: torch.
     return out.view(info.shape)
 
 
-def tensor_stream(model: ExportSource, reads: list[TensorRead]) -> BlockReader:
+def tensor_stream(model: ModelFolder, reads: list[TensorRead]):
     """The export's stream: whole tensors, each valid until the next is asked for (the pth sink
     needs whole records), read and rearranged in the reader thread."""
+    import torch
+
+    from .stream import BlockReader, Read
+
     def blocks():
         scratch_bytes = max((_block_rows(model, r) * (r.info.nbytes // r.info.shape[0])
-                             for r in reads if _transformed(model, r)), default=0)
+                             for r in reads if r.transformed), default=0)
         scratch = torch.empty(scratch_bytes, dtype=torch.uint8)  # the reader thread's own
         for r in reads:
             yield Read(r, r.info.nbytes, lambda buf, r=r: _fill(model, r, buf, scratch))
@@ -272,6 +260,10 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
     All shards are written in one pass over the tensors: each tensor is read once and its slices go
     to every shard's file. Returns sha256 by file name.
     """
+    from .formats import TensorInfo
+    from .pth import TorchZipWriter
+    from .stream import HashingWriter
+
     guard_output(output, "pth", [("model folder", model)])
     m = open_model(model)
     try:
@@ -284,9 +276,7 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
         if n < 1:
             raise LlamaforgeError(f"--num-shards {n} is not a positive number", None, "pass 1 or more")
         params = params_from_dims(dims, m.folder / "config.json")
-        from .names import rope_settings
-
-        _, rtype, rp = rope_settings(m.config)
+        rtype, rp = m.rope.type, m.rope.parameters
         if str(rtype).lower() == "llama3":  # Llama-3.1/3.2: Meta's reference code scales its rope frequencies
             params["use_scaled_rope"] = True
             if float(rp.get("factor", 8.0)) != 8.0:
@@ -294,16 +284,16 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
         elif rtype not in ("default", None):
             raise LlamaforgeError(f"rope scaling {rtype!r} has no Meta params.json form", m.folder / "config.json",
                                   "export this model to GGUF or Hugging Face format instead")
-        if m.tokenizer is not None:
-            tokenizer_bytes = m.tokenizer.read_bytes()
+        if m.tokenizer.kind is TokenizerKind.SENTENCEPIECE:
+            tokenizer_bytes = m.tokenizer.model.read_bytes()
         else:  # Llama-3: Meta's tokenizer.model is tiktoken's text form of the BPE ranks
             from .tokenizer import tiktoken_model
 
-            tokenizer_bytes = tiktoken_model(m.tokenizer_json)
+            tokenizer_bytes = tiktoken_model(m.tokenizer.json)
         check_shardable(dims, n, m.folder)
         jobs = plan_reads(m, meta_order(dims.n_layers), n)
         echo(f"exporting {m.folder} to Meta format: {n} shard(s), {sum(j.info.nbytes for j in jobs) / 1e9:.2f} GB "
-             f"{m.dtype()}, vocabulary {dims.vocab}, params {json.dumps(params)}")
+             f"{m.tensors().info(EMBED.hf).dtype}, vocabulary {dims.vocab}, params {json.dumps(params)}")
         plans: list[list[TensorInfo]] = [[] for _ in range(n)]  # each shard's tensors
         for j in jobs:
             for s, plan in enumerate(plans):
@@ -339,7 +329,7 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
         echo(f"wrote {output}: {', '.join(sorted(hashes))}")
         return hashes
     finally:
-        m.src.close()
+        m.close()
 
 
 
@@ -379,7 +369,8 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
     guard_output(sums, "sha256", inputs)
     if mfile is not None:
         guard_output(mfile, "modelfile", inputs)
-    m = open_model(model)
+    # quantizing a given F16 reads only its metadata of the model folder: no tensor, no torch
+    m = describe_model(model) if from_f16 is not None else open_model(model)
     try:
         f16_info = check_f16(gguf, Path(from_f16), m) if from_f16 is not None else None
         targets = [output, sums] + ([mfile] if mfile is not None else [])
@@ -425,10 +416,10 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
              + (f" and {mfile.name}" if mfile is not None else ""))
         return digest
     finally:
-        m.src.close()
+        m.close()
 
 
-def check_f16(gguf, path: Path, m: ExportSource) -> dict:
+def check_f16(gguf, path: Path, m: ModelFolder) -> dict:
     """--from-f16 must be the F16 GGUF llamaforge wrote of this very model: a regular file whose
     `.sha256` beside it holds its hash, with the ownership key, file type F16, the model's
     architecture, exactly the tensors (names and shapes) an export of the model writes, and its
@@ -462,7 +453,7 @@ def check_f16(gguf, path: Path, m: ExportSource) -> dict:
             "chat_template": template}
 
 
-def _check_f16_metadata(gguf, reader, path: Path, m: ExportSource, again: str) -> None:
+def _check_f16_metadata(gguf, reader, path: Path, m: ModelFolder, again: str) -> None:
     """Every key of the F16 GGUF as an F16 export of the model writes it, and every tensor of the type
     it writes: llama.cpp's quantizer copies the keys as they are, so an F16 whose hyperparameters
     (head counts, rope base, norm epsilon, context length), special tokens, scores or chat template were
@@ -471,8 +462,9 @@ def _check_f16_metadata(gguf, reader, path: Path, m: ExportSource, again: str) -
     from .fsutil import GGUF_OWN_KEY
     from .quantize import gguf_string
 
-    plan = _plan_gguf(gguf, m, "f16", gguf_string(reader, "general.name", path) or m.folder.name)
-    want = plan["writer"].kv_data[0]
+    writer = gguf.GGUFWriter(path=None, arch=m.family.gguf_arch)
+    gguf_metadata(gguf, writer, m, "f16", gguf_string(reader, "general.name", path) or m.folder.name)
+    want = writer.kv_data[0]
     have = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     for key in sorted(set(want) | set(have)):
         if key in (GGUF_OWN_KEY, "general.name"):
@@ -485,9 +477,8 @@ def _check_f16_metadata(gguf, reader, path: Path, m: ExportSource, again: str) -
         if not _same_kv(gguf, want[key], have[key], ordered=key != gguf.Keys.Tokenizer.CHAT_TEMPLATES):
             raise LlamaforgeError(f"the F16 GGUF's {key} differs from the model's ({_kv_text(have[key])}): it was "
                                   "changed after it was written, or is another model's", path, again)
-    types = {info_name: q for info_name, q in
-             [(n, gguf.GGMLQuantizationType.F32) for n, _ in plan["extra"]]
-             + [(j.t.gguf, q) for j, q in zip(plan["jobs"], plan["qtypes"])]}
+    types = {n: gguf.GGMLQuantizationType.F32 for n, _ in extra_tensor_shapes(m)}
+    types.update({t.gguf: gguf_qtype(gguf, t, m.dims.shape_of(t), "f16") for t in m.family.hf_order(m.dims.n_layers)})
     for t in reader.tensors:
         if t.name in types and int(t.tensor_type) != int(types[t.name]):
             raise LlamaforgeError(f"the F16 GGUF's {t.name} is of type {t.tensor_type.name}, an F16 export's "
@@ -547,7 +538,7 @@ def open_gguf(gguf, path: Path, fix: str):
     return reader
 
 
-def check_gguf_of(gguf, reader, path: Path, m: ExportSource, again: str, what: str = "the F16 GGUF") -> None:
+def check_gguf_of(gguf, reader, path: Path, m: ModelFolder, again: str, what: str = "the F16 GGUF") -> None:
     """A GGUF (`reader` of `path`) against the model it claims to be: the model's architecture,
     exactly the tensors (names and shapes) an export of the model holds, and its vocabulary."""
     from .quantize import gguf_string
@@ -556,11 +547,14 @@ def check_gguf_of(gguf, reader, path: Path, m: ExportSource, again: str, what: s
     if arch != m.family.gguf_arch:
         raise LlamaforgeError(f"{what} is of architecture {arch!r}, the model {m.folder} of "
                               f"{m.family.gguf_arch!r}: it is another model's", path, again)
-    want_shapes = {j.t.gguf: tuple(j.info.shape) for j in plan_reads(
-        m, hf_order(m.dims.n_layers, with_output=m.has_output, biases=m.family.qkv_bias))}
-    want_shapes.update({n: tuple(t.shape) for n, t in extra_tensors(m)})
+    # the shapes config.json implies (open_model checked the weights against them); the head is
+    # optional where the embeddings are tied
+    want_shapes = {t.gguf: m.dims.shape_of(t) for t in m.family.hf_order(m.dims.n_layers)}
+    want_shapes.update(extra_tensor_shapes(m))
     have = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}  # GGUF lists ne[0] first
     for name, shape in want_shapes.items():
+        if name == OUTPUT.gguf and m.dims.tied and name not in have:
+            continue
         if name not in have:
             raise LlamaforgeError(f"{what} has no tensor {name}, which the model's export holds", path, again)
         if have[name] != shape:
@@ -573,7 +567,7 @@ def check_gguf_of(gguf, reader, path: Path, m: ExportSource, again: str, what: s
     _check_gguf_vocab(gguf, reader, path, m, again, what)
 
 
-def _check_gguf_vocab(gguf, reader, path: Path, m: ExportSource, again: str, what: str) -> None:
+def _check_gguf_vocab(gguf, reader, path: Path, m: ModelFolder, again: str, what: str) -> None:
     """The GGUF's tokenizer.ggml.tokens against the model's tokenizer, without transformers: as many
     as the model's embedding rows, and the same token at every id the tokenizer files define."""
     field = reader.fields.get("tokenizer.ggml.tokens")
@@ -586,14 +580,14 @@ def _check_gguf_vocab(gguf, reader, path: Path, m: ExportSource, again: str, wha
     if len(tokens) != m.dims.vocab:
         raise LlamaforgeError(f"{what}'s vocabulary has {len(tokens)} tokens, the model {m.dims.vocab} embedding "
                               "rows: it is another model's", path, again)
-    if m.tokenizer is not None:
+    if m.tokenizer.kind is TokenizerKind.SENTENCEPIECE:
         from .gguf_file import _token_vocab
 
         expect = dict(enumerate(t.decode("utf-8") for t in _token_vocab(m)["tokens"]))
     else:
         from .fsutil import read_json
 
-        vocab = (read_json(m.tokenizer_json, "tokenizer.json").get("model") or {}).get("vocab") or {}
+        vocab = (read_json(m.tokenizer.json, "tokenizer.json").get("model") or {}).get("vocab") or {}
         expect = {int(i): t for t, i in vocab.items()}
     for i, token in sorted(expect.items()):
         if i < len(tokens) and tokens[i] != token:
@@ -601,15 +595,14 @@ def _check_gguf_vocab(gguf, reader, path: Path, m: ExportSource, again: str, wha
                                   "is another model's vocabulary", path, again)
 
 
-def _plan_gguf(gguf, m: ExportSource, outtype: str, name: str) -> dict:
+def _plan_gguf(gguf, m: ModelFolder, outtype: str, name: str) -> dict:
     """The GGUFWriter with every key and tensor info, the reads, types and sizes of one export."""
     import numpy as np
 
     # llama.cpp's llama architecture (LLaMA, Mistral) wants q/k interleaved as Meta stores them; its
-    # qwen2 architecture ropes the halves as Hugging Face does, so Qwen2's stay as they are
-    m.permute = m.family.permute_qk
-    # no output.weight for tied embeddings: llama.cpp then uses token_embd, as convert_hf_to_gguf.py writes it
-    jobs = plan_reads(m, hf_order(m.dims.n_layers, with_output=m.has_output, biases=m.family.qkv_bias))
+    # qwen2 architecture ropes the halves as Hugging Face does: the family entry's permute_qk.
+    # No output.weight for tied embeddings: llama.cpp then uses token_embd, as convert_hf_to_gguf.py writes it
+    jobs = plan_reads(m, m.family.hf_order(m.dims.n_layers, with_output=has_output(m)), permute=m.family.permute_qk)
     qtypes = [gguf_qtype(gguf, j.t, j.info.shape, outtype) for j in jobs]
     writer = gguf.GGUFWriter(path=None, arch=m.family.gguf_arch)
     gguf_metadata(gguf, writer, m, outtype, name)
@@ -628,8 +621,10 @@ def _plan_gguf(gguf, m: ExportSource, outtype: str, name: str) -> dict:
             "chat_template": kv.value if kv is not None else None}
 
 
-def _write_gguf(gguf, m: ExportSource, plan: dict, path: Path, output: Path) -> str:
+def _write_gguf(gguf, m: ModelFolder, plan: dict, path: Path, output: Path) -> str:
     """Stream the planned GGUF into `path`; return its sha256."""
+    from .stream import HashingWriter
+
     writer = plan["writer"]
     align = writer.data_alignment
     with open(path, "wb") as raw:

@@ -75,28 +75,6 @@ def pread_into(fd: int, buf: torch.Tensor, offset: int, path: Path, name: str) -
         done += n
 
 
-def read_hf_config(folder: str | os.PathLike) -> dict:
-    """config.json of a Hugging Face model folder; a Meta checkpoint or a bare folder gets the
-    error users meet as "does not appear to have a file named config.json", with the fix."""
-    from .fsutil import read_json
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        if not folder.is_dir():
-            raise LlamaforgeError("model folder not found", folder, "check the path in config.yaml or on the command line")
-        meta = any(folder.glob("consolidated.*.pth"))
-        raise LlamaforgeError(
-            "the folder has no config.json" + (" (it is a Meta checkpoint)" if meta else ""), folder,
-            "give it as the model's base in config.yaml (the pipeline converts it) or run scripts/import_pth.py"
-            if meta else "point to a Hugging Face model folder (config.json + weights)",
-        )
-    cfg = read_json(folder / "config.json", "config.json")
-    if not isinstance(cfg, dict):
-        raise LlamaforgeError(f"config.json holds a JSON {type(cfg).__name__}, not an object", folder / "config.json",
-                              "restore the model's config.json (save_pretrained writes an object)")
-    return cfg
-
-
 def torch_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]

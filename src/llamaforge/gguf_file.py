@@ -14,12 +14,17 @@ import hashlib
 import json
 import math
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import LlamaforgeError
 from .fsutil import GGUF_OWN_KEY, read_json
-from .names import TensorName
-from .stream import BLOCK_ELEMS, HashingWriter, block_rows
+from .model import TensorName, TokenizerKind
+
+if TYPE_CHECKING:  # torch only where a tensor is converted: the metadata and the checks need none
+    import torch
+
+    from .model import ModelFolder
+    from .stream import HashingWriter
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 
@@ -58,6 +63,8 @@ def gguf_nbytes(gguf, qtype, shape: tuple[int, ...]) -> int:
 
 def _convert_block(gguf, qtype, block: torch.Tensor) -> memoryview:
     """One block of rows in the GGML type (row-wise, so blocks concatenate to the whole tensor)."""
+    import torch
+
     Q = gguf.GGMLQuantizationType
     if qtype == Q.F32:
         return memoryview(block.to(torch.float32).contiguous().numpy()).cast("B")
@@ -75,12 +82,12 @@ def _token_vocab(model) -> dict:
     convert_hf_to_gguf.py's _create_vocab_sentencepiece does."""
     from .tokenizer import UNUSED, load_proto, special_ids
 
-    proto = load_proto(model.tokenizer, "tokenizer.model")
+    proto = load_proto(model.tokenizer.model, "tokenizer.model")
     vocab = model.dims.vocab
     pieces = proto.pieces
     if len(pieces) > vocab:
         raise LlamaforgeError(
-            f"tokenizer.model has {len(pieces)} pieces but the model has {vocab} embedding rows", model.tokenizer,
+            f"tokenizer.model has {len(pieces)} pieces but the model has {vocab} embedding rows", model.tokenizer.model,
             "use the tokenizer the model was merged with",
         )
     tokens = [p.piece.encode("utf-8") for p in pieces]
@@ -166,8 +173,8 @@ def _bpe_vocab(model) -> dict:
     rows = model.dims.vocab
     if vocab and max(vocab.values()) >= rows:
         raise LlamaforgeError(f"the tokenizer has ids up to {max(vocab.values())} but the model has {rows} embedding rows",
-                              model.tokenizer_json, "use the tokenizer the model was merged with")
-    pre = pre_tokenizer(tok, model.tokenizer_json)
+                              model.tokenizer.json, "use the tokenizer the model was merged with")
+    pre = pre_tokenizer(tok, model.tokenizer.json)
     reverse = {i: t for t, i in vocab.items()}
     added = tok.get_added_vocab()
     decoder = tok.added_tokens_decoder
@@ -203,6 +210,8 @@ def _looks_special(token: str) -> bool:
 def llama3_rope_factors(hd: int, params: dict) -> torch.Tensor:
     """rope_freqs.weight for llama3 rope scaling, as convert_hf_to_gguf.py's LlamaModel computes it
     (float32, one factor per rotary frequency)."""
+    import torch
+
     base = params.get("rope_theta", 10000.0)
     freqs = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     factor = params.get("factor", 8.0)
@@ -222,24 +231,29 @@ def llama3_rope_factors(hd: int, params: dict) -> torch.Tensor:
     return torch.tensor(factors, dtype=torch.float32)
 
 
-def extra_tensors(model) -> list[tuple[str, torch.Tensor]]:
-    """Tensors the GGUF holds that the Hugging Face folder does not (written first, as the converter
-    writes its generate_extra_tensors): rope_freqs for llama3 rope scaling."""
-    from .names import FAMILIES, rope_settings
+def _has_rope_freqs(model: ModelFolder) -> bool:
+    return model.family.llama_gguf_rules and str(model.rope.type).lower() == "llama3"
 
-    _, rtype, rp = rope_settings(model.config)
-    if FAMILIES[model.dims.family].gguf_arch == "llama" and str(rtype).lower() == "llama3":
-        return [("rope_freqs.weight", llama3_rope_factors(model.dims.hd, {"rope_theta": model.dims.rope_theta, **rp}))]
+
+def extra_tensors(model: ModelFolder) -> list[tuple[str, torch.Tensor]]:
+    """Tensors the GGUF holds that the Hugging Face folder does not (written first, as the converter
+    writes its generate_extra_tensors): rope_freqs for llama3 rope scaling (llama.cpp's LlamaModel)."""
+    if _has_rope_freqs(model):
+        params = {"rope_theta": model.dims.rope_theta, **model.rope.parameters}
+        return [("rope_freqs.weight", llama3_rope_factors(model.dims.hd, params))]
     return []
+
+
+def extra_tensor_shapes(model: ModelFolder) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of extra_tensors, without computing them."""
+    return {"rope_freqs.weight": (model.dims.hd // 2,)} if _has_rope_freqs(model) else {}
 
 
 def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
     """The KV metadata of convert_hf_to_gguf.py's LlamaModel / Qwen2Model (TextModel.set_gguf_parameters,
     LlamaModel.set_gguf_parameters and set_vocab: _set_vocab_sentencepiece or _set_vocab_gpt2)."""
-    from .names import FAMILIES, rope_settings
-
     d = model.dims
-    arch = FAMILIES[d.family].gguf_arch
+    llama_rules = model.family.llama_gguf_rules
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     writer.add_type(gguf.GGUFType.MODEL)
@@ -250,8 +264,7 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
     writer.add_feed_forward_length(d.intermediate)
     writer.add_head_count(d.n_heads)
     writer.add_head_count_kv(d.n_kv_heads)
-    _, rtype, rp = rope_settings(model.config)
-    rtype = str(rtype).lower()
+    rtype, rp = str(model.rope.type).lower(), model.rope.parameters
     if rtype == "linear" and rp.get("factor"):
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rp["factor"]))
@@ -259,7 +272,7 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(rp["factor"]))
         writer.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
-    elif rtype == "llama3" and arch == "llama":
+    elif rtype == "llama3" and llama_rules:
         pass  # rope_freqs.weight (extra_tensors)
     elif rtype not in ("default", "none"):
         raise LlamaforgeError(f"rope scaling {rtype!r} is not supported by this exporter", model.folder / "config.json",
@@ -270,11 +283,11 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
         writer.add_key_length(d.hd)
         writer.add_value_length(d.hd)
     writer.add_file_type(ftype)
-    if arch == "llama":
+    if llama_rules:
         writer.add_vocab_size(d.vocab)
         writer.add_rope_dimension_count(d.hd)
-    if model.tokenizer is not None:
-        _sentencepiece_metadata(gguf, writer, model, arch)
+    if model.tokenizer.kind is TokenizerKind.SENTENCEPIECE:
+        _sentencepiece_metadata(gguf, writer, model)
     else:
         v = _bpe_vocab(model)
         writer.add_tokenizer_model("gpt2")
@@ -286,7 +299,7 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
         sv = SpecialVocab(model.folder, load_merges=True)
         sv.chat_template = _chat_template(model.folder)
         sv.add_to_gguf(writer, quiet=True)
-        if arch == "llama" and d.vocab == 49152:
+        if llama_rules and d.vocab == 49152:
             writer.add_add_bos_token(False)  # the converter's rule for this vocabulary size (Granite, SmolLM)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     # by this key a later run knows the file as its own output (and may replace it)
@@ -302,9 +315,9 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
 from .prompts import ALPACA_CHAT_TEMPLATE  # noqa: E402
 
 
-def _sentencepiece_metadata(gguf, writer, model, arch: str) -> None:
+def _sentencepiece_metadata(gguf, writer, model: ModelFolder) -> None:
     v = _token_vocab(model)
-    if arch == "llama":
+    if model.family.llama_gguf_rules:
         tc_path = model.folder / "tokenizer_config.json"
         tc = read_json(tc_path, "tokenizer_config.json") if tc_path.is_file() else {}
         if isinstance(tc, dict) and tc.get("add_prefix_space") is not None:
@@ -368,6 +381,10 @@ class Converter:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llamaforge-quant")
 
     def write(self, f: HashingWriter, qtype, tensor: torch.Tensor, source: tuple[int, int] | None = None) -> None:
+        import torch
+
+        from .stream import BLOCK_ELEMS, block_rows
+
         Q = self.gguf.GGMLQuantizationType
         rows = tensor.shape[0] if tensor.dim() > 1 else 1
         flat = tensor.reshape(rows, -1)

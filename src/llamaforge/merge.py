@@ -33,14 +33,13 @@ from .formats import (
     TensorInfo,
     parse_size,
     plan_shards,
-    read_hf_config,
     torch_dtype,
 )
 from .fsutil import (
     atomic_dir, copy_file, guard_output, hash_files, read_json_object, require_dir, sha256_cached, write_json,
 )
 from .lora import Adapter, Factors, LoraUpdate, apply_factors, load_factors, open_adapter
-from .names import EMBED_HF, LM_HEAD_HF, dims_from_config, family_of, hf_tensor_order
+from .model import EMBED_HF, LM_HEAD_HF, dims_from_config, family_of, hf_tensor_order
 from .stream import BLOCK_ELEMS, BlockReader, Read, Stage, block_rows, row_ranges
 from .tokenizer import check_tokenizer, has_tokenizer, ships_padding, tokenizer_files
 

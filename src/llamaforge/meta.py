@@ -29,7 +29,7 @@ from .errors import LlamaforgeError
 from . import defaults as D
 from .formats import torch_load_error, ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards, pread_into
 from .fsutil import atomic_dir, guard_output, hash_files, require_dir, write_json
-from .names import DERIVED_META, EMBED, by_meta, config_from_dims, dims_from_params, hf_order, permute_into
+from .model import DERIVED_META, EMBED, by_meta, config_from_dims, dims_from_params, hf_order, permute_into
 from .stream import COPY_BLOCK_ELEMS, BlockReader, Read, block_rows, row_ranges
 from .tokenizer import is_tiktoken_model, load_proto, special_ids, tokenizer_folder_model, write_hf_tokenizer
 

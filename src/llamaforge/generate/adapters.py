@@ -46,7 +46,7 @@ def inspect_adapter(folder: str | os.PathLike, base_names) -> AdapterInfo:
     """Read an adapter folder's tensor directory (no weights), mapped onto the base's tensor names,
     and the length of the tokenizer stored with it (read without transformers)."""
     from ..lora import open_adapter
-    from ..names import EMBED_HF, LM_HEAD_HF
+    from ..model import EMBED_HF, LM_HEAD_HF
     from ..tokenizer import check_tokenizer, load_proto, special_ids
 
     d = require_dir(folder, "adapter folder")
@@ -84,8 +84,9 @@ def inspect_adapters(model: str | os.PathLike, loras: Sequence[str | os.PathLike
     (plus lm_head when its embeddings are tied, as the merge does)."""
     if not loras:
         return []
-    from ..formats import ModelSource, read_hf_config
-    from ..names import LM_HEAD_HF
+    from ..formats import ModelSource
+    from ..model import read_hf_config
+    from ..model import LM_HEAD_HF
 
     src = ModelSource(model)
     try:

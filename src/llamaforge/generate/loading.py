@@ -49,7 +49,7 @@ def _dtype_kwarg(dtype) -> dict:
 
 
 def base_vocab_size(folder: str | os.PathLike) -> int:
-    from ..formats import read_hf_config
+    from ..model import read_hf_config
 
     cfg = read_hf_config(folder)
     n = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
@@ -62,9 +62,9 @@ def check_model_config(folder: str | os.PathLike) -> None:
     """The clear error for a Meta checkpoint, a folder without config.json, one whose counts are
     garbled (a string, 0, null) or whose generation_config.json is no object: never a traceback
     from transformers (which reads both when it loads the tokenizer or the model)."""
-    from ..formats import read_hf_config
+    from ..model import read_hf_config
     from ..fsutil import read_json_object
-    from ..names import dims_from_config
+    from ..model import dims_from_config
 
     dims_from_config(read_hf_config(folder), Path(folder) / "config.json")
     if (Path(folder) / "generation_config.json").is_file():
