@@ -249,7 +249,7 @@ def test_from_f16_reads_the_f16_it_just_wrote_once(demo, tmp_path, monkeypatch):
     try:
         info = check_f16(load_gguf(), f16, m)
     finally:
-        m.src.close()
+        m.close()
     assert info["bytes"] == f16.stat().st_size
     assert fsutil.sha256_cached(f16) == digest
     f16.write_bytes(f16.read_bytes())  # rewritten in place: its ctime moves, so it is hashed again

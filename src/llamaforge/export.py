@@ -55,10 +55,35 @@ MAX_VOCAB_PADDING = 128
 
 
 def describe_model(folder: str | os.PathLike) -> ModelFolder:
-    """The model folder an export reads, its metadata checked (no tensor read, no torch): a tokenizer
-    whose vocabulary Meta and GGUF files can carry, consistent with the embedding rows."""
+    """The model folder an export reads, its metadata checked without reading a tensor (no torch): a
+    tokenizer whose vocabulary Meta and GGUF files can carry, that fits the embedding rows."""
     m = ModelFolder(folder)
-    kind, tok = m.tokenizer.kind, m.tokenizer
+    _check_tokenizer_kind(m)
+    _check_vocab(m)
+    return m
+
+
+def open_model(folder: str | os.PathLike) -> ModelFolder:
+    """describe_model's checks, and every tensor checked against config.json first, before any
+    export (the tensor index stays open: close the ModelFolder when done)."""
+    m = ModelFolder(folder)
+    try:
+        _check_tokenizer_kind(m)
+        _check_tensors(m)
+        _check_vocab(m)
+    except BaseException:
+        m.close()
+        raise
+    return m
+
+
+def has_output(m: ModelFolder) -> bool:
+    """lm_head.weight is stored; without it (tied embeddings) the head is the embedding."""
+    return OUTPUT.hf in m.tensors()
+
+
+def _check_tokenizer_kind(m: ModelFolder) -> None:
+    kind = m.tokenizer.kind
     if kind is TokenizerKind.NONE:
         raise LlamaforgeError(
             "no tokenizer in the model folder (tokenizer.model or tokenizer.json: Meta and GGUF exports carry the "
@@ -70,54 +95,43 @@ def describe_model(folder: str | os.PathLike) -> ModelFolder:
             "GGUF exports carry the SentencePiece vocabulary itself)", m.path,
             "merge with a tokenizer folder that holds tokenizer.model (tokenizer: in config.yaml), or copy the "
             "model's tokenizer.model into the folder")
-    if kind is TokenizerKind.SENTENCEPIECE:
-        check_vocab_padding(tok.model, m.dims.vocab)
-        if m.vocab_length > m.dims.vocab:
+
+
+def _check_vocab(m: ModelFolder) -> None:
+    rows = m.dims.vocab
+    if m.tokenizer.kind is TokenizerKind.SENTENCEPIECE:
+        check_vocab_padding(m.tokenizer.model, rows)
+        if m.vocab_length > rows:
             raise LlamaforgeError(f"the tokenizer has {m.vocab_length} tokens (ids up to {m.vocab_length - 1}) but the "
-                                  f"model has {m.dims.vocab} embedding rows", m.path,
+                                  f"model has {rows} embedding rows", m.path,
                                   "use the tokenizer the model was trained or merged with")
-    elif m.vocab_length > m.dims.vocab:  # byte-level BPE: releases pad the embeddings freely (Qwen2: 151936 rows, 151665 tokens)
-        raise LlamaforgeError(f"the tokenizer has {m.vocab_length} tokens but the model has only {m.dims.vocab} "
-                              "embedding rows", tok.json, "use the tokenizer the model was merged with")
-    return m
+    elif m.vocab_length > rows:  # byte-level BPE: releases pad the embeddings freely (Qwen2: 151936 rows, 151665 tokens)
+        raise LlamaforgeError(f"the tokenizer has {m.vocab_length} tokens but the model has only {rows} "
+                              "embedding rows", m.tokenizer.json, "use the tokenizer the model was merged with")
 
 
-def has_output(m: ModelFolder) -> bool:
-    """lm_head.weight is stored; without it (tied embeddings) the head is the embedding."""
-    return OUTPUT.hf in m.tensors()
-
-
-def open_model(folder: str | os.PathLike) -> ModelFolder:
-    """describe_model, and every tensor checked against config.json before any export (its tensor
-    index open: close the ModelFolder when done)."""
-    m = describe_model(folder)
-    dims, fam = m.dims, m.family
-    try:
-        src = m.tensors()
-        table = fam.by_hf(dims.n_layers)
-        unknown = [k for k in src.keys() if k not in table and not DERIVED_HF.search(k)]
-        if unknown:
+def _check_tensors(m: ModelFolder) -> None:
+    dims, fam, src = m.dims, m.family, m.tensors()
+    table = fam.by_hf(dims.n_layers)
+    unknown = [k for k in src.keys() if k not in table and not DERIVED_HF.search(k)]
+    if unknown:
+        raise LlamaforgeError(
+            f"tensor {unknown[0]} has no Meta or GGUF name ({len(unknown)} unknown tensors)", m.path,
+            f"export plain {fam.architecture} models (without extra modules)",
+        )
+    # Only a model with tie_word_embeddings may lack lm_head.weight.
+    for t in fam.hf_order(dims.n_layers, with_output=has_output(m) or not dims.tied):
+        if t.hf not in src:
+            raise LlamaforgeError(f"the model has no {t.hf}", m.path,
+                                  "the folder is incomplete or its config.json belongs to another model")
+        info = src.info(t.hf)
+        if tuple(info.shape) != dims.shape_of(t):
             raise LlamaforgeError(
-                f"tensor {unknown[0]} has no Meta or GGUF name ({len(unknown)} unknown tensors)", m.path,
-                f"export plain {fam.architecture} models (without extra modules)",
+                f"{t.hf} has shape {list(info.shape)} but config.json implies {list(dims.shape_of(t))}", m.path,
+                "use the config.json written with these weights (vocab_size must equal the embedding rows)",
             )
-        # Only a model with tie_word_embeddings may lack lm_head.weight.
-        for t in fam.hf_order(dims.n_layers, with_output=has_output(m) or not dims.tied):
-            if t.hf not in src:
-                raise LlamaforgeError(f"the model has no {t.hf}", m.path,
-                                      "the folder is incomplete or its config.json belongs to another model")
-            info = src.info(t.hf)
-            if tuple(info.shape) != dims.shape_of(t):
-                raise LlamaforgeError(
-                    f"{t.hf} has shape {list(info.shape)} but config.json implies {list(dims.shape_of(t))}", m.path,
-                    "use the config.json written with these weights (vocab_size must equal the embedding rows)",
-                )
-            if not info.dtype.is_floating_point:
-                raise LlamaforgeError(f"{t.hf} is {info.dtype}, not a float tensor", m.path, "export float weights")
-    except BaseException:
-        m.close()
-        raise
-    return m
+        if not info.dtype.is_floating_point:
+            raise LlamaforgeError(f"{t.hf} is {info.dtype}, not a float tensor", m.path, "export float weights")
 
 
 def check_vocab_padding(tokenizer: Path, rows: int) -> int:

@@ -39,7 +39,7 @@ from .fsutil import (
     atomic_dir, copy_file, guard_output, hash_files, read_json_object, require_dir, sha256_cached, write_json,
 )
 from .lora import Adapter, Factors, LoraUpdate, apply_factors, load_factors, open_adapter
-from .model import EMBED_HF, LM_HEAD_HF, dims_from_config, family_of, hf_tensor_order
+from .model import EMBED_HF, LM_HEAD_HF, ModelFolder, hf_tensor_order
 from .stream import BLOCK_ELEMS, BlockReader, Read, Stage, block_rows, row_ranges
 from .tokenizer import check_tokenizer, has_tokenizer, ships_padding, tokenizer_files
 
@@ -352,13 +352,11 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
     shard_bytes = parse_size(max_shard_size)
     if device == "cuda" and not torch.cuda.is_available():
         raise LlamaforgeError("--device cuda but no CUDA device is available", None, "use --device cpu")
-    config = read_hf_config(base)
-    family = family_of(config, base / "config.json")
-    dims_from_config(config, base / "config.json")  # a garbled count or theta is refused here, not copied on
-    gen_config = base / "generation_config.json"
-    if gen_config.is_file():
-        read_json_object(gen_config, "generation_config.json")
-    src = ModelSource(base)
+    # the base, described once (a garbled count or theta is refused here, not copied on)
+    folder = ModelFolder(base, "base model folder")
+    config, family = folder.config, folder.family
+    folder.generation_config  # an object, or refused here
+    src = folder.tensors()
     adapters: list[Adapter] = []
     try:
         names = set(src.keys())
@@ -468,4 +466,4 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
     finally:
         for ad in adapters:
             ad.close()
-        src.close()
+        folder.close()
