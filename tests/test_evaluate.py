@@ -218,3 +218,55 @@ def test_summary_and_plots(demo, loras, merged32, tmp_path):
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     assert sorted(x.name for x in (tmp_path / "plots").iterdir()) == ["eq.png", "ppl.png", "tpc.png"]  # no temp files
+
+
+# ---------------------------------------------------------------------------------------------
+# the package: light to import, every model load through the guarded loader
+
+
+def test_importing_the_package_imports_no_heavy_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, llamaforge.evaluate\n"
+            "print(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'transformers', 'matplotlib', 'llama_cpp'}))")
+    src = Path(__file__).resolve().parents[1] / "src"
+    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(src), "PATH": ""}, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_no_module_of_the_package_loads_a_model_itself():
+    """Models load through llamaforge.generate.load_causal_lm / load_model (config.json checked, hostile pickled
+    weights refused), tokenizers through llamaforge's loaders: never transformers' from_pretrained."""
+    import ast
+
+    import llamaforge.evaluate as pkg
+
+    for f in sorted(Path(pkg.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute):
+                assert node.attr != "from_pretrained", f"{f.name}:{node.lineno} calls from_pretrained"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "transformers":
+                raise AssertionError(f"{f.name}:{node.lineno} imports from transformers")
+
+
+def test_gguf_quality_loads_the_reference_through_the_guarded_loader(demo, tmp_path, monkeypatch):
+    import llamaforge.generate
+
+    calls = []
+
+    class Loaded(Exception):
+        pass
+
+    def guarded(folder, dtype, device="cpu"):
+        calls.append((folder, dtype, device))
+        raise Loaded
+
+    monkeypatch.setattr("llamaforge.evaluate.gguf_eval._check_ggufs", lambda model, ggufs: None)
+    monkeypatch.setattr(llamaforge.generate, "load_causal_lm", guarded)
+    from llamaforge.evaluate import gguf_quality
+
+    with pytest.raises(Loaded):
+        gguf_quality(demo / "base", [tmp_path / "x.gguf"], tmp_path / "q.json", echo=quiet)
+    assert calls == [(demo / "base", torch.float32, "cpu")]
