@@ -138,7 +138,7 @@ def _check_ggufs(model, ggufs) -> None:
             require_regular_file(g, "the GGUF file", fix)
             check_gguf_of(gguf, open_gguf(gguf, g, fix), g, m, fix, what="the GGUF")
     finally:
-        m.src.close()
+        m.close()
 
 
 def _outtype_of(path: Path) -> str:
