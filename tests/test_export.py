@@ -564,3 +564,25 @@ def test_vocabulary_padding_is_at_most_128_rows(demo, caplog):
         check_vocab_padding(tok, 641)
     with pytest.raises(LlamaforgeError, match="512 pieces but the model has only 511 embedding rows"):
         check_vocab_padding(tok, 511)
+
+
+def test_a_family_value_offset_is_applied_on_export(inputs, tmp_path, monkeypatch):
+    """A tensor entry's `offset` (Gemma's norms are stored as w - 1) reaches the GGUF: each value
+    plus the offset, in the stored dtype; the family entry is the only change."""
+    import dataclasses
+
+    from llamaforge.export import export_gguf
+    from llamaforge.model import families
+
+    llama = families.FAMILIES["llama"]
+    layer = tuple(dataclasses.replace(t, offset=1.0) if t.norm else t for t in llama.layer)
+    monkeypatch.setitem(families.FAMILIES, "llama", dataclasses.replace(llama, layer=layer))
+    out = tmp_path / "m.gguf"
+    export_gguf(inputs["merged"], out, "f16", echo=lambda *a: None, modelfile=None)
+    from gguf import GGUFReader
+
+    got = {t.name: t for t in GGUFReader(out).tensors}
+    src = hf_tensors(inputs["merged"])
+    norm = src["model.layers.0.input_layernorm.weight"]
+    assert torch.equal(torch.from_numpy(got["blk.0.attn_norm.weight"].data.copy()), (norm + 1.0).float())
+    assert torch.equal(torch.from_numpy(got["output_norm.weight"].data.copy()), src["model.norm.weight"].float())

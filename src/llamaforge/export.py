@@ -177,7 +177,7 @@ class TensorRead:
     @property
     def transformed(self) -> bool:
         """The tensor is rearranged on the way (q/k permuted, or gathered as column slices)."""
-        return self.column_split or self.heads is not None
+        return self.column_split or self.heads is not None or self.t.offset != 0
 
     @property
     def column_split(self) -> bool:
@@ -214,6 +214,8 @@ def _fill(model: ModelFolder, r: TensorRead, buf: torch.Tensor, scratch: torch.T
     src, info = model.tensors(), r.info
     if not r.transformed:
         return src.read_flat(info.name, 0, info.numel, buf).view(info.shape)
+    if not r.column_split and r.heads is None:  # a value offset (the family's tensor entry), in the stored dtype
+        return src.read_flat(info.name, 0, info.numel, buf).view(info.shape).add_(r.t.offset)
     rows = info.shape[0]
     width = info.numel // rows
     out = buf[: info.nbytes].view(info.dtype)
