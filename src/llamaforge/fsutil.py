@@ -333,14 +333,18 @@ def atomic_file(target: str | os.PathLike, mode: str = "wb", need_bytes: int = 0
             f.flush()
 
 
-def require_file(path: str | os.PathLike, what: str, fix: str | None = None) -> Path:
-    """Return `path` as a Path if it is a readable file, else raise a clear error."""
+def _require(path: str | os.PathLike, what: str, fix: str | None, is_kind, kind: str, kind_fix: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise LlamaforgeError(f"{what} not found", p, fix or "check the path in config.yaml or on the command line")
-    if not p.is_file():
-        raise LlamaforgeError(f"{what} is not a file", p, fix or "point to the file itself, not a folder")
+    if not is_kind(p):
+        raise LlamaforgeError(f"{what} is not a {kind}", p, fix or kind_fix)
     return p
+
+
+def require_file(path: str | os.PathLike, what: str, fix: str | None = None) -> Path:
+    """Return `path` as a Path if it is a readable file, else raise a clear error."""
+    return _require(path, what, fix, Path.is_file, "file", "point to the file itself, not a folder")
 
 
 def require_regular_file(path: str | os.PathLike, what: str, fix: str) -> Path:
@@ -362,13 +366,16 @@ def require_regular_file(path: str | os.PathLike, what: str, fix: str) -> Path:
     return p
 
 
+def in_folder(folder: Path, name: str, where: str, fix: str) -> Path:
+    """folder/name, which must be a file: else "no NAME in the WHERE" with `fix`."""
+    path = folder / name
+    if not path.is_file():
+        raise LlamaforgeError(f"no {name} in the {where}", folder, fix)
+    return path
+
+
 def require_dir(path: str | os.PathLike, what: str, fix: str | None = None) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise LlamaforgeError(f"{what} not found", p, fix or "check the path in config.yaml or on the command line")
-    if not p.is_dir():
-        raise LlamaforgeError(f"{what} is not a folder", p, fix or "point to the folder that holds the files")
-    return p
+    return _require(path, what, fix, Path.is_dir, "folder", "point to the folder that holds the files")
 
 
 def finite_json(obj):

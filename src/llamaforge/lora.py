@@ -113,12 +113,12 @@ def resolve_base_name(module: str, param: str, base_names) -> str | None:
 
 
 def read_adapter_config(folder: Path) -> dict:
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        raise LlamaforgeError("no adapter_config.json in the adapter folder", folder,
-                              "point to a PEFT adapter folder (adapter_config.json + adapter_model.safetensors/.bin)")
+    from .fsutil import in_folder, metadata_bytes
+
+    path = in_folder(folder, "adapter_config.json", "adapter folder",
+                     "point to a PEFT adapter folder (adapter_config.json + adapter_model.safetensors/.bin)")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(metadata_bytes(path).decode("utf-8"))
     except UnicodeDecodeError:
         raise LlamaforgeError("adapter_config.json is not UTF-8 text", path, "repair or re-download it") from None
     except json.JSONDecodeError as e:

@@ -464,6 +464,6 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
         echo(f"wrote {output}: {len(writer.names)} shard(s), vocab_size {rows}")
         return manifest
     finally:
+        folder.close()
         for ad in adapters:
             ad.close()
-        folder.close()

@@ -130,12 +130,12 @@ def meta_shards(folder: Path) -> list[Path]:
 
 
 def _read_params(folder: Path) -> dict:
-    p = folder / "params.json"
-    if not p.is_file():
-        raise LlamaforgeError("no params.json in the Meta folder", folder,
-                              "copy params.json from Meta's release (it sits beside consolidated.00.pth)")
+    from .fsutil import in_folder, metadata_bytes
+
+    p = in_folder(folder, "params.json", "Meta folder",
+                  "copy params.json from Meta's release (it sits beside consolidated.00.pth)")
     try:
-        params = json.loads(p.read_text(encoding="utf-8"))
+        params = json.loads(metadata_bytes(p).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise LlamaforgeError(f"params.json is not JSON ({getattr(e, 'msg', 'nested too deeply')})", p,
                               "restore params.json from Meta's release") from None
