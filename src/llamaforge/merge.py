@@ -36,7 +36,7 @@ from .formats import (
     torch_dtype,
 )
 from .fsutil import (
-    atomic_dir, copy_file, guard_output, hash_files, read_json_object, require_dir, sha256_cached, write_json,
+    atomic_dir, copy_file, guard_output, hash_files, require_dir, sha256_cached, write_json,
 )
 from .lora import Adapter, Factors, LoraUpdate, apply_factors, load_factors, open_adapter
 from .model import EMBED_HF, LM_HEAD_HF, ModelFolder, hf_tensor_order
@@ -355,7 +355,7 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
     # the base, described once (a garbled count or theta is refused here, not copied on)
     folder = ModelFolder(base, "base model folder")
     config, family = folder.config, folder.family
-    folder.generation_config  # an object, or refused here
+    _ = folder.generation_config  # an object, or refused here
     src = folder.tensors()
     adapters: list[Adapter] = []
     try:

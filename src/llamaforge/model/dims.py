@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LlamaforgeError
-from .families import FAMILIES, family_of
+from .families import family_of
 from .tensors import TensorName
 
 

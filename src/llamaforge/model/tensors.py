@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ _L = "model.layers.{i}."
 Q = TensorName(_L + "self_attn.q_proj.weight", "layers.{i}.attention.wq.weight", "blk.{i}.attn_q.weight", 0, "q")
 K = TensorName(_L + "self_attn.k_proj.weight", "layers.{i}.attention.wk.weight", "blk.{i}.attn_k.weight", 0, "k")
 V = TensorName(_L + "self_attn.v_proj.weight", "layers.{i}.attention.wv.weight", "blk.{i}.attn_v.weight", 0, "v")
-O = TensorName(_L + "self_attn.o_proj.weight", "layers.{i}.attention.wo.weight", "blk.{i}.attn_output.weight", 1, "o")
+O = TensorName(_L + "self_attn.o_proj.weight", "layers.{i}.attention.wo.weight", "blk.{i}.attn_output.weight", 1, "o")  # noqa: E741
 GATE = TensorName(_L + "mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight", "blk.{i}.ffn_gate.weight", 0, "gate")
 DOWN = TensorName(_L + "mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight", "blk.{i}.ffn_down.weight", 1, "down")
 UP = TensorName(_L + "mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight", "blk.{i}.ffn_up.weight", 0, "up")
@@ -85,7 +89,7 @@ def hf_tensor_order(name: str):
     return (group, _natural(name))
 
 
-def permute_into(out: "Tensor", w: "Tensor", heads: int, to_meta: bool) -> "Tensor":
+def permute_into(out: "torch.Tensor", w: "torch.Tensor", heads: int, to_meta: bool) -> "torch.Tensor":
     """The rows of a q/k weight `w` put in Meta/GGUF order (to_meta: HF's rotary halves -> interleaved
     pairs, `w.view(heads, 2, head_dim // 2, in).transpose(1, 2)`) or back to Hugging Face order,
     per head, written into `out` (same shape) without a temporary."""
