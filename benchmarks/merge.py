@@ -63,7 +63,8 @@ def synthesize(root: Path, shape: str, vocab: int, new_vocab: int, r: int) -> tu
     import torch
 
     from llamaforge.demo import synthetic_sp_model
-    from llamaforge.formats import ShardedSafetensorsWriter, TensorInfo, plan_shards
+    from llamaforge.formats.safetensors import ShardedSafetensorsWriter, plan_shards
+    from llamaforge.formats.dtypes import TensorInfo
 
     s = SHAPES[shape]
     base, lora = root / "base", root / "lora"

@@ -15,9 +15,9 @@ runpy.run_path(str(Path(workflow.basedir) / "scripts" / "_pathfix.py"))
 
 from llamaforge.demo import demo_files  # noqa: E402
 from llamaforge.deps import script_closure  # noqa: E402
-from llamaforge.formats import largest_tensor_bytes  # noqa: E402
-from llamaforge.meta import find_tokenizer  # noqa: E402
-from llamaforge.quantize import LLAMA_CPP_TYPES  # noqa: E402
+from llamaforge.formats.safetensors import largest_tensor_bytes  # noqa: E402
+from llamaforge.export.meta_import import find_tokenizer  # noqa: E402
+from llamaforge.export.quantize import LLAMA_CPP_TYPES  # noqa: E402
 
 
 wildcard_constraints:

@@ -7,8 +7,9 @@ import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
 from llamaforge.cli import Command, setup_logging, user_errors
-from llamaforge.gguf_file import GGUF_TYPES
-from llamaforge.quantize import LLAMA_CPP_TYPES, MODELFILE_PARAMETERS, parse_parameters
+from llamaforge.export.gguf_meta import GGUF_TYPES
+from llamaforge.export.quantize import LLAMA_CPP_TYPES
+from llamaforge.export.modelfile import MODELFILE_PARAMETERS, parse_parameters
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,7 +30,7 @@ from llamaforge.quantize import LLAMA_CPP_TYPES, MODELFILE_PARAMETERS, parse_par
 def main(model, output, outtype, name, modelfile, parameters, threads, from_f16):
     setup_logging()
     with user_errors():
-        from llamaforge.export import export_gguf
+        from llamaforge.export.gguf import export_gguf
 
         export_gguf(model, output, outtype=outtype, name=name, echo=click.echo,
                     modelfile=parameters if modelfile else None, threads=threads, from_f16=from_f16)

@@ -17,7 +17,7 @@ from llamaforge.cli import Command, setup_logging, user_errors
 def main(model, output, num_shards):
     setup_logging()
     with user_errors():
-        from llamaforge.export import export_pth
+        from llamaforge.export.pth import export_pth
 
         export_pth(model, output, num_shards=num_shards, echo=click.echo)
 

@@ -20,7 +20,7 @@ from llamaforge.cli import Command, setup_logging, user_errors
 def main(input_, output, tokenizer, max_shard_size, max_position_embeddings):
     setup_logging()
     with user_errors():
-        from llamaforge.meta import import_pth
+        from llamaforge.export.meta_import import import_pth
 
         import_pth(input_, output, tokenizer=tokenizer, max_shard_size=max_shard_size,
                    max_positions=max_position_embeddings, echo=click.echo)

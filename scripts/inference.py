@@ -14,7 +14,7 @@ import click
 from llamaforge import defaults as D
 from llamaforge.cli import Command, setup_logging, user_errors
 from llamaforge.generate import ORIGINAL_GENERATION as ORIG
-from llamaforge.prompts import TEMPLATES
+from llamaforge.model.prompts import TEMPLATES
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})

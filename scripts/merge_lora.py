@@ -23,7 +23,7 @@ from llamaforge.cli import Command, setup_logging, user_errors
 def main(base, loras, tokenizer, output, dtype, max_shard_size, device, no_progress):
     setup_logging()
     with user_errors():
-        from llamaforge.merge import merge_lora
+        from llamaforge.merge.run import merge_lora
 
         merge_lora(base, list(loras), output, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size,
                    device=device, echo=click.echo, progress=not no_progress)

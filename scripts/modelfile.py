@@ -7,7 +7,7 @@ import _pathfix  # noqa: F401  (this checkout's src/ first)
 import click
 
 from llamaforge.cli import Command, setup_logging, user_errors
-from llamaforge.quantize import MODELFILE_PARAMETERS, parse_parameters
+from llamaforge.export.modelfile import MODELFILE_PARAMETERS, parse_parameters
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,7 +18,7 @@ from llamaforge.quantize import MODELFILE_PARAMETERS, parse_parameters
 def main(gguf_path, output, parameters):
     setup_logging()
     with user_errors():
-        from llamaforge.quantize import write_modelfile
+        from llamaforge.export.modelfile import write_modelfile
 
         click.echo(f"wrote {write_modelfile(gguf_path, parameters, output)}")
 

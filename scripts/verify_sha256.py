@@ -17,7 +17,7 @@ def main(expects, sums, output):
     setup_logging()
     with user_errors():
         from llamaforge.errors import LlamaforgeError
-        from llamaforge.checksums import verify_to_report
+        from llamaforge.files.checksums import verify_to_report
 
         expected = {}
         for e in expects:

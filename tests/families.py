@@ -339,6 +339,6 @@ def smollm2() -> Path:
 def llama_cpp_model(path: Path, **kw):
     """llama_cpp.Llama on a GGUF as llamaforge opens it (quantize.open_llama: weight repacking off,
     it segfaults on Q8_0 in this VM)."""
-    from llamaforge.quantize import open_llama
+    from llamaforge.export.quantize import open_llama
 
     return open_llama(path, **kw)

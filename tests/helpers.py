@@ -242,7 +242,7 @@ def synthesize(work: Path, vocab: int, new_vocab: int, rank: int = 8, **shape) -
 @functools.lru_cache(maxsize=None)
 def build_inputs(root: str) -> dict[str, Path]:
     from llamaforge.demo import make_demo
-    from llamaforge.merge import merge_lora
+    from llamaforge.merge.run import merge_lora
 
     root = Path(root)
     demo = root / "demo"

@@ -31,7 +31,7 @@ def test_schema_defaults_are_the_librarys():
     from llamaforge.crawl import crawl
     from llamaforge.evaluate import DEFAULT_TOLERANCE, perplexity
     from llamaforge.generate import ORIGINAL_GENERATION, predict
-    from llamaforge.merge import merge_lora
+    from llamaforge.merge.run import merge_lora
 
     model = ("models", "*")
     pairs = [

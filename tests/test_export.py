@@ -83,7 +83,7 @@ def sha256sum_check(folder: Path, sums: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# names.py: the table and its rules
+# model/: the tensor table and its rules
 
 
 def test_permutations_are_inverses():
@@ -144,7 +144,7 @@ def test_ffn_params_reproduce_the_width(dim, ffn, expected):
 
 @pytest.mark.parametrize("case,n", [("merged", 1), ("merged_odd", 2), ("gqa", 1), ("gqa", 2)])
 def test_pth_export_reads_back(inputs, tmp_path, case, n):
-    from llamaforge.export import export_pth
+    from llamaforge.export.pth import export_pth
 
     model = inputs[case]
     out = tmp_path / "pth"
@@ -183,7 +183,7 @@ def test_pth_export_reads_back(inputs, tmp_path, case, n):
 
 
 def test_pth_is_torch_save_format(inputs, tmp_path):
-    from llamaforge.export import export_pth
+    from llamaforge.export.pth import export_pth
 
     out = tmp_path / "pth"
     export_pth(inputs["merged"], out, echo=lambda *a: None)
@@ -199,7 +199,8 @@ def test_pth_is_torch_save_format(inputs, tmp_path):
 def test_kernel_copy_gives_the_same_bytes(inputs, tmp_path, monkeypatch, n):
     """Tensors that pass through unchanged are copied with copy_file_range (real models: >= 1 MB);
     lowering the threshold to 4 KB sends the demo's through that path: the files must not change."""
-    from llamaforge import export, stream
+    from llamaforge import export
+    from llamaforge.formats import stream
 
     plain = {}
     export.export_pth(inputs["merged_odd"], tmp_path / "plain", num_shards=n, echo=lambda *a: None)
@@ -231,7 +232,7 @@ def test_kernel_copy_gives_the_same_bytes(inputs, tmp_path, monkeypatch, n):
 
 
 def test_pth_shards_must_divide(inputs, tmp_path):
-    from llamaforge.export import export_pth
+    from llamaforge.export.pth import export_pth
 
     out = tmp_path / "pth"
     with pytest.raises(LlamaforgeError, match="does not divide into 3 shards") as e:
@@ -287,7 +288,7 @@ def _expected_gguf(model: Path) -> dict[str, torch.Tensor]:
 def test_gguf_f16_metadata_and_tensors(inputs, tmp_path, case):
     import gguf
 
-    from llamaforge.export import export_gguf
+    from llamaforge.export.gguf import export_gguf
     from llamaforge.tokenizer import load_proto
 
     model = inputs[case]
@@ -347,7 +348,7 @@ def test_gguf_f16_metadata_and_tensors(inputs, tmp_path, case):
 def test_gguf_q8_0_blocks_equal_gguf_quantize(inputs, tmp_path):
     import gguf
 
-    from llamaforge.export import export_gguf
+    from llamaforge.export.gguf import export_gguf
 
     model = inputs["merged"]
     out = tmp_path / "m-q8_0.gguf"
@@ -380,7 +381,7 @@ def test_gguf_q8_0_blocks_equal_gguf_quantize(inputs, tmp_path):
 def test_gguf_bf16(inputs, tmp_path):
     import gguf
 
-    from llamaforge.export import export_gguf
+    from llamaforge.export.gguf import export_gguf
 
     model = inputs["gqa"]
     out = tmp_path / "g-bf16.gguf"
@@ -401,7 +402,8 @@ def test_tied_embeddings(inputs, tmp_path, n):
     import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llamaforge.export import export_gguf, export_pth
+    from llamaforge.export.gguf import export_gguf
+    from llamaforge.export.pth import export_pth
 
     model = inputs["tied"]
     want = hf_tensors(model)
@@ -439,8 +441,8 @@ def test_tied_embeddings(inputs, tmp_path, n):
 
 
 def test_verify_sha256(inputs, tmp_path):
-    from llamaforge.checksums import verify_sha256
-    from llamaforge.export import export_pth
+    from llamaforge.files.checksums import verify_sha256
+    from llamaforge.export.pth import export_pth
 
     out = tmp_path / "exports" / "pth"
     hashes = export_pth(inputs["merged"], out, echo=lambda *a: None)
@@ -466,7 +468,7 @@ def _script(name, *args, cwd=None):
 
 
 def test_verify_script_fails_loudly(inputs, tmp_path):
-    from llamaforge.export import export_pth
+    from llamaforge.export.pth import export_pth
 
     out = tmp_path / "exports" / "pth"
     hashes = export_pth(inputs["merged"], out, echo=lambda *a: None)
@@ -484,7 +486,8 @@ def test_verify_script_fails_loudly(inputs, tmp_path):
 
 
 def test_model_without_tokenizer_model(inputs, tmp_path):
-    from llamaforge.export import export_gguf, export_pth
+    from llamaforge.export.gguf import export_gguf
+    from llamaforge.export.pth import export_pth
 
     model = tmp_path / "model"
     shutil.copytree(inputs["merged"], model)
@@ -509,7 +512,7 @@ def test_export_script_one_line_error(tmp_path):
 
 
 def test_mismatched_config_is_refused(inputs, tmp_path):
-    from llamaforge.export import export_pth
+    from llamaforge.export.pth import export_pth
 
     model = tmp_path / "model"
     shutil.copytree(inputs["merged"], model)
@@ -552,7 +555,7 @@ def test_vocabulary_padding_is_at_most_128_rows(demo, caplog):
     GGUF); more is a mismatch that names both counts and the LLaMA/Chinese vocabulary sizes."""
     import logging
 
-    from llamaforge.export import check_vocab_padding
+    from llamaforge.export.source import check_vocab_padding
 
     tok = demo / "base" / "tokenizer.model"  # 512 pieces
     assert check_vocab_padding(tok, 512) == 512
@@ -571,7 +574,7 @@ def test_a_family_value_offset_is_applied_on_export(inputs, tmp_path, monkeypatc
     plus the offset, in the stored dtype; the family entry is the only change."""
     import dataclasses
 
-    from llamaforge.export import export_gguf
+    from llamaforge.export.gguf import export_gguf
     from llamaforge.model import families
 
     llama = families.FAMILIES["llama"]

@@ -159,7 +159,7 @@ def test_gguf_equals_llama_cpp_converter(family_gguf, name, outtype):
     assert [k for k in differing if not ALLOWED_METADATA_DIFFERENCES.match(k)
             and not (k == "tokenizer.chat_template" and k not in ref_meta)] == []
     if name == "mistral":  # no chat template of its own: the Alpaca one, as --template auto uses
-        from llamaforge.gguf_file import ALPACA_CHAT_TEMPLATE
+        from llamaforge.model.prompts import ALPACA_CHAT_TEMPLATE
 
         assert meta["tokenizer.chat_template"] == ALPACA_CHAT_TEMPLATE
     arch = "qwen2" if name == "qwen2" else "llama"
@@ -310,7 +310,7 @@ def test_llama3_meta_folder_imports_back_to_the_same_model_and_tokenizer(family,
     from transformers import AutoConfig, AutoTokenizer
 
     from families import vocab_tests
-    from llamaforge.gguf_file import pre_tokenizer
+    from llamaforge.export.gguf_meta import pre_tokenizer
 
     f = family(name)
     meta, back = tmp_path / "meta", tmp_path / "back"

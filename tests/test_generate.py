@@ -66,7 +66,7 @@ def test_templates_are_the_originals():
                                        repetition_penalty=1.1, max_new_tokens=400)
 
 
-#: the strings every prompt format rendered to before llamaforge.prompts defined them once (byte for byte)
+#: the strings every prompt format rendered to before llamaforge.model.prompts defined them once (byte for byte)
 ALPACA_JINJA = (
     "{%- if messages and messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}"
     "{%- else -%}{{ 'Below is an instruction that describes a task. "
@@ -93,13 +93,21 @@ MODELFILE_TEMPLATES = {
 
 
 def test_one_prompt_definition_renders_todays_strings():
-    """llamaforge.prompts is the one definition of each format: the GGUF chat template and every
+    """llamaforge.model.prompts is the one definition of each format: the GGUF chat template and every
     Modelfile TEMPLATE + stop list it renders are exactly the strings written out before."""
     import jinja2
 
-    from llamaforge import gguf_file, quantize
-    from llamaforge.prompts import (ALPACA_CHAT_TEMPLATE, FORMATS, MODELFILE_FORMATS, Template, jinja_chat_template,
-                                    modelfile_template, prompt_format)
+    from llamaforge.export import gguf_meta as gguf_file
+    from llamaforge.export import modelfile as quantize
+    from llamaforge.model.prompts import (
+        ALPACA_CHAT_TEMPLATE,
+        FORMATS,
+        MODELFILE_FORMATS,
+        Template,
+        jinja_chat_template,
+        modelfile_template,
+        prompt_format,
+    )
 
     assert ALPACA_CHAT_TEMPLATE == ALPACA_JINJA == jinja_chat_template(FORMATS["alpaca"])
     assert gguf_file.ALPACA_CHAT_TEMPLATE == ALPACA_JINJA
@@ -128,7 +136,7 @@ def test_one_prompt_definition_renders_todays_strings():
 
 
 def test_the_prompt_module_imports_no_torch():
-    code = ("import sys, llamaforge.prompts, llamaforge.generate; "
+    code = ("import sys, llamaforge.model.prompts, llamaforge.generate; "
             "assert not {'torch', 'transformers', 'peft'} & set(sys.modules), sorted(sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO / "src")})

@@ -24,8 +24,9 @@ from llamaforge.defaults import CRAWL_ITEMS_PER_REQUEST
 
 @pytest.fixture(scope="module")
 def world(demo, tmp_path_factory) -> Path:
-    from llamaforge.export import export_gguf, export_pth
-    from llamaforge.merge import merge_lora
+    from llamaforge.export.gguf import export_gguf
+    from llamaforge.export.pth import export_pth
+    from llamaforge.merge.run import merge_lora
 
     w = tmp_path_factory.mktemp("world")
     shutil.copytree(demo / "base", w / "base")
@@ -144,7 +145,7 @@ def evil_bin_model(case: Path, world: Path) -> Path:
 
 
 def meta_missing_shard(case: Path, world: Path) -> Path:
-    from llamaforge.export import export_pth
+    from llamaforge.export.pth import export_pth
 
     d = case / "meta"
     export_pth(world / "merged", d, num_shards=2, echo=lambda *a: None)
@@ -470,7 +471,7 @@ def nan_model(case: Path, world: Path) -> Path:
 
 
 def modelfile_text_plus(extra: str) -> str:
-    from llamaforge.quantize import modelfile_text
+    from llamaforge.export.modelfile import modelfile_text
 
     return modelfile_text("m-f16.gguf", None, {}) + extra
 
@@ -977,7 +978,7 @@ def test_running_out_of_space_midway_removes_the_temp_output(tmp_path):
     import errno
 
     from llamaforge.errors import LlamaforgeError
-    from llamaforge.fsutil import atomic_dir
+    from llamaforge.files.atomic import atomic_dir
 
     with pytest.raises(LlamaforgeError, match=r"no space left on the device \(1234 bytes needed"):
         with atomic_dir(tmp_path / "out", need_bytes=1234) as tmp:
@@ -1018,7 +1019,7 @@ def _dead_pid() -> int:
 
 
 def test_a_replacement_killed_midway_leaves_nothing_after_the_next_run(tmp_path):
-    from llamaforge.fsutil import _HOST, atomic_dir
+    from llamaforge.files.atomic import _HOST, atomic_dir
 
     target = tmp_path / "merged"
     # what a writer killed between moving the old output aside and renaming the new one leaves
@@ -1033,8 +1034,8 @@ def test_a_replacement_killed_midway_leaves_nothing_after_the_next_run(tmp_path)
 def test_gguf_and_its_sha256_never_disagree_when_killed_between_renames(world, tmp_path, monkeypatch):
     """A kill (here: an interrupt at the second rename) leaves the .sha256 missing, so Snakemake reruns
     the job; never a new GGUF beside its predecessor's hash."""
-    import llamaforge.fsutil as fsutil
-    from llamaforge.export import export_gguf
+    import llamaforge.files.atomic as fsutil
+    from llamaforge.export.gguf import export_gguf
 
     out = tmp_path / "m.gguf"
     export_gguf(world / "merged", out, "f16", echo=lambda *a: None)
@@ -1063,7 +1064,7 @@ def test_gguf_and_its_sha256_never_disagree_when_killed_between_renames(world, t
 
 
 def test_hash_cache_keys_on_ctime(tmp_path, monkeypatch):
-    import llamaforge.fsutil as fsutil
+    import llamaforge.files.hashing as fsutil
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(fsutil, "_CACHE_MIN", 0)
@@ -1084,10 +1085,11 @@ def test_hash_cache_keys_on_ctime(tmp_path, monkeypatch):
 def test_ownership_marks_are_specific_to_each_kind(world, tmp_path):
     """Each kind of output is recognised by what only its writer writes, whole: never by a first line a
     user may type, never as another kind."""
-    from llamaforge import checksums, fsutil, quantize  # noqa: F401  (they register their marks)
-    from llamaforge.checksums import verify_to_report
-    from llamaforge.fsutil import _OWN
-    from llamaforge.quantize import modelfile_text, write_modelfile
+    from llamaforge.export import modelfile  # noqa: F401  (it registers its mark)
+    from llamaforge.files import checksums, guard  # noqa: F401  (they register their marks)
+    from llamaforge.files.checksums import verify_to_report
+    from llamaforge.files.guard import _OWN
+    from llamaforge.export.modelfile import modelfile_text, write_modelfile
 
     def own(kind, name, content):
         p = tmp_path / kind / name
@@ -1106,7 +1108,7 @@ def test_ownership_marks_are_specific_to_each_kind(world, tmp_path):
     assert own("verify_report", "r", "# llamaforge verify\nOK       a  " + "0" * 64 + "\n") is True
     assert own("verify_report", "s", "# llamaforge verify\nmy notes\n") is False
     assert own("verify_report", "t", mf) is False
-    perplexity = fsutil.json_of_kind("perplexity")
+    perplexity = guard.json_of_kind("perplexity")
     for name, text, mine in (("p.json", '{"llamaforge": "perplexity", "perplexity": 3.0}', True),
                              ("q.json", '{"llamaforge": "my notes"}', False),
                              ("s.json", '{"llamaforge": "summary", "model": "m"}', False)):  # another kind
@@ -1132,7 +1134,7 @@ def test_ownership_marks_are_specific_to_each_kind(world, tmp_path):
 
 
 def test_modelfile_parameters_take_ollamas_whole_ranges(world, tmp_path):
-    from llamaforge.quantize import check_parameters, modelfile_text, parse_parameters
+    from llamaforge.export.modelfile import check_parameters, modelfile_text, parse_parameters
 
     edges = ["temperature=0", "top_p=0", "top_p=1", "num_predict=-2", "num_predict=-1", "top_k=0", "seed=-1",
              "repeat_penalty=1.1"]
@@ -1165,7 +1167,7 @@ def test_a_list_of_chat_templates_is_written_in_name_order(world, tmp_path):
     tokenizer.chat_template.NAME in name order, and tokenizer.chat_templates lists them so."""
     import gguf
 
-    from llamaforge.export import export_gguf
+    from llamaforge.export.gguf import export_gguf
 
     model = _chat_template_model(world, tmp_path / "m", NAMED)
     out = tmp_path / "m.gguf"

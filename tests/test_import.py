@@ -20,7 +20,7 @@ QUIET = dict(echo=lambda *a: None)
 
 
 def _export(model, out, n=None):
-    from llamaforge.export import export_pth
+    from llamaforge.export.pth import export_pth
 
     export_pth(model, out, num_shards=n, **QUIET)
     return out
@@ -28,7 +28,7 @@ def _export(model, out, n=None):
 
 @pytest.mark.parametrize("case,n", [("merged", 1), ("merged_odd", 2), ("gqa", 2)])
 def test_round_trip_is_byte_identical(inputs, tmp_path, case, n):
-    from llamaforge.meta import import_pth
+    from llamaforge.export.meta_import import import_pth
     from llamaforge.tokenizer import check_hf_tokenizer
 
     model = inputs[case]
@@ -83,7 +83,7 @@ def _llama1_release(meta, tmp_path):
 
 
 def test_meta_release_layout(inputs, tmp_path):
-    from llamaforge.meta import import_pth
+    from llamaforge.export.meta_import import import_pth
 
     folder = _llama1_release(_export(inputs["merged_odd"], tmp_path / "pth", 2), tmp_path)
     out = tmp_path / "hf"
@@ -97,8 +97,8 @@ def test_meta_release_layout(inputs, tmp_path):
 
 def test_merge_works_on_an_imported_base(inputs, tmp_path):
     """A Meta base goes through import, then the merge, exactly as the Hugging Face base does."""
-    from llamaforge.meta import import_pth
-    from llamaforge.merge import merge_lora
+    from llamaforge.export.meta_import import import_pth
+    from llamaforge.merge.run import merge_lora
 
     demo = inputs["demo"]
     imported = tmp_path / "imported"
@@ -112,7 +112,7 @@ def test_merge_works_on_an_imported_base(inputs, tmp_path):
 
 
 def test_pth_file_reads_without_memory_map(inputs, tmp_path):
-    from llamaforge.meta import PthFile
+    from llamaforge.export.meta_import import PthFile
 
     meta = _export(inputs["gqa"], tmp_path / "pth", 2)
     ref = torch.load(meta / "consolidated.01.pth", weights_only=True)
@@ -140,7 +140,7 @@ def _assert_one_line(e, *parts):
 
 
 def test_missing_params_json(inputs, tmp_path):
-    from llamaforge.meta import import_pth
+    from llamaforge.export.meta_import import import_pth
 
     meta = _export(inputs["merged"], tmp_path / "pth")
     (meta / "params.json").unlink()
@@ -151,7 +151,7 @@ def test_missing_params_json(inputs, tmp_path):
 
 
 def test_corrupt_pth(inputs, tmp_path):
-    from llamaforge.meta import import_pth
+    from llamaforge.export.meta_import import import_pth
 
     meta = _export(inputs["merged"], tmp_path / "pth")
     shard = meta / "consolidated.00.pth"
@@ -167,7 +167,7 @@ def test_corrupt_pth(inputs, tmp_path):
 
 
 def test_missing_shard_and_wrong_tokenizer(inputs, tmp_path):
-    from llamaforge.meta import import_pth
+    from llamaforge.export.meta_import import import_pth
 
     meta = _export(inputs["merged_odd"], tmp_path / "pth", 2)
     moved = tmp_path / "consolidated.00.pth"
@@ -184,7 +184,7 @@ def test_missing_shard_and_wrong_tokenizer(inputs, tmp_path):
 
 
 def test_params_disagree_with_tensors(inputs, tmp_path):
-    from llamaforge.meta import import_pth
+    from llamaforge.export.meta_import import import_pth
 
     meta = _export(inputs["gqa"], tmp_path / "pth")
     params = json.loads((meta / "params.json").read_text())

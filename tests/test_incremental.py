@@ -308,7 +308,11 @@ def test_d2_edited_library_module_reruns_exactly_the_jobs_that_import_it(built, 
     from llamaforge.deps import script_closure
 
     wf = clone(built, tmp_path / "wf")
-    modules = sorted(p.relative_to(wf).as_posix() for p in (wf / "src" / "llamaforge").glob("*.py"))
+    pkg = wf / "src" / "llamaforge"
+    # the top-level modules, and of each sub-package its __init__ and one module in it (a dry run each)
+    modules = sorted([p.relative_to(wf).as_posix() for p in pkg.glob("*.py")]
+                     + [p.relative_to(wf).as_posix() for sub in sorted(pkg.glob("*/__init__.py"))
+                        for p in [sub, sorted(x for x in sub.parent.glob("*.py") if x.name != "__init__.py")[-1]]])
     scripts = sorted({i for j in graph for i in j.inputs if i.startswith("scripts/") and i.endswith(".py")
                       and not i.endswith("_pathfix.py")})
     closures = {s: set(script_closure(s, wf)) for s in scripts}
@@ -366,7 +370,8 @@ def synthesize_big(root: Path, s=BIG) -> tuple[Path, Path]:
     import torch
     from safetensors.torch import save_file
 
-    from llamaforge.formats import ShardedSafetensorsWriter, TensorInfo, plan_shards
+    from llamaforge.formats.safetensors import ShardedSafetensorsWriter, plan_shards
+    from llamaforge.formats.dtypes import TensorInfo
 
     base, lora = root / "base", root / "lora"
     base.mkdir(parents=True)

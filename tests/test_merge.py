@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llamaforge.errors import LlamaforgeError
-from llamaforge.merge import merge_lora
+from llamaforge.merge.run import merge_lora
 
 QUIET = dict(echo=lambda *a: None, progress=False)
 PROMPT = torch.tensor([[1, 5, 40, 300, 511, 600, 900, 1100, 2, 7]])
@@ -443,7 +443,7 @@ def test_lora_arithmetic_on_one_block_of_rows_equals_peft(dora):
     whole layer (LoRA, and DoRA's per-row magnitude), in float32."""
     from peft import LoraConfig, get_peft_model
 
-    from llamaforge.lora import Factors, apply_factors
+    from llamaforge.merge.lora import Factors, apply_factors
 
     torch.manual_seed(0)
 

@@ -61,7 +61,7 @@ def test_quantized_exports_equal_llama_quantize_of_our_f16_and_load(model256, qt
     types = {t for t, _, _ in tensors.values()}
     assert {"q4_0": "Q4_0", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}[qtype] in types
     llm = llama_cpp_model(direct, n_ctx=64, logits_all=True, n_threads=2)
-    from llamaforge.gguf_file import ALPACA_CHAT_TEMPLATE
+    from llamaforge.model.prompts import ALPACA_CHAT_TEMPLATE
 
     assert llm.metadata["tokenizer.chat_template"] == ALPACA_CHAT_TEMPLATE  # llama.cpp's chat mode: Alpaca
     llm.eval([1, 15043, 3186, 29892])
@@ -100,7 +100,7 @@ def test_without_llama_cpp_a_quantized_type_is_one_line(model256, tmp_path):
 
 
 def test_modelfile_templates_follow_the_chat_template():
-    from llamaforge.quantize import modelfile_text
+    from llamaforge.export.modelfile import modelfile_text
 
     chatml = modelfile_text("m.gguf", "{{ '<|im_start|>' + m['role'] }}", {"temperature": 0.2, "num_predict": 64})
     assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>" in chatml and 'PARAMETER stop "<|im_end|>"' in chatml
@@ -191,7 +191,7 @@ def test_the_alpaca_chat_template_renders_as_llamaforges_inference():
     import jinja2
 
     from llamaforge.generate import TEMPLATES
-    from llamaforge.gguf_file import ALPACA_CHAT_TEMPLATE
+    from llamaforge.model.prompts import ALPACA_CHAT_TEMPLATE
 
     t = jinja2.Template(ALPACA_CHAT_TEMPLATE)
     alpaca = TEMPLATES["alpaca"]
@@ -231,9 +231,11 @@ def test_quality_table_of_the_demo_merge(inputs, tmp_path):
 def test_from_f16_reads_the_f16_it_just_wrote_once(demo, tmp_path, monkeypatch):
     """The export remembers the hash of the F16 it wrote (hashed as written), so --from-f16 of it does
     not read the whole file again before llama.cpp does (a 13 GB F16 per quantized type)."""
-    from llamaforge import fsutil
-    from llamaforge.export import check_f16, export_gguf, open_model
-    from llamaforge.gguf_file import load_gguf
+    from llamaforge.files import hashing as fsutil
+    from llamaforge.export.gguf_check import check_f16
+    from llamaforge.export.gguf import export_gguf
+    from llamaforge.export.source import open_model
+    from llamaforge.export.gguf_meta import load_gguf
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("LLAMAFORGE_NO_HASH_CACHE", raising=False)

@@ -21,7 +21,8 @@ import os
 from pathlib import Path
 
 from .errors import LlamaforgeError
-from .fsutil import atomic_dir, guard_output, write_json
+from .files.atomic import atomic_dir, write_json
+from .files.guard import guard_output
 from .tokenizer import bundled_text, merge_protos, write_hf_tokenizer
 
 # hidden 256, 2 layers: small enough to build and test in seconds, shaped like LLaMA, and sized so

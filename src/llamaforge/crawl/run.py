@@ -17,11 +17,12 @@ import openai
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..errors import LlamaforgeError
-from ..fsutil import guard_output, write_json
 from .. import defaults as D
+from ..errors import LlamaforgeError
+from ..files.atomic import write_json
+from ..files.guard import guard_output
 from .client import _complete, _display_url, _redact, _reply_fields, _Settings
-from .store import _Store, _alpaca_is_ours, alpaca_of, output_paths
+from .store import _alpaca_is_ours, _Store, alpaca_of, output_paths
 
 log = logging.getLogger(__package__)  # "llamaforge.crawl", as one logger for the whole crawl
 

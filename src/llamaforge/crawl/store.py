@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LlamaforgeError
-from ..fsutil import _OWN, _first_record, owned_by
+from ..files.guard import _OWN, _first_record, owned_by
 from .dedup import DedupIndex
 from .replies import REJECT_REASONS, Item, _count, check_item, parse_reply
 

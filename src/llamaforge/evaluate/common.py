@@ -7,9 +7,10 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import LlamaforgeError
 from .. import defaults as D
-from ..fsutil import guard_output, json_of_kind, read_text
+from ..errors import LlamaforgeError
+from ..files.guard import guard_output, json_of_kind
+from ..files.reading import read_text
 
 # one logger for the whole package, under the name the single module had (it shows in the log lines)
 log = logging.getLogger("llamaforge.evaluate")

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import LlamaforgeError
-from ..fsutil import write_json
+from ..files.atomic import write_json
 from .common import DEFAULT_TOLERANCE, EQUIVALENCE, _guard, log
 
 
 def stored_dtypes(folder: str | os.PathLike) -> dict:
     """{tensor name: torch dtype} as the model folder's weight files store them (headers only)."""
-    from ..formats import ModelSource
+    from ..formats.source import ModelSource
 
     src = ModelSource(folder)
     try:
@@ -83,9 +83,16 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
     """
     import torch
 
-    from ..generate import (apply_adapters, base_vocab_size, check_model_config, inspect_adapters, load_causal_lm,
-                           load_tokenizer,
-                           plan_vocab, resolve_device)
+    from ..generate import (
+        apply_adapters,
+        base_vocab_size,
+        check_model_config,
+        inspect_adapters,
+        load_causal_lm,
+        load_tokenizer,
+        plan_vocab,
+        resolve_device,
+    )
 
     _guard(output, EQUIVALENCE, [("merged model folder", merged), ("base model folder", base), ("tokenizer folder", tokenizer),
                     ("prompts file", prompts_file)] + [("adapter folder", p) for p in loras])

@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import LlamaforgeError
 from .. import defaults as D
-from ..fsutil import write_json
+from ..errors import LlamaforgeError
+from ..files.atomic import write_json
 from .common import GGUF_QUALITY, _eval_text, _guard
 from .equiv import _logits, equivalence_prompts
 from .ppl import sliding_window_nll
@@ -21,7 +21,7 @@ class _LlamaCppLM:
     does (so the perplexity windows are exactly those of the Hugging Face perplexity)."""
 
     def __init__(self, path, n_ctx: int, threads: int):
-        from ..quantize import open_llama
+        from ..export.quantize import open_llama
 
         self.llm = open_llama(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads or None)
 
@@ -61,8 +61,8 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
     model on the fixed prompts (top-1, mean KL divergence of the next-token distributions)."""
     import torch
 
+    from ..export.quantize import bits_per_weight, fallbacks, tensor_types
     from ..generate import check_model_config, load_causal_lm, load_tokenizer
-    from ..quantize import bits_per_weight, fallbacks, tensor_types
 
     inputs = [("model folder", model), ("text", text_file), ("prompts file", prompts_file)]
     inputs += [("GGUF file", g) for g in ggufs]
@@ -125,9 +125,10 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
 def _check_ggufs(model, ggufs) -> None:
     """Each GGUF is a readable GGUF of `model` (its architecture, tensors and vocabulary; see
     export.check_gguf_of), checked before any model is loaded."""
-    from ..export import check_gguf_of, open_gguf, open_model
-    from ..fsutil import require_regular_file
-    from ..gguf_file import load_gguf
+    from ..export.gguf_check import check_gguf_of, open_gguf
+    from ..export.gguf_meta import load_gguf
+    from ..export.source import open_model
+    from ..files.reading import require_regular_file
 
     gguf = load_gguf()
     m = open_model(model)
@@ -145,7 +146,7 @@ def _outtype_of(path: Path) -> str:
     """The --outtype a GGUF was made as (its general.file_type, e.g. MOSTLY_Q4_K_M -> q4_k_m)."""
     import gguf
 
-    from ..quantize import gguf_file_type
+    from ..export.quantize import gguf_file_type
 
     ft = gguf_file_type(gguf.GGUFReader(path))
     try:

@@ -11,9 +11,9 @@ import math
 import os
 from typing import Sequence
 
-from ..errors import LlamaforgeError
 from .. import defaults as D
-from ..fsutil import write_json
+from ..errors import LlamaforgeError
+from ..files.atomic import write_json
 from .common import PERPLEXITY, _eval_text, _guard, log
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import LlamaforgeError
-from ..fsutil import atomic_file, guard_output, read_json, write_json
+from ..files.atomic import atomic_file, write_json
+from ..files.guard import guard_output
+from ..files.reading import read_json
 from .common import SUMMARY, _guard
 
 

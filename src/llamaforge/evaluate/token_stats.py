@@ -8,7 +8,8 @@ import unicodedata
 from pathlib import Path
 from typing import Sequence
 
-from ..fsutil import require_dir, require_file, write_json
+from ..files.atomic import write_json
+from ..files.reading import require_dir, require_file
 from .common import TOKENIZER_STATS, _eval_text, _guard
 
 
@@ -28,9 +29,7 @@ def _encoder(path: str | os.PathLike):
 
         tok = load_tokenizer(p)
         return (lambda s: tok(s, add_special_tokens=False).input_ids), len(tok)
-    from ..tokenizer import tokenizer_folder_model
-
-    from ..tokenizer import load_proto
+    from ..tokenizer import load_proto, tokenizer_folder_model
 
     model = tokenizer_folder_model(require_file(p, "tokenizer") if p.is_file() else require_dir(p, "tokenizer folder"))
     import sentencepiece as spm

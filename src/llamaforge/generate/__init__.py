@@ -19,7 +19,7 @@ generation settings and prompt template by default, and these differences:
   (instruction + input); predictions are {instruction, input, prompt, output} records.
 * `--chat` keeps a multi-turn history, dropping the oldest turns to stay within the context.
 
-The package, one concern a module (the prompt formats are llamaforge.prompts', shared with the GGUF
+The package, one concern a module (the prompt formats are llamaforge.model.prompts', shared with the GGUF
 chat template and the Ollama Modelfile):
 
 * `instructions`: instruction files (Example, read_examples)
@@ -33,7 +33,7 @@ Heavy imports (torch, transformers, peft) stay inside functions.
 
 from __future__ import annotations
 
-from ..prompts import TEMPLATES, ChatTemplate, Template, bind_template, get_template
+from ..model.prompts import TEMPLATES, ChatTemplate, Template, bind_template, get_template
 from .adapters import AdapterInfo, inspect_adapter, inspect_adapters, plan_vocab
 from .chat import BANNER, CHAT_BANNER, ChatSession, interactive
 from .generation import (

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import LlamaforgeError
-from ..fsutil import require_dir
+from ..files.reading import require_dir
 from ..tokenizer import has_tokenizer, ships_padding
 
 
@@ -26,7 +26,7 @@ def _json_pad_id(folder: Path) -> int | None:
     """The pad id of a tokenizer.json folder (no tokenizer.model), as transformers and llama.cpp's
     converter take it: tokenizer_config.json's pad_token, looked up among tokenizer.json's added
     tokens, then its vocabulary; None when it names none (the JSON files are checked before)."""
-    from ..fsutil import read_json
+    from ..files.reading import read_json
 
     tc = folder / "tokenizer_config.json"
     entry = read_json(tc, "tokenizer_config.json").get("pad_token") if tc.is_file() else None
@@ -45,7 +45,7 @@ def _json_pad_id(folder: Path) -> int | None:
 def inspect_adapter(folder: str | os.PathLike, base_names) -> AdapterInfo:
     """Read an adapter folder's tensor directory (no weights), mapped onto the base's tensor names,
     and the length of the tokenizer stored with it (read without transformers)."""
-    from ..lora import open_adapter
+    from ..merge.lora import open_adapter
     from ..model import EMBED_HF, LM_HEAD_HF
     from ..tokenizer import check_tokenizer, load_proto, special_ids
 
@@ -84,9 +84,8 @@ def inspect_adapters(model: str | os.PathLike, loras: Sequence[str | os.PathLike
     (plus lm_head when its embeddings are tied, as the merge does)."""
     if not loras:
         return []
-    from ..formats import ModelSource
-    from ..model import read_hf_config
-    from ..model import LM_HEAD_HF
+    from ..formats.source import ModelSource
+    from ..model import LM_HEAD_HF, read_hf_config
 
     src = ModelSource(model)
     try:

@@ -8,7 +8,7 @@ import os
 from typing import Callable, Sequence
 
 from .. import defaults as D
-from ..prompts import Template, bind_template, get_template
+from ..model.prompts import Template, bind_template, get_template
 from .generation import GenerationSettings, Generator
 from .loading import load_model
 

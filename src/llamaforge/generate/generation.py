@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import LlamaforgeError
 from .. import defaults as D
-from ..fsutil import atomic_file, guard_output, json_of_kind, write_json
-from ..prompts import bind_template, get_template
+from ..errors import LlamaforgeError
+from ..files.atomic import atomic_file, write_json
+from ..files.guard import guard_output, json_of_kind
+from ..model.prompts import bind_template, get_template
 from .instructions import SAMPLE_DATA, Example, read_examples
 from .loading import Loaded, load_model
 

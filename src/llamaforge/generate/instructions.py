@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LlamaforgeError
-from ..fsutil import read_text
+from ..files.reading import read_text
 
 #: inference_hf.py's sample instruction, used when no data file is given.
 SAMPLE_DATA = ["为什么要减少污染，保护环境？"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import LlamaforgeError
-from ..fsutil import require_dir
+from ..files.reading import require_dir
 from ..tokenizer import HF_FILES, has_tokenizer
 from .adapters import AdapterInfo, inspect_adapters, plan_vocab
 
@@ -36,7 +36,7 @@ def resolve_dtype(dtype: str | None, device: str):
 
     if dtype in (None, "auto"):
         return torch.float32 if device == "cpu" else torch.float16
-    from ..formats import torch_dtype
+    from ..formats.dtypes import torch_dtype
 
     return torch_dtype(dtype)
 
@@ -62,9 +62,8 @@ def check_model_config(folder: str | os.PathLike) -> None:
     """The clear error for a Meta checkpoint, a folder without config.json, one whose counts are
     garbled (a string, 0, null) or whose generation_config.json is no object: never a traceback
     from transformers (which reads both when it loads the tokenizer or the model)."""
-    from ..model import read_hf_config
-    from ..fsutil import read_json_object
-    from ..model import dims_from_config
+    from ..files.reading import read_json_object
+    from ..model import dims_from_config, read_hf_config
 
     dims_from_config(read_hf_config(folder), Path(folder) / "config.json")
     if (Path(folder) / "generation_config.json").is_file():
@@ -75,7 +74,7 @@ def load_causal_lm(folder: str | os.PathLike, dtype, device: str = "cpu"):
     """AutoModelForCausalLM in `dtype` on `device`, in eval mode, never trusting remote code."""
     from transformers import AutoModelForCausalLM
 
-    from ..formats import ModelSource
+    from ..formats.source import ModelSource
 
     check_model_config(folder)
     # every weight file checked first, pickles with weights_only=True: a hostile .bin is one clear

@@ -16,7 +16,22 @@ from dataclasses import dataclass
 
 from ..errors import LlamaforgeError
 from .tensors import (
-    ATTN_NORM, DOWN, EMBED, FFN_NORM, GATE, K, K_BIAS, NORM, O, OUTPUT, Q, Q_BIAS, UP, V, V_BIAS, TensorName,
+    ATTN_NORM,
+    DOWN,
+    EMBED,
+    FFN_NORM,
+    GATE,
+    K_BIAS,
+    NORM,
+    OUTPUT,
+    Q_BIAS,
+    UP,
+    V_BIAS,
+    K,
+    O,
+    Q,
+    TensorName,
+    V,
 )
 
 

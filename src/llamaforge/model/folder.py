@@ -4,7 +4,7 @@ Typed and read-only: config.json, the family (model/families.py), the dimensions
 settings, the tokenizer (its kind and files), and on first use the tokenizer's length, special
 ids, chat templates, generation config and tensor index. The merge, the exports, the quantizer,
 inference and evaluation take one; none reads config.json again or asks which of two tokenizer
-paths is None. Every metadata file is read through `fsutil.metadata_bytes`, so each is opened at
+paths is None. Every metadata file is read through `files.hashing.metadata_bytes`, so each is opened at
 most once per process however many modules look at it (tests/test_metadata_reads.py counts them
 with strace).
 
@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import LlamaforgeError
-from ..fsutil import read_json, read_json_object, require_dir
+from ..files.reading import read_json, read_json_object, require_dir
 from .dims import LlamaDims, dims_from_config, rope_settings
 from .families import Family, family_of
 
@@ -147,7 +147,7 @@ class ModelFolder:
     def tensors(self):
         """The tensor index (formats.ModelSource: every weight file's header), opened on first use."""
         if self._tensors is None:
-            from ..formats import ModelSource
+            from ..formats.source import ModelSource
 
             self._tensors = ModelSource(self.path)
         return self._tensors

@@ -49,7 +49,7 @@ def tokenizer_files(folder: str | os.PathLike) -> list[Path]:
 def check_tokenizer_json(folder: str | os.PathLike) -> None:
     """Each JSON file of a tokenizer folder that exists must be a JSON object (one clear error
     instead of a traceback from transformers or tokenizers)."""
-    from ..fsutil import read_json
+    from ..files.reading import read_json
 
     for name in TOKENIZER_JSON_FILES:
         p = Path(folder) / name
@@ -64,7 +64,7 @@ def is_byte_level_bpe(tokenizer_json: Path) -> bool:
     """A GPT-2-style byte-level BPE tokenizer.json (Llama-3, Qwen2, SmolLM2): a BPE model without
     byte fallback and a ByteLevel decoder -- not a SentencePiece-style BPE (byte_fallback, Metaspace),
     which only its tokenizer.model describes exactly."""
-    from ..fsutil import read_json
+    from ..files.reading import read_json
 
     data = read_json(tokenizer_json, "tokenizer.json")
     model = data.get("model") if isinstance(data, dict) else None
@@ -78,7 +78,7 @@ def is_byte_level_bpe(tokenizer_json: Path) -> bool:
 def tokenizer_length(folder: Path) -> int:
     """Tokens of a tokenizer folder without importing transformers: its SentencePiece pieces, or
     more when tokenizer.json or added_tokens.json give ids beyond them."""
-    from ..fsutil import read_json
+    from ..files.reading import read_json
 
     folder = Path(folder)
     check_tokenizer_json(folder)
@@ -123,7 +123,7 @@ def chat_templates(folder: str | os.PathLike) -> tuple[str | None, dict[str, str
     a list of {"name", "template"}), else chat_template.jinja (+ additional_chat_templates/*.jinja),
     else chat_template.json. A list without a "default" entry is an error: transformers then refuses
     to pick one, and any pick (or none: Alpaca) would be a guess."""
-    from ..fsutil import read_json, read_text
+    from ..files.reading import read_json, read_text
 
     folder = Path(folder)
     tc_path = folder / "tokenizer_config.json"
@@ -190,7 +190,7 @@ def check_tokenizer(folder: str | os.PathLike, rows: int | None = None) -> int:
         try:
             from tokenizers import Tokenizer
 
-            from ..fsutil import metadata_bytes
+            from ..files.hashing import metadata_bytes
 
             Tokenizer.from_str(metadata_bytes(tj).decode("utf-8"))
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
@@ -206,7 +206,7 @@ def check_tokenizer(folder: str | os.PathLike, rows: int | None = None) -> int:
 
 def _check_added_tokens_decoder(folder: Path) -> None:
     """tokenizer_config.json's added_tokens_decoder: token ids (digits) to objects with a "content" string."""
-    from ..fsutil import read_json
+    from ..files.reading import read_json
 
     tc_path = folder / "tokenizer_config.json"
     if tc_path.is_file():

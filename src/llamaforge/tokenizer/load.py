@@ -92,7 +92,8 @@ class FastTokenizer:
     def __init__(self, folder: str | os.PathLike):
         from tokenizers import AddedToken, Tokenizer
 
-        from ..fsutil import metadata_bytes, read_json
+        from ..files.hashing import metadata_bytes
+        from ..files.reading import read_json
 
         folder = Path(folder)
         check_tokenizer(folder)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LlamaforgeError
-from ..fsutil import atomic_dir, guard_output
+from ..files.atomic import atomic_dir
+from ..files.guard import guard_output
 from .folder import tokenizer_files, tokenizer_length
 from .hf_json import pad_token_of, write_hf_tokenizer
 from .load import check_hf_tokenizer, load_hf_tokenizer, tokens_per_char
@@ -166,7 +167,7 @@ def add_tokens_json(base: str | os.PathLike, output: str | os.PathLike, add_toke
     from the tokenizer's length on), written atomically to `output`. The other files are copied
     byte for byte; tokenizer_config.json gains the tokens in added_tokens_decoder (and the first
     token named like "pad" as pad_token when it has none)."""
-    from ..fsutil import read_json
+    from ..files.reading import read_json
 
     base = Path(base)
     folder = base.parent if base.is_file() else base

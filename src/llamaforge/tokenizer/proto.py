@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import LlamaforgeError
-from ..fsutil import require_file
+from ..files.reading import require_file
 
 # sentencepiece_model.proto piece types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -53,7 +53,7 @@ def special_ids(proto, folder: str | os.PathLike | None = None) -> dict[str, int
     index = {p.piece: i for i, p in enumerate(proto.pieces)}
     stm = Path(folder) / "special_tokens_map.json" if folder is not None else None
     if stm is not None and stm.is_file():
-        from ..fsutil import read_json
+        from ..files.reading import read_json
 
         data = read_json(stm, "special_tokens_map.json")
         if not isinstance(data, dict):

@@ -28,7 +28,7 @@ def tiktoken_model(tokenizer_json: Path) -> bytes:
     rank" line per BPE token, by id (its special tokens live in Meta's code, not in the file)."""
     import base64
 
-    from ..fsutil import read_json
+    from ..files.reading import read_json
 
     data = read_json(tokenizer_json, "tokenizer.json")
     vocab = data["model"]["vocab"]

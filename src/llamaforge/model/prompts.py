@@ -6,8 +6,8 @@ the strings at which a model's answer has ended. From that one definition come
 
 * `Template`: the prompt of llamaforge's inference (`TEMPLATES`, Python; generate.py),
 * `jinja_chat_template`: the chat template written into a GGUF whose tokenizer has none
-  (`ALPACA_CHAT_TEMPLATE`; gguf_file.py), so llama.cpp's chat mode prompts as inference does,
-* `modelfile_template`: the Go template and stop strings of an Ollama Modelfile (quantize.py),
+  (`ALPACA_CHAT_TEMPLATE`; export/gguf_meta.py), so llama.cpp's chat mode prompts as inference does,
+* `modelfile_template`: the Go template and stop strings of an Ollama Modelfile (export/modelfile.py),
   for the format `prompt_format` reads off the model's own chat template.
 
 No torch or transformers here: the tokenizer's chat template (`ChatTemplate`) is rendered by the
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import LlamaforgeError
+from ..errors import LlamaforgeError
 
 #: the placeholders of a format's texts (Ollama's Go templates call them .Prompt, .System, .Response)
 PROMPT, SYSTEM, RESPONSE = "{prompt}", "{system}", "{response}"

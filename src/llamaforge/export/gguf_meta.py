@@ -1,30 +1,27 @@
-"""The GGUF sink: the tensor types, sizes, conversions and metadata that llama.cpp's
-`convert_hf_to_gguf.py` writes for a LLaMA model, with gguf-py (`gguf`) for the header.
-
-gguf-py's `GGUFWriter` writes the header, the key-value metadata and the tensor infos from the
-plan; the tensor data is written here, block of rows by block of rows, converted to F16/BF16 or
-quantized to Q8_0 with `gguf.quants` (bit-exact with llama.cpp), norms and 1-D tensors in F32.
+"""What llama.cpp's `convert_hf_to_gguf.py` writes for a model of the family table, without its
+tensors: each tensor's GGML type and size, the KV metadata (hyper-parameters, rope, the vocabulary
+of a SentencePiece or byte-level BPE tokenizer, special tokens, chat templates) and the extra
+tensors (rope_freqs). No torch at import.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
 import json
 import math
-
 from typing import TYPE_CHECKING
 
-from .errors import LlamaforgeError
-from .fsutil import GGUF_OWN_KEY, read_json
-from .model import TensorName, TokenizerKind
+from ..errors import LlamaforgeError
+from ..files.guard import GGUF_OWN_KEY
+from ..files.reading import read_json
+from ..model import TensorName, TokenizerKind
 
 if TYPE_CHECKING:  # torch only where a tensor is converted: the metadata and the checks need none
     import torch
 
-    from .model import ModelFolder
-    from .stream import HashingWriter
+    from ..model import ModelFolder
+from ..model.prompts import ALPACA_CHAT_TEMPLATE
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 
@@ -61,26 +58,11 @@ def gguf_nbytes(gguf, qtype, shape: tuple[int, ...]) -> int:
     return math.prod(shape[:-1]) * (shape[-1] // block) * size
 
 
-def _convert_block(gguf, qtype, block: torch.Tensor) -> memoryview:
-    """One block of rows in the GGML type (row-wise, so blocks concatenate to the whole tensor)."""
-    import torch
-
-    Q = gguf.GGMLQuantizationType
-    if qtype == Q.F32:
-        return memoryview(block.to(torch.float32).contiguous().numpy()).cast("B")
-    if qtype == Q.F16:
-        return memoryview(block.to(torch.float16).contiguous().numpy()).cast("B")
-    if qtype == Q.BF16:
-        return memoryview(block.to(torch.bfloat16).contiguous().view(torch.int16).numpy()).cast("B")
-    q = gguf.quants.quantize(block.to(torch.float32).numpy(), qtype)
-    return memoryview(q).cast("B")
-
-
 def _token_vocab(model) -> dict:
     """tokens, scores, types and special ids from tokenizer.model (+ special_tokens_map.json, and
     config.json's pad_token_id when they name no pad), padded to the embedding rows as
     convert_hf_to_gguf.py's _create_vocab_sentencepiece does."""
-    from .tokenizer import UNUSED, load_proto, special_ids
+    from ..tokenizer import UNUSED, load_proto, special_ids
 
     proto = load_proto(model.tokenizer.model, "tokenizer.model")
     vocab = model.dims.vocab
@@ -131,9 +113,6 @@ def _token_vocab(model) -> dict:
             "pieces": len(pieces)}
 
 
-# ---- byte-level BPE (tokenizer.json: Llama-3, Qwen2, SmolLM2, ...) ------------------------------
-
-
 @functools.lru_cache(maxsize=1)
 def pre_tokenizer_table() -> tuple[str, dict[str, str]]:
     """(chktxt, {sha256 of its encoding: pre-tokenizer name}) of llama.cpp's convert_hf_to_gguf.py
@@ -164,7 +143,7 @@ def _bpe_vocab(model) -> dict:
     """tokens and types of a byte-level BPE tokenizer, as convert_hf_to_gguf.py's get_vocab_base:
     the vocabulary by id padded to the embedding rows with [PAD{id}] (UNUSED), added special tokens
     (and those that look special, <|...|>) CONTROL, other added tokens USER_DEFINED."""
-    from .tokenizer import FastTokenizer
+    from ..tokenizer import FastTokenizer
 
     gguf = load_gguf()
     T = gguf.TokenType
@@ -303,16 +282,9 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
             writer.add_add_bos_token(False)  # the converter's rule for this vocabulary size (Granite, SmolLM)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     # by this key a later run knows the file as its own output (and may replace it)
-    from . import __version__
+    from .. import __version__
 
     writer.add_string(GGUF_OWN_KEY, __version__)
-
-
-# The Alpaca prompt of inference_hf.py (generate.TEMPLATES["alpaca"]) as a chat template, for the
-# GGUF of a model whose tokenizer has none (the Chinese-Alpaca recipe): llama.cpp's chat mode then
-# formats prompts as llamaforge's inference does (BOS comes from add_bos_token, not the template).
-# Rendered from the one definition of the prompt formats (llamaforge.prompts).
-from .prompts import ALPACA_CHAT_TEMPLATE  # noqa: E402
 
 
 def _sentencepiece_metadata(gguf, writer, model: ModelFolder) -> None:
@@ -344,75 +316,9 @@ def _sentencepiece_metadata(gguf, writer, model: ModelFolder) -> None:
 def _chat_template(folder):
     """The chat template(s) of a tokenizer folder as SpecialVocab.add_to_gguf writes them: a string,
     or [default, then the named ones sorted by name] (tokenizer.chat_templates validates them)."""
-    from .tokenizer import chat_templates
+    from ..tokenizer import chat_templates
 
     default, named = chat_templates(folder)
     if named:
         return [{"name": "default", "template": default}] + [{"name": k, "template": v} for k, v in named.items()]
     return default
-
-
-def begin_gguf_file(gguf, writer, f: HashingWriter, path) -> None:
-    """Have gguf-py's `writer` (made with path=None and every KV and tensor info added) write the
-    header, the metadata and the tensor infos into our file `f`, padded to the data's alignment.
-
-    gguf-py has no public call for "write everything but the tensor data to this file object":
-    this sets its internal state (`fout`, `path`, `state = WriterState.EMPTY`) as `open_output_file`
-    would, then calls its own write_*_to_file methods. Checked on gguf 0.19.0; a gguf-py
-    that changes these internals fails here loudly (AttributeError), not with a wrong file.
-    """
-    writer.fout = [f]
-    writer.path = path
-    writer.state = gguf.gguf_writer.WriterState.EMPTY
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.write_padding(f, f.tell(), writer.data_alignment)
-
-
-class Converter:
-    """Converts tensors block by block of rows; Q8_0 blocks are quantized in two threads (numpy
-    releases the GIL), and written in order."""
-
-    def __init__(self, gguf):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.gguf = gguf
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llamaforge-quant")
-
-    def write(self, f: HashingWriter, qtype, tensor: torch.Tensor, source: tuple[int, int] | None = None) -> None:
-        import torch
-
-        from .stream import BLOCK_ELEMS, block_rows
-
-        Q = self.gguf.GGMLQuantizationType
-        rows = tensor.shape[0] if tensor.dim() > 1 else 1
-        flat = tensor.reshape(rows, -1)
-        same = (qtype == Q.F16 and tensor.dtype == torch.float16) or (qtype == Q.F32 and tensor.dtype == torch.float32) \
-            or (qtype == Q.BF16 and tensor.dtype == torch.bfloat16)
-        if same:  # bytes pass straight through (copied in the kernel when they lie in a file as they are)
-            mv = memoryview(flat.view(torch.uint8).numpy()).cast("B")
-            if source is not None:
-                f.copy_range(mv, *source)
-            else:
-                f.write(mv)
-            return
-        width = flat.shape[1]
-        # quantizing holds several float32 temporaries per value, in two threads: half-size blocks
-        step = block_rows(width, values=BLOCK_ELEMS // 2 if qtype == Q.Q8_0 else BLOCK_ELEMS)
-        blocks = [flat[a:a + step] for a in range(0, rows, step)]
-        if qtype != Q.Q8_0 or len(blocks) == 1:
-            for b in blocks:
-                f.write(_convert_block(self.gguf, qtype, b))
-            return
-        pending: collections.deque = collections.deque()
-        for b in blocks:
-            pending.append(self._pool.submit(_convert_block, self.gguf, qtype, b))
-            if len(pending) >= 3:
-                f.write(pending.popleft().result())
-        while pending:
-            f.write(pending.popleft().result())
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import LlamaforgeError
-from .formats import SafetensorsFile, TensorInfo, TorchFile
+from ..errors import LlamaforgeError
+from ..formats.dtypes import TensorInfo
+from ..formats.pickles import TorchFile
+from ..formats.safetensors import SafetensorsFile
 
 _KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 _PREFIXES = ("base_model.model.", "base_model.")
@@ -113,7 +115,8 @@ def resolve_base_name(module: str, param: str, base_names) -> str | None:
 
 
 def read_adapter_config(folder: Path) -> dict:
-    from .fsutil import in_folder, metadata_bytes
+    from ..files.hashing import metadata_bytes
+    from ..files.reading import in_folder
 
     path = in_folder(folder, "adapter_config.json", "adapter folder",
                      "point to a PEFT adapter folder (adapter_config.json + adapter_model.safetensors/.bin)")

@@ -10,8 +10,11 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import LlamaforgeError
-from .fsutil import atomic_file, guard_output, owned_by, read_text, sha256_file, small_text_lines
+from ..errors import LlamaforgeError
+from .atomic import atomic_file
+from .guard import guard_output, owned_by
+from .hashing import sha256_file
+from .reading import read_text, small_text_lines
 
 SUMS = "SHA256SUMS"
 REPORT_HEADER = "# llamaforge verify"

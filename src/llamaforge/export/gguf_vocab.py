@@ -7,7 +7,7 @@ over tokenizer_config.json's add_*_token, and takes a template's leading special
 subclass carries those three methods from llama.cpp's gguf-py/gguf/vocab.py (MIT License,
 Copyright (c) 2023-2024 The ggml authors) unchanged, so llamaforge's GGUF metadata is the
 converter's. Everything else is the installed gguf's. The files are read through
-`fsutil.metadata_bytes` (once per process) instead of `open`.
+`files.hashing.metadata_bytes` (once per process) instead of `open`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import gguf
 
-from .fsutil import metadata_bytes
+from ..files.hashing import metadata_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .formats import TensorInfo
+from .dtypes import TensorInfo
 
 _STORAGE_TYPES = {torch.float16: "HalfStorage", torch.bfloat16: "BFloat16Storage", torch.float32: "FloatStorage",
                   torch.float64: "DoubleStorage", torch.int64: "LongStorage", torch.int32: "IntStorage",

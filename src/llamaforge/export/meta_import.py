@@ -5,13 +5,13 @@ Each shard is opened with `torch.load(weights_only=True, map_location="meta")`: 
 no tensor data is read, and torch reports where each storage's bytes lie in the file. The bytes are
 then read block by block with `preadv` into reused buffers (a memory map would count every touched
 page of a 13 GB shard in the process's RSS). For every Hugging Face tensor the shards'
-slices are concatenated along the split dimension of `llamaforge.names`, q/k rows are put back in
+slices are concatenated along the split dimension of `llamaforge.model.meta_params`, q/k rows are put back in
 Hugging Face order, and the blocks go straight into safetensors shards (ShardedSafetensorsWriter).
 Memory stays at a few blocks whatever the model size.
 
 The inverse of `llamaforge.export.export_pth`: importing an export gives back the same tensors, byte
 for byte, with the same names and dtypes. What params.json cannot hold is chosen as documented in
-`names.default_max_positions` (context length) and taken from tokenizer.model (bos/eos/pad ids).
+`model.meta_params.default_max_positions` (context length) and taken from tokenizer.model (bos/eos/pad ids).
 """
 
 from __future__ import annotations
@@ -25,13 +25,18 @@ from typing import Callable
 
 import torch
 
-from .errors import LlamaforgeError
-from . import defaults as D
-from .formats import torch_load_error, ShardedSafetensorsWriter, TensorInfo, parse_size, plan_shards, pread_into
-from .fsutil import atomic_dir, guard_output, hash_files, require_dir, write_json
-from .model import DERIVED_META, EMBED, by_meta, config_from_dims, dims_from_params, hf_order, permute_into
-from .stream import COPY_BLOCK_ELEMS, BlockReader, Read, block_rows, row_ranges
-from .tokenizer import is_tiktoken_model, load_proto, special_ids, tokenizer_folder_model, write_hf_tokenizer
+from .. import defaults as D
+from ..errors import LlamaforgeError
+from ..files.atomic import atomic_dir, write_json
+from ..files.guard import guard_output
+from ..files.hashing import hash_files
+from ..files.reading import require_dir
+from ..formats.dtypes import TensorInfo, parse_size, pread_into
+from ..formats.pickles import torch_load_error
+from ..formats.safetensors import ShardedSafetensorsWriter, plan_shards
+from ..formats.stream import COPY_BLOCK_ELEMS, BlockReader, Read, block_rows, row_ranges
+from ..model import DERIVED_META, EMBED, by_meta, config_from_dims, dims_from_params, hf_order, permute_into
+from ..tokenizer import is_tiktoken_model, load_proto, special_ids, tokenizer_folder_model, write_hf_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +135,8 @@ def meta_shards(folder: Path) -> list[Path]:
 
 
 def _read_params(folder: Path) -> dict:
-    from .fsutil import in_folder, metadata_bytes
+    from ..files.hashing import metadata_bytes
+    from ..files.reading import in_folder
 
     p = in_folder(folder, "params.json", "Meta folder",
                   "copy params.json from Meta's release (it sits beside consolidated.00.pth)")
@@ -218,7 +224,7 @@ def import_pth(input: str | os.PathLike, output: str | os.PathLike, tokenizer: s
                                   tok_path, "use the tokenizer.model released with these weights")
         llama3_tokenizer = None
         if tiktoken:  # converted (and checked against the embedding rows) before any weight is read
-            from .tokenizer import llama3_tokenizer_json
+            from ..tokenizer import llama3_tokenizer_json
 
             llama3_tokenizer = llama3_tokenizer_json(tok_path, dims.vocab)
         dtype = plan[0][1].dtype
@@ -269,7 +275,7 @@ def _write_llama3_files(tmp: Path, params: dict, dims, dtype_name: str, tokenize
     """config.json (llama3 rope scaling when params.json says use_scaled_rope), generation_config.json
     and the tokenizer (tokenizer.json from Meta's tiktoken tokenizer.model) of a
     Llama-3.x import, as transformers' convert_llama_weights_to_hf writes them."""
-    from .tokenizer import LLAMA3_SPECIAL_TOKENS, write_llama3_tokenizer
+    from ..tokenizer import LLAMA3_SPECIAL_TOKENS, write_llama3_tokenizer
 
     ranks = dims.vocab - len(LLAMA3_SPECIAL_TOKENS)
     bos, eos = ranks, ranks + 1  # <|begin_of_text|>, <|end_of_text|>
