@@ -257,3 +257,31 @@ def test_from_f16_reads_the_f16_it_just_wrote_once(demo, tmp_path, monkeypatch):
     f16.write_bytes(f16.read_bytes())  # rewritten in place: its ctime moves, so it is hashed again
     with pytest.raises(AssertionError, match="hashed again"):
         fsutil.sha256_cached(f16)
+
+
+def test_from_f16_imports_neither_torch_nor_transformers(demo, tmp_path):
+    """A quantized export from llamaforge's F16 GGUF reads that GGUF and the model folder's metadata
+    only: no tensor of the model, no torch, no transformers (5 s of imports saved per quantized type),
+    and its output equals the one made while writing the F16 (byte for byte)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llamaforge.export import export_gguf
+
+    f16 = tmp_path / "m-f16.gguf"
+    export_gguf(demo / "base", f16, "f16", echo=lambda *a: None)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export_gguf.py"
+    probe = ("import atexit, runpy, sys; sys.path.insert(0, sys.argv[1].rsplit('/', 1)[0]); "
+             "atexit.register(lambda: print('MODULES', sorted(m for m in ('torch', 'transformers', 'safetensors') "
+             "if m in sys.modules))); script = sys.argv[1]; sys.argv = sys.argv[1:]; "
+             "runpy.run_path(script, run_name='__main__')")
+    out = tmp_path / "m-q4_k_m.gguf"
+    done = subprocess.run([sys.executable, "-c", probe, str(script), "--model", str(demo / "base"), "--outtype",
+                           "q4_k_m", "--from-f16", str(f16), "--output", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MODULES []" in done.stdout.splitlines()
+    direct = tmp_path / "direct-q4_k_m.gguf"
+    export_gguf(demo / "base", direct, "q4_k_m", echo=lambda *a: None)
+    assert out.read_bytes() == direct.read_bytes()
