@@ -577,6 +577,8 @@ def test_a_family_value_offset_is_applied_on_export(inputs, tmp_path, monkeypatc
     from llamaforge.export.gguf import export_gguf
     from llamaforge.model import families
 
+    plain = tmp_path / "plain.gguf"
+    export_gguf(inputs["merged"], plain, "f16", echo=lambda *a: None, modelfile=None)
     llama = families.FAMILIES["llama"]
     layer = tuple(dataclasses.replace(t, offset=1.0) if t.norm else t for t in llama.layer)
     monkeypatch.setitem(families.FAMILIES, "llama", dataclasses.replace(llama, layer=layer))
@@ -589,3 +591,7 @@ def test_a_family_value_offset_is_applied_on_export(inputs, tmp_path, monkeypatc
     norm = src["model.layers.0.input_layernorm.weight"]
     assert torch.equal(torch.from_numpy(got["blk.0.attn_norm.weight"].data.copy()), (norm + 1.0).float())
     assert torch.equal(torch.from_numpy(got["output_norm.weight"].data.copy()), src["model.norm.weight"].float())
+    # every other tensor as without the offsets
+    before = {t.name: t for t in GGUFReader(plain).tensors}
+    assert all(np.array_equal(got[n].data, before[n].data) for n in got if not n.endswith("attn_norm.weight")
+               and not n.endswith("ffn_norm.weight"))

@@ -50,6 +50,7 @@ class Family:
     # the 49152-token vocabulary (SmolLM, Granite)
     llama_gguf_rules: bool
     prompt_style: str = "alpaca"     # prompts.FORMATS name used when the tokenizer has no chat template
+    final_norm: TensorName = NORM    # the final norm (a family may give it a value offset, as its layer norms)
 
     @property
     def architecture(self) -> str:
@@ -66,7 +67,7 @@ class Family:
         out = [EMBED]
         for i in range(n_layers):
             out += [t.at(i) for t in self.layer]
-        out.append(NORM)
+        out.append(self.final_norm)
         if with_output:
             out.append(OUTPUT)
         return out
