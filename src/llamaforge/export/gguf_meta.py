@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # torch only where a tensor is converted: the metadata and th
     import torch
 
     from ..model import ModelFolder
-from ..model.prompts import ALPACA_CHAT_TEMPLATE
+from ..model.prompts import ALPACA_CHAT_TEMPLATE, FORMATS, jinja_chat_template  # noqa: F401  (ALPACA_CHAT_TEMPLATE: the family default's name)
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 
@@ -309,7 +309,8 @@ def _sentencepiece_metadata(gguf, writer, model: ModelFolder) -> None:
         sv.special_token_ids.setdefault(key, tid)
     sv.add_special_token.setdefault("bos", v["add_bos"])
     sv.add_special_token.setdefault("eos", v["add_eos"])
-    sv.chat_template = _chat_template(model.folder) or ALPACA_CHAT_TEMPLATE
+    # a tokenizer without a chat template gets its family's prompt style (the Chinese-Alpaca recipe's)
+    sv.chat_template = _chat_template(model.folder) or jinja_chat_template(FORMATS[model.family.prompt_style])
     sv.add_to_gguf(writer, quiet=True)
 
 
