@@ -16,12 +16,12 @@ from ..errors import LlamaforgeError
 from ..files.guard import GGUF_OWN_KEY
 from ..files.reading import read_json
 from ..model import TensorName, TokenizerKind
+from ..model.prompts import ALPACA_CHAT_TEMPLATE, FORMATS, jinja_chat_template  # noqa: F401 (a name tests use)
 
 if TYPE_CHECKING:  # torch only where a tensor is converted: the metadata and the checks need none
     import torch
 
     from ..model import ModelFolder
-from ..model.prompts import ALPACA_CHAT_TEMPLATE, FORMATS, jinja_chat_template  # noqa: F401  (ALPACA_CHAT_TEMPLATE: the family default's name)
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 
