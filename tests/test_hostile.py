@@ -1085,8 +1085,9 @@ def test_hash_cache_keys_on_ctime(tmp_path, monkeypatch):
 def test_ownership_marks_are_specific_to_each_kind(world, tmp_path):
     """Each kind of output is recognised by what only its writer writes, whole: never by a first line a
     user may type, never as another kind."""
-    from llamaforge.export import modelfile  # noqa: F401  (it registers its mark)
-    from llamaforge.files import checksums, guard  # noqa: F401  (they register their marks)
+    from llamaforge.export import modelfile, pth  # noqa: F401  (each writer registers its mark)
+    from llamaforge.files import checksums, guard  # noqa: F401
+    from llamaforge.generate import generation  # noqa: F401
     from llamaforge.files.checksums import verify_to_report
     from llamaforge.files.guard import _OWN
     from llamaforge.export.modelfile import modelfile_text, write_modelfile
@@ -1131,6 +1132,8 @@ def test_ownership_marks_are_specific_to_each_kind(world, tmp_path):
     for _ in range(2):
         verify_to_report({}, [world / "pth" / "SHA256SUMS"], report, echo=lambda *a: None)
     assert report.read_text().startswith("# llamaforge verify\nOK       ")
+    with pytest.raises(RuntimeError, match="'no_such_kind'"):  # a kind no writer registered: never guessed
+        guard.guard_output(tmp_path / "again" / "x", "no_such_kind")
 
 
 def test_modelfile_parameters_take_ollamas_whole_ranges(world, tmp_path):

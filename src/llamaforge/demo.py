@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import LlamaforgeError
 from .files.atomic import atomic_dir, write_json
-from .files.guard import guard_output
+from .files.guard import guard_output, json_of_kind, register_output_kind
 from .tokenizer import bundled_text, merge_protos, write_hf_tokenizer
 
 # hidden 256, 2 layers: small enough to build and test in seconds, shaped like LLaMA, and sized so
@@ -38,6 +38,9 @@ BASE_FILES = ["config.json", "generation_config.json", "model-00001-of-00002.saf
 LORA_FILES = ["adapter_config.json", "adapter_model.safetensors",
               "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 SP_FILES = ["sp/base.model", "sp/chinese.model"]
+
+# a demo folder is llamaforge's by its manifest, llamaforge.json {"llamaforge": "demo", "seed": ...}
+register_output_kind("demo", "demo folder", lambda p: json_of_kind("demo")(p / "llamaforge.json"), folder=True)
 
 
 def demo_files() -> list[str]:

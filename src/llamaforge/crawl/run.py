@@ -20,13 +20,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .. import defaults as D
 from ..errors import LlamaforgeError
 from ..files.atomic import write_json
-from ..files.guard import guard_output
+from ..files.guard import _json_of, guard_output, register_output_kind
 from .client import _complete, _display_url, _redact, _reply_fields, _Settings
 from .store import _alpaca_is_ours, _Store, alpaca_of, output_paths
 
 log = logging.getLogger(__package__)  # "llamaforge.crawl", as one logger for the whole crawl
 
 CRAWL_STATS = "crawl"  # the "llamaforge" value of the crawl's stats file
+# the stats file is the crawl's by that value, or by its totals (an earlier llamaforge wrote no "llamaforge")
+register_output_kind("crawl_stats", "crawl stats file", lambda p: isinstance(d := _json_of(p), dict) and (
+    d.get("llamaforge") == CRAWL_STATS or {"requests", "items", "tokens", "cost_usd"} <= d.keys()))
 
 DEFAULT_MODEL = "gpt-4o-mini"
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LlamaforgeError
-from ..files.guard import _OWN, _first_record, owned_by
+from ..files.guard import owned_by, register_output_kind
 from .dedup import DedupIndex
 from .replies import REJECT_REASONS, Item, _count, check_item, parse_reply
 
@@ -58,6 +58,21 @@ def _peek_jsonl(path: Path) -> list | None:
 _ITEM_FIELDS = frozenset({"instruction", "input", "output"})
 
 
+def _first_record(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+
+
+@owned_by("crawl_raw", "crawl reply file")
+def _raw_is_ours(path: Path) -> bool:
+    """The append-only reply file is the crawl's by its first line (a later one may be torn by a kill)."""
+    r = _first_record(path)
+    return isinstance(r, dict) and {"index", "seed", "items_per_request", "content"} <= r.keys()
+
+
 @owned_by("crawl_items", "crawl items file")
 def _items_are_ours(path: Path) -> bool:
     """The items file is the crawl's when the reply file beside it is (each accepted item is written
@@ -66,7 +81,7 @@ def _items_are_ours(path: Path) -> bool:
     however alike, has no reply file of llamaforge's beside it."""
     _, raw, _, _ = output_paths(path)
     first = _first_record(path)
-    return raw.is_file() and _OWN["crawl_raw"][1](raw) and isinstance(first, dict) and set(first) <= _ITEM_FIELDS
+    return raw.is_file() and _raw_is_ours(raw) and isinstance(first, dict) and set(first) <= _ITEM_FIELDS
 
 
 def alpaca_of(items: list[dict]) -> list[dict]:
@@ -99,6 +114,11 @@ def _alpaca_is_ours(path: Path, items_path: Path) -> bool:
         if isinstance(record, dict) and isinstance(record.get("content"), str):
             known |= {tuple(i[k] for k in _ITEM_FIELDS_ORDER) for i in parse_reply(record["content"]) if i}
     return all(tuple(r.get(k) for k in _ITEM_FIELDS_ORDER) in known for r in data)
+
+
+# the Alpaca JSON is judged against its items file, which only the crawl knows: crawl/run.py passes
+# guard_output's own=_alpaca_is_ours; no mark of its own
+register_output_kind("alpaca", "Alpaca JSON of this crawl's items", lambda p: False)
 
 
 _ITEM_FIELDS_ORDER = ("instruction", "input", "output")

@@ -10,9 +10,20 @@ from typing import Sequence
 
 from ..errors import LlamaforgeError
 from ..files.atomic import atomic_file, write_json
-from ..files.guard import guard_output
+from ..files.guard import guard_output, owned_by
 from ..files.reading import read_json
 from .common import SUMMARY, _guard
+
+
+@owned_by("png", "llamaforge plot")
+def _png_is_own(path: Path) -> bool:
+    """A PNG whose `Software` text chunk names llamaforge (set by its plots)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 16)
+    except OSError:
+        return False
+    return data.startswith(b"\x89PNG\r\n\x1a\n") and b"Software\x00llamaforge" in data
 
 
 def summarize(model: str, output: str | os.PathLike | None = None, predictions: str | os.PathLike | None = None,

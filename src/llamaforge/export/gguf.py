@@ -27,6 +27,7 @@ from .gguf_meta import (
     load_gguf,
 )
 from .gguf_write import Converter, begin_gguf_file
+from .modelfile import check_gguf_name, check_parameters, modelfile_path  # and the Modelfile's mark
 from .source import describe_model, has_output, open_model, plan_reads, tensor_stream
 
 if TYPE_CHECKING:  # torch, the weight files and the stream only where tensors are read or written
@@ -45,7 +46,6 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
     `modelfile`: the generation parameters for the Modelfile (Ollama's names: temperature, top_k,
     top_p, repeat_penalty, num_predict). `from_f16`: quantize this F16 GGUF of `model`, written by
     llamaforge before (the workflow's exports/{model}/{model}-f16.gguf), instead of writing one."""
-    from .modelfile import check_gguf_name, check_parameters, modelfile_path
     from .quantize import LLAMA_CPP_TYPES, load_llama_cpp
 
     quantized = outtype in LLAMA_CPP_TYPES

@@ -15,6 +15,7 @@ from ..model import (
     TokenizerKind,
 )
 from .gguf_meta import (
+    GGUF_OWN_KEY,
     extra_tensor_shapes,
     gguf_metadata,
     gguf_qtype,
@@ -31,7 +32,6 @@ def check_f16(gguf, path: Path, m: ModelFolder) -> dict:
     architecture, exactly the tensors (names and shapes) an export of the model writes, and its
     vocabulary, token by token. Checked before llama.cpp sees it (which would quantize any of them,
     or crash). Returns its size, tensor count and chat template."""
-    from ..files.guard import GGUF_OWN_KEY
     from ..files.hashing import sha256_cached
     from ..files.reading import require_regular_file
     from .quantize import gguf_file_type, gguf_string
@@ -67,7 +67,6 @@ def _check_f16_metadata(gguf, reader, path: Path, m: ModelFolder, again: str) ->
     (head counts, rope base, norm epsilon, context length), special tokens, scores or chat template were
     changed would give a quantized model that is not the model's. general.name may be any (--name),
     llamaforge.version that of the llamaforge which wrote it."""
-    from ..files.guard import GGUF_OWN_KEY
     from .quantize import gguf_string
 
     writer = gguf.GGUFWriter(path=None, arch=m.family.gguf_arch)

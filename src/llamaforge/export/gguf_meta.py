@@ -10,10 +10,11 @@ import functools
 import hashlib
 import json
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import LlamaforgeError
-from ..files.guard import GGUF_OWN_KEY
+from ..files.guard import owned_by
 from ..files.reading import read_json
 from ..model import TensorName, TokenizerKind
 from ..model.prompts import ALPACA_CHAT_TEMPLATE, FORMATS, jinja_chat_template  # noqa: F401 (a name tests use)
@@ -24,6 +25,18 @@ if TYPE_CHECKING:  # torch only where a tensor is converted: the metadata and th
     from ..model import ModelFolder
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
+GGUF_OWN_KEY = "llamaforge.version"  # written into every GGUF llamaforge writes: its mark as llamaforge's output
+
+
+@owned_by("gguf", "GGUF file")
+def _gguf_is_own(path: Path) -> bool:
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(path, "r").fields.get(GGUF_OWN_KEY)
+        return field is not None and field.types == [gguf.GGUFValueType.STRING]
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
 
 
 def load_gguf():

@@ -28,7 +28,7 @@ import torch
 from .. import defaults as D
 from ..errors import LlamaforgeError
 from ..files.atomic import atomic_dir, write_json
-from ..files.guard import guard_output
+from ..files.guard import guard_output, json_of_kind, register_output_kind
 from ..files.hashing import hash_files
 from ..files.reading import require_dir
 from ..formats.dtypes import TensorInfo, parse_size, pread_into
@@ -41,6 +41,10 @@ from ..tokenizer import is_tiktoken_model, load_proto, special_ids, tokenizer_fo
 log = logging.getLogger(__name__)
 
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+# an imported folder is llamaforge's by its manifest, llamaforge.json {"llamaforge": "import_pth", ...}
+register_output_kind("import", "imported model folder", lambda p: json_of_kind("import_pth")(p / "llamaforge.json"),
+                     folder=True)
 
 
 class PthFile:

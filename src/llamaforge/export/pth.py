@@ -8,12 +8,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import LlamaforgeError
 from ..files.atomic import atomic_dir
-from ..files.checksums import SUMS, sums_text
-from ..files.guard import guard_output, sums_header
+from ..files.checksums import SUM_LINE, SUMS, sums_text
+from ..files.guard import guard_output, register_output_kind, sums_header
 from ..model import (
     EMBED,
     TokenizerKind,
@@ -27,6 +29,32 @@ from .source import _shard_pieces, open_model, plan_reads, tensor_stream
 if TYPE_CHECKING:  # torch, the weight files and the stream only where tensors are read or written
 
     from ..formats.dtypes import TensorInfo
+
+
+SUMS_MARK = sums_header("export_pth").rstrip("\n")  # the first line of the SHA256SUMS export_pth writes
+
+
+def _sums_kind(folder: Path) -> str | None:
+    """'export_pth' when the folder's SHA256SUMS is the one a Meta export writes: the header line
+    `# llamaforge export_pth` (or none: earlier llamaforge versions), then only '<sha256>  <name>'
+    lines that list exactly the folder's other files (params.json, tokenizer.model and the
+    consolidated.NN.pth files). A header alone is no mark: a folder holding anything else is not ours."""
+    try:
+        lines = (folder / SUMS).read_text(encoding="utf-8").splitlines()
+        present = {p.name for p in folder.iterdir()} - {SUMS}
+    except (OSError, UnicodeDecodeError):
+        return None
+    if lines and lines[0] == SUMS_MARK:
+        lines = lines[1:]
+    if not lines or not all(SUM_LINE.fullmatch(line) for line in lines):
+        return None
+    listed = {line[66:] for line in lines}
+    ok = listed == present and {"params.json", "consolidated.00.pth"} <= listed and all(
+        n in ("params.json", "tokenizer.model") or re.fullmatch(r"consolidated\.\d\d\.pth", n) for n in listed)
+    return "export_pth" if ok else None
+
+
+register_output_kind("pth", "Meta export folder", lambda p: _sums_kind(p) == "export_pth", folder=True)
 
 
 def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: int | None = None,

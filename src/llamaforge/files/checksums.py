@@ -19,6 +19,7 @@ from .reading import read_text, small_text_lines
 SUMS = "SHA256SUMS"
 REPORT_HEADER = "# llamaforge verify"
 _REPORT_LINE = re.compile(r"(OK {7}|FAILED {3}|MISSING {2})\S.*")
+SUM_LINE = re.compile(r"[0-9a-f]{64} [ *]\S.*")  # a line of sums_text: '<sha256>  <name>'
 
 
 @owned_by("verify_report", "checksum report")
@@ -28,6 +29,22 @@ def is_own_report(path: Path) -> bool:
     lines = small_text_lines(path, 16 << 20)
     return (lines is not None and len(lines) > 2 and lines[0] == REPORT_HEADER and lines[-1] == ""
             and all(_REPORT_LINE.fullmatch(line) for line in lines[1:-1]))
+
+
+@owned_by("sha256", "checksum file")
+def _is_sidecar(path: Path) -> bool:
+    """A `<file>.sha256` as llamaforge writes it: one '<sha256>  <file>' line naming the file it is
+    beside (a SHA256SUMS, or the hash of another file, is not that)."""
+    if not path.name.endswith(".sha256"):
+        return False
+    try:
+        if path.stat().st_size > 4096:
+            return False
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return (len(lines) == 1 and bool(SUM_LINE.fullmatch(lines[0]))
+            and lines[0][66:] == path.name[:-len(".sha256")])
 
 
 def sums_text(hashes: dict[str, str], header: str = "") -> str:

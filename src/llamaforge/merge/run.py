@@ -15,7 +15,7 @@ from .. import __version__
 from .. import defaults as D
 from ..errors import LlamaforgeError
 from ..files.atomic import atomic_dir, write_json
-from ..files.guard import guard_output
+from ..files.guard import guard_output, json_of_kind, register_output_kind
 from ..files.hashing import copy_file, hash_files, sha256_cached
 from ..files.reading import require_dir
 from ..formats.dtypes import parse_size, torch_dtype
@@ -27,6 +27,9 @@ from .merger import _Merger
 from .plan import VOCAB_EXPLAINED, _refuse_adapters_already_in, _resolve_tokenizer, plan_merge
 
 log = logging.getLogger(__name__)
+
+# a merged folder is llamaforge's by its manifest, llamaforge.json {"llamaforge": "merge", ...}
+register_output_kind("merge", "merged model folder", lambda p: json_of_kind("merge")(p / "llamaforge.json"), folder=True)
 
 
 def _copy_tokenizer(folder: Path, out: Path) -> None:

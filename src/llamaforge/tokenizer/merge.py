@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import LlamaforgeError
 from ..files.atomic import atomic_dir
-from ..files.guard import guard_output
+from ..files.guard import _json_of, guard_output, register_output_kind
 from .folder import tokenizer_files, tokenizer_length
 from .hf_json import pad_token_of, write_hf_tokenizer
 from .load import check_hf_tokenizer, load_hf_tokenizer, tokens_per_char
@@ -26,6 +26,17 @@ from .proto import _pb2, load_proto
 from .texts import TEST_SENTENCE, bundled_text
 
 log = logging.getLogger("llamaforge.tokenizer")  # the name the log lines have always carried
+
+
+def _is_own_tokenizer(folder: Path) -> bool:
+    """A merged tokenizer folder is llamaforge's by its merge_report.json {"llamaforge":
+    "merge_tokenizers", ...}, or that of an earlier llamaforge (no "llamaforge" key, its counts)."""
+    data = _json_of(folder / "merge_report.json")
+    return isinstance(data, dict) and (data.get("llamaforge") == "merge_tokenizers" or {
+        "base_pieces", "extra_pieces", "merged_pieces", "added_pieces"} <= data.keys())
+
+
+register_output_kind("tokenizer", "merged tokenizer folder", _is_own_tokenizer, folder=True)
 
 
 @dataclass
