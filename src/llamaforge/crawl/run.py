@@ -20,7 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .. import defaults as D
 from ..errors import LlamaforgeError
 from ..files.atomic import write_json
-from ..files.guard import _json_of, guard_output, register_output_kind
+from ..files.guard import json_or_none, guard_output, register_output_kind
 from .client import _complete, _display_url, _redact, _reply_fields, _Settings
 from .store import _alpaca_is_ours, _Store, alpaca_of, output_paths
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__package__)  # "llamaforge.crawl", as one logger for th
 
 CRAWL_STATS = "crawl"  # the "llamaforge" value of the crawl's stats file
 # the stats file is the crawl's by that value, or by its totals (an earlier llamaforge wrote no "llamaforge")
-register_output_kind("crawl_stats", "crawl stats file", lambda p: isinstance(d := _json_of(p), dict) and (
+register_output_kind("crawl_stats", "crawl stats file", lambda p: isinstance(d := json_or_none(p), dict) and (
     d.get("llamaforge") == CRAWL_STATS or {"requests", "items", "tokens", "cost_usd"} <= d.keys()))
 
 DEFAULT_MODEL = "gpt-4o-mini"

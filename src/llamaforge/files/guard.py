@@ -13,7 +13,7 @@ from typing import Callable
 from ..errors import LlamaforgeError
 
 
-def _json_of(path: Path):
+def json_or_none(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -32,7 +32,7 @@ def json_of_kind(kind: str):
     writes, so no other JSON (a user's with a "llamaforge" key, another kind of result) is taken for
     its output."""
     def test(path: Path) -> bool:
-        data = _json_of(path)
+        data = json_or_none(path)
         return isinstance(data, dict) and data.get("llamaforge") == kind
     return test
 

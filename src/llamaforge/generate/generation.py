@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 from .. import defaults as D
 from ..errors import LlamaforgeError
 from ..files.atomic import atomic_file, write_json
-from ..files.guard import _json_of, guard_output, json_of_kind, owned_by
+from ..files.guard import json_or_none, guard_output, json_of_kind, owned_by
 from ..model.prompts import bind_template, get_template
 from .instructions import SAMPLE_DATA, Example, read_examples
 from .loading import Loaded, load_model
@@ -27,7 +27,7 @@ PREDICTION_FIELDS = frozenset({"instruction", "input", "prompt", "output"})  # o
 @owned_by("predictions", "predictions file")
 def _is_own_predictions(path: Path) -> bool:
     """A JSON list of records with exactly the fields predict writes."""
-    data = _json_of(path)
+    data = json_or_none(path)
     return isinstance(data, list) and all(isinstance(x, dict) and set(x) == PREDICTION_FIELDS for x in data)
 
 #: inference_hf.py's generation_config (the later release, with repetition_penalty 1.1).

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import LlamaforgeError
 from ..files.atomic import atomic_dir
-from ..files.guard import _json_of, guard_output, register_output_kind
+from ..files.guard import json_or_none, guard_output, register_output_kind
 from .folder import tokenizer_files, tokenizer_length
 from .hf_json import pad_token_of, write_hf_tokenizer
 from .load import check_hf_tokenizer, load_hf_tokenizer, tokens_per_char
@@ -31,7 +31,7 @@ log = logging.getLogger("llamaforge.tokenizer")  # the name the log lines have a
 def _is_own_tokenizer(folder: Path) -> bool:
     """A merged tokenizer folder is llamaforge's by its merge_report.json {"llamaforge":
     "merge_tokenizers", ...}, or that of an earlier llamaforge (no "llamaforge" key, its counts)."""
-    data = _json_of(folder / "merge_report.json")
+    data = json_or_none(folder / "merge_report.json")
     return isinstance(data, dict) and (data.get("llamaforge") == "merge_tokenizers" or {
         "base_pieces", "extra_pieces", "merged_pieces", "added_pieces"} <= data.keys())
 
