@@ -263,10 +263,20 @@ def test_gguf_quality_loads_the_reference_through_the_guarded_loader(demo, tmp_p
         calls.append((folder, dtype, device))
         raise Loaded
 
-    monkeypatch.setattr("llamaforge.evaluate.gguf_eval._check_ggufs", lambda model, ggufs: None)
+    from llamaforge.model import ModelFolder
+
+    described = []
+
+    def check_ggufs(model, ggufs):  # open_model's ModelFolder, without GGUF files to check
+        described.append(ModelFolder(model))
+        return described[-1]
+
+    monkeypatch.setattr("llamaforge.evaluate.gguf_eval._check_ggufs", check_ggufs)
     monkeypatch.setattr(llamaforge.generate, "load_causal_lm", guarded)
     from llamaforge.evaluate import gguf_quality
 
     with pytest.raises(Loaded):
         gguf_quality(demo / "base", [tmp_path / "x.gguf"], tmp_path / "q.json", echo=quiet)
-    assert calls == [(demo / "base", torch.float32, "cpu")]
+    # the reference is loaded from the very ModelFolder the GGUF check described: the folder is not read again
+    assert [(id(f), f.path) for f, *_ in calls] == [(id(described[0]), demo / "base")]
+    assert calls[0][1:] == (torch.float32, "cpu")

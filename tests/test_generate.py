@@ -399,3 +399,63 @@ def test_adapter_with_only_tokenizer_json_has_a_tokenizer(demo, tmp_path):
     (ad / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
     [info] = inspect_adapters(demo / "base", [ad])
     assert info.tokenizer_len == 1190 and info.pad_id is None
+
+
+_CONFIG_OPENS: list | None = None  # while a test records: (path, the file of the code that opened it)
+
+
+def _record_config_opens(event: str, args) -> None:
+    """Audit hook (installed once per process; audit hooks cannot be removed): each open of a
+    config.json while a test records, with the innermost frame outside the standard library."""
+    if _CONFIG_OPENS is None or event != "open" or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return
+    path = os.fsdecode(args[0])
+    if os.path.basename(path) != "config.json":
+        return
+    import sysconfig
+
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"]) + os.sep
+    frame = sys._getframe(1)
+    while frame is not None:  # pathlib, io, json...: the opener is the first frame beyond the standard library
+        name = frame.f_code.co_filename
+        real = os.path.realpath(name)
+        in_stdlib = real.startswith(stdlib) and not {"site-packages", "dist-packages"} & set(Path(real).parts)
+        if not (name.startswith("<") or in_stdlib):
+            break
+        frame = frame.f_back
+    _CONFIG_OPENS.append((os.path.realpath(path), os.path.realpath(frame.f_code.co_filename) if frame else "?"))
+
+
+def test_load_model_reads_config_json_once(demo, monkeypatch):
+    """One ModelFolder per model input, passed down: llamaforge code opens (and parses) the model's
+    config.json at most once in load_model; transformers' own from_pretrained reads it again, which
+    is outside llamaforge's control and not counted."""
+    global _CONFIG_OPENS
+    import llamaforge
+    import llamaforge.files.hashing as hashing
+    import llamaforge.model
+    import llamaforge.model.folder as folder
+
+    if not getattr(test_load_model_reads_config_json_once, "hooked", False):
+        sys.addaudithook(_record_config_opens)
+        test_load_model_reads_config_json_once.hooked = True
+    package = os.path.realpath(Path(llamaforge.__file__).parent) + os.sep
+    config = os.path.realpath(demo / "base" / "config.json")
+    parsed = []
+    read_hf_config = folder.read_hf_config
+    counted = lambda f: parsed.append(f) or read_hf_config(f)  # noqa: E731
+    monkeypatch.setattr(folder, "read_hf_config", counted)
+    monkeypatch.setattr(llamaforge.model, "read_hf_config", counted)
+    hashing._metadata.clear()  # nothing served from an earlier test's reads: the first read opens the file
+    _CONFIG_OPENS = []
+    try:
+        loaded = load_model(demo / "base", echo=lambda *a: None)
+    finally:
+        opens, _CONFIG_OPENS = _CONFIG_OPENS, None
+    assert loaded.vocab == 512
+    opens = [who for path, who in opens if path == config]
+    ours = [who for who in opens if who.startswith(package)]
+    assert opens, "the audit hook saw no open of config.json at all"
+    assert len(opens) > len(ours), "transformers' own reads were not told apart"
+    assert len(ours) <= 1, f"llamaforge opened config.json {len(ours)} times: {ours}"
+    assert len(parsed) == 1, f"config.json parsed {len(parsed)} times"

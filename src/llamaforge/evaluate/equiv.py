@@ -20,11 +20,16 @@ from typing import Sequence
 
 from ..errors import LlamaforgeError
 from ..files.atomic import write_json
+from ..model import ModelFolder
 from .common import DEFAULT_TOLERANCE, EQUIVALENCE, _guard, log
 
 
-def stored_dtypes(folder: str | os.PathLike) -> dict:
-    """{tensor name: torch dtype} as the model folder's weight files store them (headers only)."""
+def stored_dtypes(folder: str | os.PathLike | ModelFolder) -> dict:
+    """{tensor name: torch dtype} as the model folder's weight files store them (headers only).
+    `folder`: a ModelFolder (its tensor index reused, left open) or a path."""
+    if isinstance(folder, ModelFolder):
+        src = folder.tensors()
+        return {k: src.info(k).dtype for k in src.keys()}
     from ..formats.source import ModelSource
 
     src = ModelSource(folder)
@@ -81,18 +86,7 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
 
     The result is written to `output` (when given) before the error is raised, for inspection.
     """
-    import torch
-
-    from ..generate import (
-        apply_adapters,
-        base_vocab_size,
-        check_model_config,
-        inspect_adapters,
-        load_causal_lm,
-        load_tokenizer,
-        plan_vocab,
-        resolve_device,
-    )
+    from ..generate import check_model_config
 
     _guard(output, EQUIVALENCE, [("merged model folder", merged), ("base model folder", base), ("tokenizer folder", tokenizer),
                     ("prompts file", prompts_file)] + [("adapter folder", p) for p in loras])
@@ -104,22 +98,39 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
                               "give the adapters the model was merged from (--lora, in order)")
     if tolerance <= 0:
         raise LlamaforgeError(f"tolerance is {tolerance}", None, "give a positive tolerance, e.g. 1e-3")
-    check_model_config(merged)
-    check_model_config(base)
+    # each model folder described once (config.json, generation config, tensor index), passed down
+    with check_model_config(merged) as mm, check_model_config(base) as mb:
+        return _equivalence(mm, mb, merged, base, loras, output, tokenizer, prompts_file, tolerance, device, echo)
+
+
+def _equivalence(mm: ModelFolder, mb: ModelFolder, merged, base, loras, output, tokenizer, prompts_file,
+                 tolerance: float, device: str, echo) -> dict:
+    import torch
+
+    from ..generate import (
+        apply_adapters,
+        base_vocab_size,
+        inspect_adapters,
+        load_causal_lm,
+        load_tokenizer,
+        plan_vocab,
+        resolve_device,
+    )
+
     dev = resolve_device(device)
     tok_dir = Path(tokenizer) if tokenizer else Path(merged)
     tok = load_tokenizer(tok_dir)
-    merged_vocab = base_vocab_size(merged)
-    infos = inspect_adapters(base, loras)
+    merged_vocab = base_vocab_size(mm)
+    infos = inspect_adapters(mb, loras)
     # structural checks only: whether the chain is the right recipe is the merge's business
-    sizes = plan_vocab(base_vocab_size(base), infos, None, allow_vocab_jump=True)
+    sizes = plan_vocab(base_vocab_size(mb), infos, None, allow_vocab_jump=True)
     if sizes[-1] != merged_vocab:
         raise LlamaforgeError(
             f"the merged model has {merged_vocab} embedding rows but base + adapters give {sizes[-1]} "
             f"({' -> '.join(map(str, sizes))})", Path(merged) / "config.json",
             "compare the merged model with the base and the adapters (in order) it was built from")
     plan_vocab(merged_vocab, [], len(tok), tok_dir, merged)
-    dtypes = stored_dtypes(merged)
+    dtypes = stored_dtypes(mm)
     reduced = sorted({str(t).replace("torch.", "") for t in dtypes.values()
                       if t in (torch.float16, torch.bfloat16)})
     prompts = equivalence_prompts(prompts_file)
@@ -128,7 +139,7 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
          f"({sum(map(len, batch))} positions), float32 on {dev}; merged weights stored as "
          f"{', '.join(sorted({str(t).replace('torch.', '') for t in dtypes.values()}))}")
 
-    ref = apply_adapters(load_causal_lm(base, torch.float32, "cpu"), infos, sizes).to(dev).float()
+    ref = apply_adapters(load_causal_lm(mb, torch.float32, "cpu"), infos, sizes).to(dev).float()
     unmerged = _logits(ref, batch, dev)
     with ref.disable_adapter():
         without_last = _logits(ref, batch, dev)
@@ -145,7 +156,7 @@ def equivalence(merged: str | os.PathLike, base: str | os.PathLike, loras: Seque
         rounded = _logits(ref, batch, dev)
         floor = _compare(rounded, unmerged)["max_abs_diff"]
     del ref
-    model = load_causal_lm(merged, torch.float32, dev)
+    model = load_causal_lm(mm, torch.float32, dev)
     got = _logits(model, batch, dev)
     del model
     if reduced:

@@ -11,6 +11,7 @@ from typing import Sequence
 from .. import defaults as D
 from ..errors import LlamaforgeError
 from ..files.atomic import write_json
+from ..model import ModelFolder
 from .common import GGUF_QUALITY, _eval_text, _guard
 from .equiv import _logits, equivalence_prompts
 from .ppl import sliding_window_nll
@@ -69,14 +70,18 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
     _guard(output, GGUF_QUALITY, inputs)
     if not ggufs:
         raise LlamaforgeError("no GGUF file to measure", None, "give --gguf FILE (repeatable)")
-    _check_ggufs(model, ggufs)
-    text, text_name = _eval_text(text_file, "text")
-    check_model_config(model)
-    tok = load_tokenizer(model)
-    ids = tok(text).input_ids
-    prompts = [tok(p).input_ids for p in equivalence_prompts(prompts_file)]
-    # the guarded loader (config.json checked, every weight file checked first: a hostile pickle is one clear error)
-    hf = load_causal_lm(model, torch.float32, "cpu")
+    m = _check_ggufs(model, ggufs)  # the model folder described (and its tensors checked) once, reused below
+    try:
+        text, text_name = _eval_text(text_file, "text")
+        check_model_config(m)
+        tok = load_tokenizer(m.tokenizer.folder)
+        ids = tok(text).input_ids
+        prompts = [tok(p).input_ids for p in equivalence_prompts(prompts_file)]
+        # the guarded loader (config.json checked, every weight file checked first: a hostile pickle is one clear
+        # error), given the ModelFolder open_model made: the folder is not read again
+        hf = load_causal_lm(m, torch.float32, "cpu")
+    finally:
+        m.close()
     window = int(max_length or getattr(hf.config, "max_position_embeddings", 2048))
     window = min(window, max(len(ids), 2))
     ref_nll = sliding_window_nll(hf, ids, window, min(stride, window))
@@ -122,9 +127,10 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
     return result
 
 
-def _check_ggufs(model, ggufs) -> None:
+def _check_ggufs(model, ggufs) -> ModelFolder:
     """Each GGUF is a readable GGUF of `model` (its architecture, tensors and vocabulary; see
-    export.check_gguf_of), checked before any model is loaded."""
+    export.check_gguf_of), checked before any model is loaded. Returns the model's ModelFolder
+    (export.open_model's: tensors checked, index open; the caller closes it)."""
     from ..export.gguf_check import check_gguf_of, open_gguf
     from ..export.gguf_meta import load_gguf
     from ..export.source import open_model
@@ -138,8 +144,10 @@ def _check_ggufs(model, ggufs) -> None:
             fix = f"give a GGUF export of this model: scripts/export_gguf.py --model {model}"
             require_regular_file(g, "the GGUF file", fix)
             check_gguf_of(gguf, open_gguf(gguf, g, fix), g, m, fix, what="the GGUF")
-    finally:
+    except BaseException:
         m.close()
+        raise
+    return m
 
 
 def _outtype_of(path: Path) -> str:

@@ -11,7 +11,14 @@ from typing import Sequence
 
 from ..errors import LlamaforgeError
 from ..files.reading import require_dir
+from ..model import ModelFolder
 from ..tokenizer import has_tokenizer, ships_padding
+
+
+def model_folder(model: str | os.PathLike | ModelFolder) -> ModelFolder:
+    """The description of a model input: a ModelFolder as given, or built from a path (config.json
+    read and checked once; pass the result down rather than the path)."""
+    return model if isinstance(model, ModelFolder) else ModelFolder(model)
 
 
 @dataclass
@@ -79,20 +86,21 @@ def inspect_adapter(folder: str | os.PathLike, base_names) -> AdapterInfo:
     return info
 
 
-def inspect_adapters(model: str | os.PathLike, loras: Sequence[str | os.PathLike]) -> list[AdapterInfo]:
+def inspect_adapters(model: str | os.PathLike | ModelFolder, loras: Sequence[str | os.PathLike]) -> list[AdapterInfo]:
     """inspect_adapter for each of `loras`, against the tensors of the model they are applied to
-    (plus lm_head when its embeddings are tied, as the merge does)."""
+    (plus lm_head when its embeddings are tied, as the merge does). `model`: its ModelFolder (the
+    tensor index it holds is reused) or a path."""
     if not loras:
         return []
-    from ..formats.source import ModelSource
-    from ..model import LM_HEAD_HF, read_hf_config
+    from ..model import LM_HEAD_HF
 
-    src = ModelSource(model)
+    m = model_folder(model)
     try:
-        names = set(src.keys())
+        names = set(m.tensors().keys())
     finally:
-        src.close()
-    if read_hf_config(model).get("tie_word_embeddings", False):
+        if m is not model:  # described here: its tensor index is ours to close
+            m.close()
+    if m.config.get("tie_word_embeddings", False):
         names.add(LM_HEAD_HF)
     return [inspect_adapter(p, names) for p in loras]
 

@@ -1,5 +1,9 @@
 """Model loading: device and dtype, the model's config, the tokenizer, the model and its adapters
-(applied on the fly with PEFT), all checked before any weight is read."""
+(applied on the fly with PEFT), all checked before any weight is read.
+
+A model input is described once (`llamaforge.model.ModelFolder`: config.json, dimensions,
+generation config, tokenizer, tensor index) and that description is passed down: every function
+here takes a ModelFolder or a path (`model_folder` describes a path)."""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ from typing import Callable, Sequence
 
 from ..errors import LlamaforgeError
 from ..files.reading import require_dir
+from ..model import ModelFolder
 from ..tokenizer import HF_FILES, has_tokenizer
-from .adapters import AdapterInfo, inspect_adapters, plan_vocab
+from .adapters import AdapterInfo, inspect_adapters, model_folder, plan_vocab
 
 log = logging.getLogger(__name__)
 
@@ -48,39 +53,41 @@ def _dtype_kwarg(dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def base_vocab_size(folder: str | os.PathLike) -> int:
-    from ..model import read_hf_config
-
-    cfg = read_hf_config(folder)
+def base_vocab_size(folder: str | os.PathLike | ModelFolder) -> int:
+    """The embedding rows config.json gives the model (vocab_size)."""
+    m = model_folder(folder)
+    cfg = m.config
     n = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
     if not isinstance(n, int):
-        raise LlamaforgeError("config.json has no vocab_size", Path(folder) / "config.json", "add vocab_size")
+        raise LlamaforgeError("config.json has no vocab_size", m.config_path, "add vocab_size")
     return n
 
 
-def check_model_config(folder: str | os.PathLike) -> None:
+def check_model_config(folder: str | os.PathLike | ModelFolder) -> ModelFolder:
     """The clear error for a Meta checkpoint, a folder without config.json, one whose counts are
     garbled (a string, 0, null) or whose generation_config.json is no object: never a traceback
-    from transformers (which reads both when it loads the tokenizer or the model)."""
-    from ..files.reading import read_json_object
-    from ..model import dims_from_config, read_hf_config
-
-    dims_from_config(read_hf_config(folder), Path(folder) / "config.json")
-    if (Path(folder) / "generation_config.json").is_file():
-        read_json_object(Path(folder) / "generation_config.json", "generation_config.json")
+    from transformers (which reads both when it loads the tokenizer or the model). Returns the
+    folder's ModelFolder (built here from a path: config.json and its dimensions checked)."""
+    m = model_folder(folder)
+    m.generation_config  # noqa: B018 -- read (and checked as an object) before transformers reads it
+    return m
 
 
-def load_causal_lm(folder: str | os.PathLike, dtype, device: str = "cpu"):
-    """AutoModelForCausalLM in `dtype` on `device`, in eval mode, never trusting remote code."""
+def load_causal_lm(folder: str | os.PathLike | ModelFolder, dtype, device: str = "cpu"):
+    """AutoModelForCausalLM in `dtype` on `device`, in eval mode, never trusting remote code.
+
+    `folder`: a ModelFolder (its description reused: config.json is not read again by llamaforge)
+    or a path. Its tensor index is closed once checked (a later `tensors()` opens it again)."""
     from transformers import AutoModelForCausalLM
 
-    from ..formats.source import ModelSource
-
-    check_model_config(folder)
+    m = check_model_config(folder)
     # every weight file checked first, pickles with weights_only=True: a hostile .bin is one clear
-    # error here, not a traceback from transformers
-    ModelSource(folder).close()
-    model = AutoModelForCausalLM.from_pretrained(os.fspath(folder), trust_remote_code=False, **_dtype_kwarg(dtype))
+    # error here, not a traceback from transformers; closed before transformers reads the weights
+    try:
+        m.tensors()
+    finally:
+        m.close()
+    model = AutoModelForCausalLM.from_pretrained(os.fspath(m.path), trust_remote_code=False, **_dtype_kwarg(dtype))
     if device != "cpu":
         model = model.to(device)
     model.eval()
@@ -139,10 +146,11 @@ class Loaded:
     sources: dict = field(default_factory=dict)
 
 
-def default_tokenizer_dir(model: str | os.PathLike, loras: Sequence[str | os.PathLike] = ()) -> Path:
+def default_tokenizer_dir(model: str | os.PathLike | ModelFolder, loras: Sequence[str | os.PathLike] = ()) -> Path:
     """The merge's rule (merge._resolve_tokenizer): the last adapter folder holding a tokenizer
     (tokenizer.has_tokenizer: tokenizer.model or tokenizer.json), else the model's folder."""
-    return next((Path(p) for p in reversed(loras) if has_tokenizer(p)), Path(model))
+    own = model.tokenizer.folder if isinstance(model, ModelFolder) else Path(model)
+    return next((Path(p) for p in reversed(loras) if has_tokenizer(p)), own)
 
 
 def load_tokenizer(folder: str | os.PathLike):
@@ -159,30 +167,36 @@ def load_tokenizer(folder: str | os.PathLike):
     return tok
 
 
-def load_model(model: str | os.PathLike, loras: Sequence[str | os.PathLike] = (), tokenizer=None,
+def load_model(model: str | os.PathLike | ModelFolder, loras: Sequence[str | os.PathLike] = (), tokenizer=None,
                device: str = "auto", dtype: str | None = "auto", allow_vocab_jump: bool = False,
                echo: Callable[[str], None] | None = None) -> Loaded:
-    """Tokenizer + model (+ adapters on the fly), checked before any weight is read."""
+    """Tokenizer + model (+ adapters on the fly), checked before any weight is read.
+
+    The model folder is described once (a ModelFolder, or one built here from the path) and that
+    description serves every check and the loading."""
     echo = echo or log.info
-    require_dir(model, "model folder")
-    check_model_config(model)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    tok_dir = Path(tokenizer) if tokenizer else default_tokenizer_dir(model, loras)
-    tok = load_tokenizer(tok_dir)
-    base_vocab = base_vocab_size(model)
-    infos = inspect_adapters(model, loras)
-    sizes = plan_vocab(base_vocab, infos, len(tok), tok_dir, model, allow_vocab_jump, tok.pad_token_id)
-    echo(f"Vocab of the model: {base_vocab}" + (f" -> {' -> '.join(map(str, sizes[1:]))} with adapters" if infos else ""))
-    echo(f"Vocab of the tokenizer: {len(tok)} ({tok_dir})")
-    m = load_causal_lm(model, dt, dev)
+    name = os.fspath(model.path if isinstance(model, ModelFolder) else model)
+    m = check_model_config(model)
+    try:
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        tok_dir = Path(tokenizer) if tokenizer else default_tokenizer_dir(m, loras)
+        tok = load_tokenizer(tok_dir)
+        base_vocab = base_vocab_size(m)
+        infos = inspect_adapters(m, loras)
+        sizes = plan_vocab(base_vocab, infos, len(tok), tok_dir, name, allow_vocab_jump, tok.pad_token_id)
+        echo(f"Vocab of the model: {base_vocab}" + (f" -> {' -> '.join(map(str, sizes[1:]))} with adapters" if infos else ""))
+        echo(f"Vocab of the tokenizer: {len(tok)} ({tok_dir})")
+        lm = load_causal_lm(m, dt, dev)
+    finally:
+        m.close()
     if infos:
         echo(f"Applying {len(infos)} adapter(s) with PEFT: {', '.join(os.fspath(a.path) for a in infos)}")
-        m = apply_adapters(m, infos, sizes)
+        lm = apply_adapters(lm, infos, sizes)
         if dev != "cpu":
-            m = m.to(dev)
+            lm = lm.to(dev)
         # adapters are stored in float16; compute in the requested dtype
-        m = m.to(dt)
-    context = getattr(m.config, "max_position_embeddings", None) or 2048
-    return Loaded(m, tok, dev, dt, sizes[-1], int(context),
-                  {"model": os.fspath(model), "loras": [os.fspath(p) for p in loras], "tokenizer": os.fspath(tok_dir)})
+        lm = lm.to(dt)
+    context = getattr(lm.config, "max_position_embeddings", None) or 2048
+    return Loaded(lm, tok, dev, dt, sizes[-1], int(context),
+                  {"model": name, "loras": [os.fspath(p) for p in loras], "tokenizer": os.fspath(tok_dir)})
