@@ -106,7 +106,6 @@ class ModelFolder:
         except (TypeError, ValueError) as e:
             raise LlamaforgeError(f"config.json lacks or garbles {e}", self.config_path,
                                   "use the config.json written with the model") from None
-        self.tokenizer = Tokenizer.of(self.path)
         self._tensors = None
 
     def __repr__(self) -> str:
@@ -115,6 +114,12 @@ class ModelFolder:
     @property
     def folder(self) -> Path:
         return self.path
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The folder's tokenizer, its kind decided on first use (a command given another tokenizer
+        folder never reads this one's)."""
+        return Tokenizer.of(self.path)
 
     @cached_property
     def generation_config(self) -> dict | None:
