@@ -595,3 +595,26 @@ def test_a_family_value_offset_is_applied_on_export(inputs, tmp_path, monkeypatc
     before = {t.name: t for t in GGUFReader(plain).tensors}
     assert all(np.array_equal(got[n].data, before[n].data) for n in got if not n.endswith("attn_norm.weight")
                and not n.endswith("ffn_norm.weight"))
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_gguf_export_of_a_float16_model_needs_no_torch(inputs, tmp_path, monkeypatch, outtype):
+    """An F16 or Q8_0 GGUF of a float16 model moves bytes (q/k rows permuted as unsigned integers,
+    norms widened to float32, Q8_0 by gguf-py from float32): no torch is imported, and the file is
+    the one torch's path writes, byte for byte (a GQA model: k has fewer heads than q)."""
+    from llamaforge.export import gguf as gguf_export
+
+    model = inputs["gqa"]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export_gguf.py"
+    probe = ("import atexit, runpy, sys; sys.path.insert(0, sys.argv[1].rsplit('/', 1)[0]); "
+             "atexit.register(lambda: print('MODULES', sorted(m for m in ('torch', 'transformers') if m in sys.modules)));"
+             " script = sys.argv[1]; sys.argv = sys.argv[1:]; runpy.run_path(script, run_name='__main__')")
+    raw = tmp_path / "raw.gguf"
+    done = subprocess.run([sys.executable, "-c", probe, str(script), "--model", str(model), "--outtype", outtype,
+                           "--output", str(raw)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MODULES []" in done.stdout.splitlines()
+    monkeypatch.setattr(gguf_export, "_raw_stream", lambda gguf, plan: False)
+    via_torch = tmp_path / "torch.gguf"
+    gguf_export.export_gguf(model, via_torch, outtype, echo=lambda *a: None)
+    assert raw.read_bytes() == via_torch.read_bytes()

@@ -28,7 +28,7 @@ from .gguf_meta import (
 )
 from .gguf_write import Converter, begin_gguf_file
 from .modelfile import check_gguf_name, check_parameters, modelfile_path  # and the Modelfile's mark
-from .source import describe_model, has_output, open_model, plan_reads, tensor_stream
+from .source import describe_model, has_output, open_model, plan_reads, raw_bytes_suffice, tensor_stream
 
 if TYPE_CHECKING:  # torch, the weight files and the stream only where tensors are read or written
 
@@ -147,6 +147,17 @@ def _plan_gguf(gguf, m: ModelFolder, outtype: str, name: str) -> dict:
             "chat_template": kv.value if kv is not None else None}
 
 
+def _raw_stream(gguf, plan: dict) -> bool:
+    """Whether the GGUF's tensors go through the stream as raw bytes, without torch: each is written
+    as stored, or is float16 that becomes float32 (norms) or Q8_0, and none has a value offset. A
+    float32 or bfloat16 model written as F16 converts its values in torch."""
+    Q = gguf.GGMLQuantizationType
+    as_stored = {Q.F16: "F16", Q.F32: "F32", Q.BF16: "BF16"}
+    return raw_bytes_suffice(plan["jobs"]) and all(
+        as_stored.get(q) == j.info.code or (j.info.code == "F16" and q in (Q.F32, Q.Q8_0))
+        for j, q in zip(plan["jobs"], plan["qtypes"]))
+
+
 def _write_gguf(gguf, m: ModelFolder, plan: dict, path: Path, output: Path) -> str:
     """Stream the planned GGUF into `path`; return its sha256."""
     from ..formats.stream import HashingWriter
@@ -163,10 +174,12 @@ def _write_gguf(gguf, m: ModelFolder, plan: dict, path: Path, output: Path) -> s
             for _, etensor in plan["extra"]:
                 f.write(memoryview(etensor.numpy()).cast("B"))
                 writer.write_padding(f, etensor.numel() * 4, align)
-            for blk, q, nb in zip(tensor_stream(m, plan["jobs"]), plan["qtypes"], plan["sizes"], strict=True):
+            raw = _raw_stream(gguf, plan)
+            stream = tensor_stream(m, plan["jobs"], raw=raw)
+            for blk, q, nb in zip(stream, plan["qtypes"], plan["sizes"], strict=True):
                 job, tensor = blk.key, blk.data
                 start = f.tell()
-                conv.write(f, q, tensor, job.source)
+                conv.write(f, q, tensor, job.source, job.info.code)
                 if f.tell() - start != nb:
                     raise RuntimeError(f"{job.t.gguf}: wrote {f.tell() - start} bytes, planned {nb}")
                 writer.write_padding(f, nb, align)

@@ -58,7 +58,10 @@ class Converter:
         self.gguf = gguf
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llamaforge-quant")
 
-    def write(self, f: HashingWriter, qtype, tensor: torch.Tensor, source: tuple[int, int] | None = None) -> None:
+    def write(self, f: HashingWriter, qtype, tensor: torch.Tensor, source: tuple[int, int] | None = None,
+              code: str | None = None) -> None:
+        if type(tensor).__module__ == "numpy":
+            return self._write_raw(f, qtype, tensor, source, code)
         import torch
 
         from ..formats.stream import BLOCK_ELEMS, block_rows
@@ -91,5 +94,53 @@ class Converter:
         while pending:
             f.write(pending.popleft().result())
 
+    def _write_raw(self, f: HashingWriter, qtype, tensor, source: tuple[int, int] | None, code: str) -> None:
+        """write() for a tensor of the raw stream (numpy, its values as unsigned integers of their
+        size, stored as `code`): F16 values pass through or become F32 or Q8_0, exactly as torch
+        converts them (float16 -> float32 is exact); other stored types go through torch."""
+        import numpy as np
+
+        from ..formats.stream import BLOCK_ELEMS, block_rows
+
+        Q = self.gguf.GGMLQuantizationType
+        same = {Q.F16: "F16", Q.F32: "F32", Q.BF16: "BF16"}.get(qtype) == code
+        rows = tensor.shape[0] if tensor.ndim > 1 else 1
+        flat = tensor.reshape(rows, -1)
+        if same:
+            mv = memoryview(flat.reshape(-1).view(np.uint8)).cast("B")
+            if source is not None:
+                f.copy_range(mv, *source)
+            else:
+                f.write(mv)
+            return
+        if code != "F16":
+            raise ValueError(f"the raw stream converts F16 only, not {code}")
+        width = flat.shape[1]
+        step = block_rows(width, values=BLOCK_ELEMS // 2 if qtype == Q.Q8_0 else BLOCK_ELEMS)
+        blocks = [flat[a:a + step].view(np.float16) for a in range(0, rows, step)]
+        if qtype != Q.Q8_0 or len(blocks) == 1:
+            for blk in blocks:
+                f.write(_convert_raw(self.gguf, qtype, blk))
+            return
+        pending: collections.deque = collections.deque()
+        for blk in blocks:
+            pending.append(self._pool.submit(_convert_raw, self.gguf, qtype, blk))
+            if len(pending) >= 3:
+                f.write(pending.popleft().result())
+        while pending:
+            f.write(pending.popleft().result())
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _convert_raw(gguf, qtype, block) -> memoryview:
+    """One block of float16 rows (numpy) in the GGML type F32 or Q8_0."""
+    import numpy as np
+
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.F32:
+        return memoryview(block.astype(np.float32)).cast("B")
+    if qtype == Q.Q8_0:
+        return memoryview(gguf.quants.quantize(block.astype(np.float32), qtype)).cast("B")
+    raise ValueError(f"the raw stream does not convert float16 to {qtype!r}")

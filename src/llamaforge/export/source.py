@@ -115,7 +115,7 @@ def _check_tensors(m: ModelFolder) -> None:
                 f"{t.hf} has shape {list(info.shape)} but config.json implies {list(dims.shape_of(t))}", m.path,
                 "use the config.json written with these weights (vocab_size must equal the embedding rows)",
             )
-        if not info.dtype.is_floating_point:
+        if not info.is_float:
             raise LlamaforgeError(f"{t.hf} is {info.dtype}, not a float tensor", m.path, "export float weights")
 
 
@@ -215,22 +215,58 @@ def _fill(model: ModelFolder, r: TensorRead, buf: torch.Tensor, scratch: torch.T
     return out.view(info.shape)
 
 
-def tensor_stream(model: ModelFolder, reads: list[TensorRead]):
-    """The export's stream: whole tensors, each valid until the next is asked for (the pth sink
-    needs whole records), read and rearranged in the reader thread."""
-    import torch
+def raw_bytes_suffice(reads: list[TensorRead]) -> bool:
+    """Whether the stream can carry these tensors as raw bytes in numpy buffers, without torch: their
+    values are only copied, permuted or gathered (no value offset to add)."""
+    return all(r.t.offset == 0 for r in reads)
 
-    from ..formats.stream import BlockReader, Read
+
+def tensor_stream(model: ModelFolder, reads: list[TensorRead], raw: bool = False):
+    """The export's stream: whole tensors, each valid until the next is asked for (the pth sink
+    needs whole records), read and rearranged in the reader thread. raw=True (raw_bytes_suffice):
+    numpy buffers, each tensor as unsigned integers of its element size (no torch)."""
+    from ..formats.stream import BlockReader, Read, numpy_bytes, torch_bytes
+
+    alloc, fill = (numpy_bytes, _fill_raw) if raw else (torch_bytes, _fill)
 
     def blocks():
         scratch_bytes = max((_block_rows(model, r) * (r.info.nbytes // r.info.shape[0])
                              for r in reads if r.transformed), default=0)
-        scratch = torch.empty(scratch_bytes, dtype=torch.uint8)  # the reader thread's own
+        scratch = alloc(scratch_bytes)  # the reader thread's own
         for r in reads:
-            yield Read(r, r.info.nbytes, lambda buf, r=r: _fill(model, r, buf, scratch))
+            yield Read(r, r.info.nbytes, lambda buf, r=r: fill(model, r, buf, scratch))
 
     size = max((r.info.nbytes for r in reads), default=0)
-    return BlockReader(blocks(), size, depth=2, recycle=True, name="llamaforge-export-reader")
+    return BlockReader(blocks(), size, depth=2, recycle=True, name="llamaforge-export-reader", alloc=alloc)
+
+
+def _fill_raw(model: ModelFolder, r: TensorRead, buf, scratch):
+    """_fill on numpy buffers: the values as unsigned integers of their size (a copy, a permutation
+    or a gather moves values and never computes with them)."""
+    import numpy as np
+
+    src, info = model.tensors(), r.info
+    uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[info.itemsize]
+    if not r.transformed:
+        return src.read_flat(info.name, 0, info.numel, buf).view(uint).reshape(info.shape)
+    rows = info.shape[0]
+    width = info.numel // rows
+    out = buf[: info.nbytes].view(uint)
+    step = _block_rows(model, r)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        blk = src.read_flat(info.name, a * width, (b - a) * width, scratch).view(uint).reshape(b - a, width)
+        if r.heads is not None:
+            heads, half = (b - a) // model.dims.hd, model.dims.hd // 2
+            # HF's rotary halves -> interleaved pairs, per head (permute_into's to_meta)
+            out.reshape(rows, width)[a:b].reshape(heads, half, 2, width)[...] = \
+                blk.reshape(heads, 2, half, width).swapaxes(1, 2)
+            continue
+        start = 0  # a column split: each shard's columns go to its own part of the buffer
+        for c0, c1 in r.shards:
+            out[start: start + rows * (c1 - c0)].reshape(rows, c1 - c0)[a:b] = blk[:, c0:c1]
+            start += rows * (c1 - c0)
+    return out.reshape(info.shape)
 
 
 def _shard_pieces(job: TensorRead, tensor: torch.Tensor, n: int) -> list[tuple[torch.Tensor, tuple[int, int] | None]]:

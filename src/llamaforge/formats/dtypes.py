@@ -10,28 +10,53 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import LlamaforgeError
 
-# safetensors dtype codes <-> torch dtypes
-ST_TO_TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype codes: bytes per element, and which are floating point. torch's dtypes are
+# looked up only where a tensor is made (`st_to_torch`): reading headers and copying bytes need none.
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+ST_FLOAT = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+_TORCH_TABLES: dict = {}
 
 
-for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        ST_TO_TORCH[_code] = getattr(torch, _attr)
+def st_to_torch() -> dict:
+    """{safetensors code: torch dtype} (imports torch; codes this torch lacks are left out)."""
+    if not _TORCH_TABLES:
+        import torch
+
+        st = {code: getattr(torch, n) for code, n in _TORCH_NAMES.items() if hasattr(torch, n)}
+        _TORCH_TABLES.update(st=st, torch={v: k for k, v in st.items()},
+                             named={"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32})
+    return _TORCH_TABLES["st"]
 
 
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+def torch_to_st() -> dict:
+    st_to_torch()
+    return _TORCH_TABLES["torch"]
 
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPE_NAMES = ("float16", "bfloat16", "float32")  # the dtypes a merge or an import may write
+
+
+def __getattr__(name: str):
+    # ST_TO_TORCH, TORCH_TO_ST, DTYPES: the tables, built (and torch imported) on first use
+    if name == "ST_TO_TORCH":
+        return st_to_torch()
+    if name == "TORCH_TO_ST":
+        return torch_to_st()
+    if name == "DTYPES":
+        st_to_torch()
+        return _TORCH_TABLES["named"]
+    raise AttributeError(name)
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?i?b)\s*$", re.IGNORECASE)
@@ -54,11 +79,11 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
-def pread_into(fd: int, buf: torch.Tensor, offset: int, path: Path, name: str) -> None:
-    """Fill the uint8 tensor `buf` with the file's bytes from `offset` (positional, so threads may
-    share the descriptor); a short read means the file was cut off."""
-    want = buf.numel()
-    mv = memoryview(buf.numpy())
+def pread_into(fd: int, buf, offset: int, path: Path, name: str) -> None:
+    """Fill the uint8 buffer `buf` (a torch tensor or a numpy array) with the file's bytes from
+    `offset` (positional, so threads may share the descriptor); a short read means the file was cut off."""
+    mv = memoryview(buf if type(buf).__module__ == "numpy" else buf.numpy()).cast("B")
+    want = len(mv)
     done = 0
     while done < want:
         n = os.preadv(fd, [mv[done:]], offset + done)
@@ -69,16 +94,35 @@ def pread_into(fd: int, buf: torch.Tensor, offset: int, path: Path, name: str) -
 
 def torch_dtype(name: str) -> torch.dtype:
     try:
-        return DTYPES[name]
+        return __getattr__("DTYPES")[name]
     except KeyError:
-        raise LlamaforgeError(f"unknown dtype {name!r}", None, f"use one of {', '.join(DTYPES)}") from None
+        raise LlamaforgeError(f"unknown dtype {name!r}", None, f"use one of {', '.join(DTYPE_NAMES)}") from None
 
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """A tensor's name, dtype (its safetensors code: "F16", "BF16", ...; `dtype` gives torch's) and shape.
+    Made with a torch dtype too (`TensorInfo(name, torch.float16, shape)`): it is kept as its code."""
+
     name: str
-    dtype: torch.dtype
+    code: str
     shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, str):
+            object.__setattr__(self, "code", torch_to_st()[self.code])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return st_to_torch()[self.code]
+
+    @property
+    def is_float(self) -> bool:
+        return self.code in ST_FLOAT
+
+    @property
+    def itemsize(self) -> int:
+        return ST_ITEMSIZE[self.code]
 
     @property
     def numel(self) -> int:
@@ -86,4 +130,4 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.itemsize

@@ -12,10 +12,13 @@ import struct
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import LlamaforgeError
-from .dtypes import ST_TO_TORCH, TORCH_TO_ST, TensorInfo, pread_into
+from .dtypes import ST_ITEMSIZE, TensorInfo, pread_into
+
+if TYPE_CHECKING:  # torch only where a tensor is made: a header or raw bytes need none
+    import torch
 from .stream import HashingWriter
 
 
@@ -59,11 +62,13 @@ class SafetensorsFile:
     def info(self, name: str) -> TensorInfo:
         return self._entries[name][0]
 
-    def _pread(self, buf: torch.Tensor, offset: int, name: str) -> None:
-        """Fill the uint8 tensor `buf` from `offset` of the data section (positional: thread-safe)."""
+    def _pread(self, buf, offset: int, name: str) -> None:
+        """Fill the uint8 buffer `buf` from `offset` of the data section (positional: thread-safe)."""
         pread_into(self._f.fileno(), buf, self._base + offset, self.path, name)
 
     def get(self, name: str) -> torch.Tensor:
+        import torch
+
         info, start, end = self._entries[name]
         buf = torch.empty(end - start, dtype=torch.uint8)
         if end > start:
@@ -82,8 +87,10 @@ class SafetensorsFile:
         (MADV_DONTNEED on a private, never-written mapping) is always safe: a later access
         faults them in again from the file.
         """
+        import torch
+
         info, start, _ = self._entries[name]
-        item = info.dtype.itemsize
+        item = info.itemsize
         offset, size = self._base + start + first * item, count * item
         if size == 0:
             return torch.empty(0, dtype=info.dtype), _nothing
@@ -98,13 +105,14 @@ class SafetensorsFile:
 
         return view, release
 
-    def read_flat(self, name: str, first: int, count: int, buf: torch.Tensor) -> torch.Tensor:
-        """Elements [first, first+count) of `name`, flattened, read into the uint8 buffer `buf`."""
+    def read_flat(self, name: str, first: int, count: int, buf):
+        """Elements [first, first+count) of `name`, flattened, read into the uint8 buffer `buf`: a
+        torch tensor gives a tensor of the stored dtype, a numpy array its raw bytes (no torch)."""
         info, start, _ = self._entries[name]
-        item = info.nbytes // max(1, info.numel)
+        item = info.itemsize
         view = buf[: count * item]
         self._pread(view, start + first * item, name)
-        return view.view(info.dtype)
+        return view if type(view).__module__ == "numpy" else view.view(info.dtype)
 
     def close(self) -> None:
         if self._mm is not None:
@@ -149,8 +157,8 @@ def _check_entries(header: dict, data_len: int, path: Path, fix: str) -> dict[st
         code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
         if not isinstance(code, str):
             raise LlamaforgeError(f"tensor {name} has the dtype {code!r}, not a dtype name", path, fix)
-        if code not in ST_TO_TORCH:
-            known = ", ".join(ST_TO_TORCH)
+        if code not in ST_ITEMSIZE:
+            known = ", ".join(ST_ITEMSIZE)
             raise LlamaforgeError(f"tensor {name} has dtype {code!r}, which llamaforge cannot read (it reads {known})",
                                   path, "convert the weights to F16, BF16 or F32 (e.g. with transformers) first")
         if not isinstance(shape, list) or not all(_int(d) for d in shape):
@@ -160,7 +168,7 @@ def _check_entries(header: dict, data_len: int, path: Path, fix: str) -> dict[st
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(x) for x in offsets)):
             raise LlamaforgeError(f"tensor {name} has data_offsets {offsets!r}, not two integers", path, fix)
         start, end = offsets
-        info = TensorInfo(name, ST_TO_TORCH[code], tuple(shape))
+        info = TensorInfo(name, code, tuple(shape))
         if start < 0 or end < start:
             raise LlamaforgeError(f"tensor {name} has data_offsets [{start}, {end}] that run backwards", path, fix)
         if end - start != info.nbytes:
@@ -199,7 +207,7 @@ def _header(tensors: list[TensorInfo], metadata: dict[str, str]) -> bytes:
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape),
+        header[t.name] = {"dtype": t.code, "shape": list(t.shape),
                           "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -270,6 +278,8 @@ class ShardedSafetensorsWriter:
                 self._open_shard(i)
         if block.dtype != self._tensor.dtype:
             raise RuntimeError(f"tensor {name} is {block.dtype}, the plan says {self._tensor.dtype}")
+        import torch
+
         t = block.detach().to("cpu").contiguous()
         if t.numel():
             self._written += t.numel() * t.element_size()

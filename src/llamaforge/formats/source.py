@@ -7,20 +7,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
-
-import torch
+from typing import TYPE_CHECKING, Iterable
 
 from ..errors import LlamaforgeError
 from .dtypes import TensorInfo
-from .pickles import TorchFile
 from .safetensors import SafetensorsFile
+
+if TYPE_CHECKING:  # torch with a pickle (.bin) only: safetensors headers and bytes need none
+    import torch
 
 
 def open_weights_file(path: str | os.PathLike):
     p = Path(path)
     if p.suffix == ".safetensors":
         return SafetensorsFile(p)
+    from .pickles import TorchFile
+
     return TorchFile(p)
 
 
@@ -111,7 +113,7 @@ class ModelSource:
     def get(self, name: str) -> torch.Tensor:
         return self._file(self._where[name]).get(name)
 
-    def read_flat(self, name: str, first: int, count: int, buf: torch.Tensor) -> torch.Tensor:
+    def read_flat(self, name: str, first: int, count: int, buf):
         return self._file(self._where[name]).read_flat(name, first, count, buf)
 
     def file_of(self, name: str):
@@ -129,7 +131,7 @@ class ModelSource:
         of their mapping may still be in use; their pages are dropped block by block instead."""
         done = set(names)
         for f in list(self._open):
-            if isinstance(self._open[f], TorchFile) and all(
+            if not isinstance(self._open[f], SafetensorsFile) and all(
                     k in done for k, where in self._where.items() if where == f):
                 self._open.pop(f).close()
 

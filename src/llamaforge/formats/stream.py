@@ -19,9 +19,10 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Values per block of rows, for every stream (merge, exports, import): 8 MB once in float32,
 # where the merge does its arithmetic and the GGUF export its conversions.
@@ -43,7 +44,7 @@ def row_ranges(rows: int, step: int) -> list[tuple[int, int]]:
     return [(a, min(rows, a + step)) for a in range(0, rows, max(1, step))] or [(0, 0)]
 
 
-Fill = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, Callable[[], None] | None]"]
+Fill = Callable[..., object]  # (buf) -> the block, or (block, release)
 
 
 @dataclass
@@ -55,6 +56,20 @@ class Read:
     key: object
     nbytes: int
     fill: Fill
+
+
+def torch_bytes(n: int):
+    """A uint8 torch buffer of n bytes (the stream's default)."""
+    import torch
+
+    return torch.empty(n, dtype=torch.uint8)
+
+
+def numpy_bytes(n: int):
+    """A uint8 numpy buffer of n bytes: for streams that only copy and permute bytes."""
+    import numpy as np
+
+    return np.empty(n, dtype=np.uint8)
 
 
 @dataclass
@@ -76,12 +91,13 @@ class BlockReader:
     """
 
     def __init__(self, reads: Iterable[Read], buf_bytes: int, depth: int = 3, recycle: bool = False,
-                 name: str = "llamaforge-reader"):
+                 name: str = "llamaforge-reader", alloc: Callable[[int], object] | None = None):
         self._reads = reads
         self._recycle = recycle
+        self._alloc = alloc or torch_bytes  # numpy_bytes where no tensor is needed (no torch)
         self._free: queue.Queue = queue.Queue()
         for _ in range(depth):
-            self._free.put(torch.empty(buf_bytes, dtype=torch.uint8))
+            self._free.put(self._alloc(buf_bytes))
         self._out: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -95,7 +111,7 @@ class BlockReader:
                 # the pooled buffer goes with the block, also when the data lies elsewhere (a view of
                 # the page cache, or a buffer of its own for a row wider than a block): it is the
                 # token that bounds the blocks in flight
-                got = r.fill(buf if buf.numel() >= r.nbytes else torch.empty(r.nbytes, dtype=torch.uint8))
+                got = r.fill(buf if buf.shape[0] >= r.nbytes else self._alloc(r.nbytes))
                 data, release = got if isinstance(got, tuple) else (got, None)
                 self._out.put(Block(r.key, data, buf, release))
             self._out.put(None)
@@ -134,7 +150,7 @@ class BlockReader:
         """Stop the reader wherever it waits (the one teardown of every stream)."""
         self._stop.set()
         while self._thread.is_alive():
-            self._free.put(torch.empty(0, dtype=torch.uint8))
+            self._free.put(self._alloc(0))
             try:
                 self._out.get(timeout=0.05)
             except queue.Empty:
