@@ -542,7 +542,8 @@ def test_export_memory_stays_flat_as_the_model_grows(tmp_path):
             rss.append(peak_rss([sys.executable, ROOT / "scripts" / script, "--model", model, *args]))
         peaks.append((size, rss))
     (small, rss_small), (large, rss_large) = peaks
-    floor = baseline_rss("click", "gguf", "llamaforge.cli", "llamaforge.export")
+    # both exports hold tensors in torch (the pth sink, the BF16 conversion): torch is part of the floor
+    floor = baseline_rss("click", "gguf", "torch", "llamaforge.cli", "llamaforge.export")
     assert large > 2.5 * small
     for a, b in zip(rss_small, rss_large):
         assert b - a < 0.1 * (large - small), peaks
