@@ -345,7 +345,7 @@ def test_tokenizer_that_does_not_fit_the_model(demo, merged):
     # a Chinese (1189) tokenizer on the 512-row base with no full-embedding adapter
     with pytest.raises(LlamaforgeError, match="no adapter stores full embeddings") as e:
         load_model(demo / "base", tokenizer=demo / "lora_llama_plus", echo=lambda *a: None)
-    assert "1189 tokens" in str(e.value) and "512 rows" in str(e.value)
+    assert "1189 tokens" in str(e.value) and "512 embedding rows" in str(e.value)
     # the Alpaca tokenizer (1190) with the LLaMA-Plus adapter only (1189 rows)
     with pytest.raises(LlamaforgeError, match="1190 tokens but the model has 1189"):
         load_model(demo / "base", [demo / "lora_llama_plus"], tokenizer=demo / "lora_alpaca_plus", echo=lambda *a: None)

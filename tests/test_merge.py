@@ -389,12 +389,12 @@ def test_vocabulary_shrinking_along_the_list_is_refused(demo, tmp_path):
 def test_tokenizer_larger_than_base_without_full_embeddings_explains_the_vocabularies(demo, tmp_path):
     ad = _adapter_copy(demo / "lora_llama_plus", tmp_path / "ad", lambda sd: [
         sd.pop(k) for k in list(sd) if k.endswith(("embed_tokens.weight", "lm_head.weight"))])
-    msg = _expect_error(tmp_path, "no adapter stores full embed_tokens", demo / "base", [ad])
+    msg = _expect_error(tmp_path, "no adapter stores full embeddings", demo / "base", [ad])
     assert "32000" in msg and "49953" in msg and "49954" in msg
 
 
 def test_tokenizer_that_does_not_fit_the_merged_embeddings_is_refused(demo, tmp_path):
-    _expect_error(tmp_path, "tokenizer has 1189 tokens but the merged embeddings have 1190", demo / "base",
+    _expect_error(tmp_path, "tokenizer has 1189 tokens but the model has 1190 embedding rows after its adapters", demo / "base",
                   [demo / "lora_llama_plus", demo / "lora_alpaca_plus"], tokenizer=demo / "lora_llama_plus")
 
 

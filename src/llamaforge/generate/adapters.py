@@ -12,7 +12,7 @@ from typing import Sequence
 from ..errors import LlamaforgeError
 from ..files.reading import require_dir
 from ..model import ModelFolder
-from ..tokenizer import has_tokenizer, ships_padding
+from ..tokenizer import has_tokenizer, check_tokenizer_fits
 
 
 def model_folder(model: str | os.PathLike | ModelFolder) -> ModelFolder:
@@ -137,18 +137,7 @@ def plan_vocab(base_vocab: int, adapters: Sequence[AdapterInfo], tokenizer_len: 
                 "v1), pass --allow-vocab-jump")
         cur = rows
         sizes.append(cur)
-    # embeddings padded past the tokenizer, as released (Qwen2: 151936 rows for 151665 tokens): the merge's rule
-    padded = (tokenizer_len is not None and tokenizer_len < cur == base_vocab and all(a.rows is None for a in adapters)
-              and ships_padding(base_path, base_vocab))
-    if tokenizer_len is not None and tokenizer_len != cur and not padded:
-        chain = " -> ".join(str(s) for s in sizes)
-        if tokenizer_len > cur and all(a.rows is None for a in adapters):
-            why = (f"no adapter stores full embeddings, so the model keeps {cur} rows; new rows would be untrained "
-                   "(e.g. a 49953-token Chinese tokenizer on the 32000-row LLaMA needs the LLaMA-Plus adapter)")
-        else:
-            why = f"the model has {cur} embedding rows after its adapters ({chain})"
-        raise LlamaforgeError(
-            f"the tokenizer has {tokenizer_len} tokens but {why}", tokenizer_path,
-            "use the tokenizer that belongs to the last adapter (or to the merged model), e.g. tokenizers/<name> "
-            "built with the same add_tokens" + ("" if base_path is None else f"; base: {os.fspath(base_path)}"))
+    if tokenizer_len is not None:  # the one check of the tokenizer against the rows (the merge's too)
+        check_tokenizer_fits(tokenizer_len, sizes, any(a.rows is not None for a in adapters), tokenizer_path,
+                             base_path)
     return sizes

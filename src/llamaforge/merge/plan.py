@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LlamaforgeError
+from ..tokenizer import VOCAB_EXPLAINED
 from ..files.hashing import sha256_cached
 from ..files.reading import require_dir
 from ..formats.dtypes import TensorInfo
@@ -19,13 +20,6 @@ from ..formats.source import ModelSource
 from ..model import EMBED_HF, LM_HEAD_HF, hf_tensor_order
 from ..tokenizer import has_tokenizer
 from .lora import Adapter, LoraUpdate
-
-VOCAB_EXPLAINED = (
-    "LLaMA's vocabulary has 32000 tokens, Chinese-LLaMA's 49953 and Chinese-Alpaca's 49954 (+[PAD]); "
-    "the rows for the added tokens come only from an adapter that stores full embed_tokens and lm_head "
-    "(Chinese-LLaMA-Plus-LoRA, then Chinese-Alpaca-Plus-LoRA)"
-)
-
 
 @dataclass
 class TensorPlan:

@@ -21,10 +21,10 @@ from ..files.reading import require_dir
 from ..formats.dtypes import parse_size, torch_dtype
 from ..formats.safetensors import ShardedSafetensorsWriter, plan_shards
 from ..model import EMBED_HF, LM_HEAD_HF, ModelFolder
-from ..tokenizer import check_tokenizer, ships_padding, tokenizer_files
+from ..tokenizer import check_tokenizer, check_tokenizer_fits, tokenizer_files
 from .lora import Adapter, open_adapter
 from .merger import _Merger
-from .plan import VOCAB_EXPLAINED, _refuse_adapters_already_in, _resolve_tokenizer, plan_merge
+from .plan import _refuse_adapters_already_in, _resolve_tokenizer, plan_merge
 
 log = logging.getLogger(__name__)
 
@@ -107,27 +107,14 @@ def merge_lora(base: str | os.PathLike, loras=(), output: str | os.PathLike = "m
         tok_folder = _resolve_tokenizer(tokenizer, adapters, base)
         tok_len = check_tokenizer(tok_folder)  # the one tokenizer check, here at the first command
         base_rows = src.info(EMBED_HF).shape[0]
-        # Qwen2 and others ship embeddings padded past the tokenizer (151936 rows, 151665 tokens):
-        # kept as released when no adapter changed the vocabulary.
-        padded = (tok_len < rows == base_rows and not any(EMBED_HF in ad.full for ad in adapters)
-                  and ships_padding(base, base_rows))
-        if padded:
+        chain = [base_rows]  # the embedding rows after each adapter
+        for ad in adapters:
+            full = ad.full.get(EMBED_HF)
+            chain.append(ad.info(full).shape[0] if full is not None else chain[-1])
+        extended = any(EMBED_HF in ad.full for ad in adapters)
+        if check_tokenizer_fits(tok_len, chain, extended, tok_folder, base):
             echo(f"the embeddings have {rows - tok_len} rows past the tokenizer's {tok_len} tokens, as the base "
                  "ships them (padding)")
-        if tok_len != rows and not padded:
-            full_embeds = any(EMBED_HF in ad.full for ad in adapters)
-            if not full_embeds and tok_len > base_rows:
-                raise LlamaforgeError(
-                    f"the tokenizer has {tok_len} tokens but the base has {base_rows} embedding rows and no adapter "
-                    f"stores full embed_tokens/lm_head. {VOCAB_EXPLAINED}", tok_folder,
-                    "add the adapter that extends the vocabulary (first in the list), or use the base's own tokenizer",
-                )
-            raise LlamaforgeError(
-                f"the tokenizer has {tok_len} tokens but the merged embeddings have {rows} rows. {VOCAB_EXPLAINED}",
-                tok_folder,
-                "use the tokenizer shipped with the last adapter (tokenizer: in config.yaml, or --tokenizer), "
-                "and check the adapter order",
-            )
         untie = tied and LM_HEAD_HF in by_name
         total = sum(p.out.nbytes for p in plans)
         echo(f"merging {len(adapters)} adapter(s) into {base} ({family.architecture}): {len(plans)} tensors, {total / 1e9:.2f} GB {dtype}, "

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from .folder import (
     _REPAIR,
+    VOCAB_EXPLAINED,
+    check_tokenizer_fits,
     HF_FILES,
     TOKENIZER_FILES,
     TOKENIZER_JSON_FILES,
@@ -77,7 +79,7 @@ __all__ = [
     # folder
     "HF_FILES", "TOKENIZER_JSON_FILES", "TOKENIZER_FILES", "tokenizer_folder_model", "has_tokenizer",
     "tokenizer_files", "check_tokenizer_json", "is_byte_level_bpe", "tokenizer_length", "_REPAIR", "chat_templates",
-    "check_tokenizer", "_check_added_tokens_decoder", "ships_padding",
+    "check_tokenizer", "_check_added_tokens_decoder", "ships_padding", "check_tokenizer_fits", "VOCAB_EXPLAINED",
     # load
     "load_hf_tokenizer", "exact_sentencepiece_decode", "check_hf_tokenizer", "tokens_per_char",
     # tiktoken

@@ -233,3 +233,35 @@ def ships_padding(folder: str | os.PathLike | None, rows: int) -> bool:
         return tokenizer_length(Path(folder)) < rows
     except LlamaforgeError:
         return False
+
+
+VOCAB_EXPLAINED = (
+    "LLaMA's vocabulary has 32000 tokens, Chinese-LLaMA's 49953 and Chinese-Alpaca's 49954 (+[PAD]); "
+    "the rows for the added tokens come only from an adapter that stores full embed_tokens and lm_head "
+    "(Chinese-LLaMA-Plus-LoRA, then Chinese-Alpaca-Plus-LoRA)"
+)
+
+
+def check_tokenizer_fits(tok_len: int, chain: list[int], extended: bool, tokenizer_path, base=None) -> bool:
+    """The one vocabulary-chain check of a tokenizer against a model's embedding rows, made by the
+    merge and by inference alike: `chain` = the rows of the base, then after each adapter; `extended`
+    = an adapter stores full embeddings. The tokenizer must have as many tokens as the last rows,
+    except embeddings the base ships padded past its tokenizer (Qwen2: 151936 rows, 151665 tokens)
+    when no adapter changed them. Returns whether the rows are such padding."""
+    base_rows, rows = chain[0], chain[-1]
+    padded = tok_len < rows == base_rows and not extended and base is not None and ships_padding(base, base_rows)
+    if tok_len == rows or padded:
+        return padded
+    if not extended and tok_len > base_rows:
+        raise LlamaforgeError(
+            f"the tokenizer has {tok_len} tokens but the model has {base_rows} embedding rows and no adapter stores "
+            f"full embeddings (embed_tokens/lm_head) that would add rows for the others. {VOCAB_EXPLAINED}",
+            tokenizer_path, "add the adapter that extends the vocabulary (first in the list), or use the base's own "
+            "tokenizer")
+    steps = " -> ".join(str(n) for n in chain)
+    raise LlamaforgeError(
+        f"the tokenizer has {tok_len} tokens but the model has {rows} embedding rows after its adapters ({steps}). "
+        f"{VOCAB_EXPLAINED}", tokenizer_path,
+        "use the tokenizer shipped with the last adapter (tokenizer: in config.yaml, or --tokenizer), and check the "
+        "adapter order" + ("" if base is None else f"; base: {base}"))
+
