@@ -81,14 +81,18 @@ class Converter:
         width = flat.shape[1]
         # quantizing holds several float32 temporaries per value, in two threads: half-size blocks
         step = block_rows(width, values=BLOCK_ELEMS // 2 if qtype == Q.Q8_0 else BLOCK_ELEMS)
-        blocks = [flat[a:a + step] for a in range(0, rows, step)]
-        if qtype != Q.Q8_0 or len(blocks) == 1:
+        self._write_blocks(f, qtype, [flat[a:a + step] for a in range(0, rows, step)], _convert_block)
+
+    def _write_blocks(self, f: HashingWriter, qtype, blocks: list, convert) -> None:
+        """The blocks converted by `convert(gguf, qtype, block)` and written in order; Q8_0 blocks
+        are quantized in two threads (numpy releases the GIL), at most three ahead."""
+        if qtype != self.gguf.GGMLQuantizationType.Q8_0 or len(blocks) == 1:
             for b in blocks:
-                f.write(_convert_block(self.gguf, qtype, b))
+                f.write(convert(self.gguf, qtype, b))
             return
         pending: collections.deque = collections.deque()
         for b in blocks:
-            pending.append(self._pool.submit(_convert_block, self.gguf, qtype, b))
+            pending.append(self._pool.submit(convert, self.gguf, qtype, b))
             if len(pending) >= 3:
                 f.write(pending.popleft().result())
         while pending:
@@ -117,18 +121,7 @@ class Converter:
             raise ValueError(f"the raw stream converts F16 only, not {code}")
         width = flat.shape[1]
         step = block_rows(width, values=BLOCK_ELEMS // 2 if qtype == Q.Q8_0 else BLOCK_ELEMS)
-        blocks = [flat[a:a + step].view(np.float16) for a in range(0, rows, step)]
-        if qtype != Q.Q8_0 or len(blocks) == 1:
-            for blk in blocks:
-                f.write(_convert_raw(self.gguf, qtype, blk))
-            return
-        pending: collections.deque = collections.deque()
-        for blk in blocks:
-            pending.append(self._pool.submit(_convert_raw, self.gguf, qtype, blk))
-            if len(pending) >= 3:
-                f.write(pending.popleft().result())
-        while pending:
-            f.write(pending.popleft().result())
+        self._write_blocks(f, qtype, [flat[a:a + step].view(np.float16) for a in range(0, rows, step)], _convert_raw)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
