@@ -160,6 +160,7 @@ def _bpe_vocab(model) -> dict:
 
     gguf = load_gguf()
     T = gguf.TokenType
+    _ = model.vocab_length  # the folder's one tokenizer check (cached: made once per ModelFolder)
     tok = FastTokenizer(model.folder)
     vocab = tok.get_vocab()
     rows = model.dims.vocab

@@ -87,7 +87,8 @@ class FastTokenizer:
     from the bytes already read (fsutil.metadata_bytes): what the GGUF export needs of a byte-level
     BPE tokenizer, without importing transformers or opening the files again. Tokens that
     tokenizer_config.json's added_tokens_decoder declares and tokenizer.json lacks are added, as
-    transformers adds them."""
+    transformers adds them. The folder is one check_tokenizer accepted (the ModelFolder's
+    vocab_length ran it)."""
 
     def __init__(self, folder: str | os.PathLike):
         from tokenizers import AddedToken, Tokenizer
@@ -96,7 +97,6 @@ class FastTokenizer:
         from ..files.reading import read_json
 
         folder = Path(folder)
-        check_tokenizer(folder)
         self._tk = Tokenizer.from_str(metadata_bytes(folder / "tokenizer.json").decode("utf-8"))
         tc = folder / "tokenizer_config.json"
         declared = (read_json(tc, "tokenizer_config.json").get("added_tokens_decoder") or {}) if tc.is_file() else {}
