@@ -619,3 +619,28 @@ def test_gguf_export_of_a_float16_model_needs_no_torch(inputs, tmp_path, monkeyp
     via_torch = tmp_path / "torch.gguf"
     gguf_export.export_gguf(model, via_torch, outtype, echo=lambda *a: None)
     assert raw.read_bytes() == via_torch.read_bytes()
+
+
+def test_gguf_export_of_a_pickle_model_takes_the_raw_stream_too(inputs, tmp_path, monkeypatch):
+    """A float16 model stored as pytorch_model.bin goes through the raw (numpy) stream as well: the
+    pickle reader fills numpy buffers like the safetensors one, and the GGUF is torch's, byte for byte."""
+    from safetensors.torch import load_file
+
+    from llamaforge.export import gguf as gguf_export
+
+    model = tmp_path / "bin"
+    shutil.copytree(inputs["gqa"], model, ignore=shutil.ignore_patterns("*.safetensors*"))
+    state = {}
+    for f in sorted(inputs["gqa"].glob("*.safetensors")):
+        state.update(load_file(f))
+    torch.save(state, model / "pytorch_model.bin")
+    used = []
+    real = gguf_export._raw_stream
+    monkeypatch.setattr(gguf_export, "_raw_stream", lambda gguf, plan: used.append(real(gguf, plan)) or used[-1])
+    raw = tmp_path / "raw.gguf"
+    gguf_export.export_gguf(model, raw, "q8_0", echo=lambda *a: None)
+    assert used == [True]
+    monkeypatch.setattr(gguf_export, "_raw_stream", lambda gguf, plan: False)
+    via_torch = tmp_path / "torch.gguf"
+    gguf_export.export_gguf(model, via_torch, "q8_0", echo=lambda *a: None)
+    assert raw.read_bytes() == via_torch.read_bytes()

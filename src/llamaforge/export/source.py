@@ -21,7 +21,6 @@ from ..model import (
     ModelFolder,
     TensorName,
     TokenizerKind,
-    permute_into,
     shard_ranges,
 )
 
@@ -191,28 +190,13 @@ def _block_rows(model: ModelFolder, r: TensorRead) -> int:
 
 
 def _fill(model: ModelFolder, r: TensorRead, buf: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """Read r's tensor (q/k permuted, or as column slices) from the model into the front of `buf`."""
-    src, info = model.tensors(), r.info
-    if not r.transformed:
-        return src.read_flat(info.name, 0, info.numel, buf).view(info.shape)
-    if not r.column_split and r.heads is None:  # a value offset (the family's tensor entry), in the stored dtype
-        return src.read_flat(info.name, 0, info.numel, buf).view(info.shape).add_(r.t.offset)
-    rows = info.shape[0]
-    width = info.numel // rows
-    out = buf[: info.nbytes].view(info.dtype)
-    heads = r.heads
-    step = _block_rows(model, r)
-    for a in range(0, rows, step):
-        b = min(rows, a + step)
-        blk = src.read_flat(info.name, a * width, (b - a) * width, scratch).view(b - a, width)
-        if heads is not None:
-            permute_into(out.view(rows, width)[a:b], blk, (b - a) // model.dims.hd, to_meta=True)
-            continue
-        start = 0  # a column split: each shard's columns go to its own part of the buffer
-        for c0, c1 in r.shards:
-            out[start: start + rows * (c1 - c0)].view(rows, c1 - c0)[a:b].copy_(blk[:, c0:c1])
-            start += rows * (c1 - c0)
-    return out.view(info.shape)
+    """Read r's tensor into the front of the torch buffer `buf`: _fill_raw on the same memory, seen
+    as a tensor of the stored dtype, plus the entry's value offset (in that dtype)."""
+    import torch
+
+    raw = _fill_raw(model, r, buf.numpy(), scratch.numpy())
+    out = torch.from_numpy(raw.reshape(-1)).view(r.info.dtype).view(r.info.shape)
+    return out.add_(r.t.offset) if r.t.offset else out
 
 
 def raw_bytes_suffice(reads: list[TensorRead]) -> bool:
@@ -241,13 +225,14 @@ def tensor_stream(model: ModelFolder, reads: list[TensorRead], raw: bool = False
 
 
 def _fill_raw(model: ModelFolder, r: TensorRead, buf, scratch):
-    """_fill on numpy buffers: the values as unsigned integers of their size (a copy, a permutation
-    or a gather moves values and never computes with them)."""
+    """Read r's tensor (q/k permuted, or as column slices) from the model into the front of the numpy
+    buffer `buf`, its values as unsigned integers of their size: a copy, a permutation or a gather
+    moves values and never computes with them, so no torch is needed (a value offset is _fill's)."""
     import numpy as np
 
     src, info = model.tensors(), r.info
     uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[info.itemsize]
-    if not r.transformed:
+    if r.heads is None and not r.column_split:
         return src.read_flat(info.name, 0, info.numel, buf).view(uint).reshape(info.shape)
     rows = info.shape[0]
     width = info.numel // rows

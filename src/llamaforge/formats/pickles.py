@@ -74,13 +74,16 @@ class TorchFile:
         # A copy in memory of its own: the mmap'd pages are dropped with the source.
         return self._sd[name].contiguous().clone()
 
-    def read_flat(self, name: str, first: int, count: int, buf: torch.Tensor) -> torch.Tensor:
+    def read_flat(self, name: str, first: int, count: int, buf):
+        """Elements [first, first+count) of `name` into the uint8 buffer `buf`: a torch tensor gives
+        a tensor of the stored dtype, a numpy array its raw bytes (as SafetensorsFile.read_flat)."""
         t = self._sd[name]
         flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
-        item = t.element_size()
-        view = buf[: count * item].view(t.dtype)
+        raw = buf[: count * t.element_size()]
+        numpy = type(raw).__module__ == "numpy"
+        view = (torch.from_numpy(raw) if numpy else raw).view(t.dtype)
         view.copy_(flat[first: first + count])
-        return view
+        return raw if numpy else view
 
     def close(self) -> None:
         self._sd = {}
