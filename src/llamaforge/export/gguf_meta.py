@@ -75,9 +75,9 @@ def _token_vocab(model) -> dict:
     """tokens, scores, types and special ids from tokenizer.model (+ special_tokens_map.json, and
     config.json's pad_token_id when they name no pad), padded to the embedding rows as
     convert_hf_to_gguf.py's _create_vocab_sentencepiece does."""
-    from ..tokenizer import UNUSED, load_proto, special_ids
+    from ..tokenizer import UNUSED
 
-    proto = load_proto(model.tokenizer.model, "tokenizer.model")
+    proto = model.sentencepiece
     vocab = model.dims.vocab
     pieces = proto.pieces
     if len(pieces) > vocab:
@@ -115,7 +115,7 @@ def _token_vocab(model) -> dict:
             types[tid] = USER_DEFINED
         scores[tid] = -1000.0
         tokens[tid] = token.encode("utf-8")
-    ids = special_ids(proto, model.folder)
+    ids = dict(model.special_ids)
     if "pad" not in ids and model.config.get("pad_token_id") is not None:
         pid = int(model.config["pad_token_id"])
         if 0 <= pid < vocab:

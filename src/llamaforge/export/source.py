@@ -84,7 +84,7 @@ def _check_tokenizer_kind(m: ModelFolder) -> None:
 def _check_vocab(m: ModelFolder) -> None:
     rows = m.dims.vocab
     if m.tokenizer.kind is TokenizerKind.SENTENCEPIECE:
-        check_vocab_padding(m.tokenizer.model, rows)
+        check_vocab_padding(m.tokenizer.model, rows, len(m.sentencepiece.pieces))
         if m.vocab_length > rows:
             raise LlamaforgeError(f"the tokenizer has {m.vocab_length} tokens (ids up to {m.vocab_length - 1}) but the "
                                   f"model has {rows} embedding rows", m.path,
@@ -118,13 +118,14 @@ def _check_tensors(m: ModelFolder) -> None:
             raise LlamaforgeError(f"{t.hf} is {info.dtype}, not a float tensor", m.path, "export float weights")
 
 
-def check_vocab_padding(tokenizer: Path, rows: int) -> int:
+def check_vocab_padding(tokenizer: Path, rows: int, pieces: int | None = None) -> int:
     """Pieces of `tokenizer` (tokenizer.model) against the model's embedding rows: more pieces, or
     more than MAX_VOCAB_PADDING missing, is an error; a few missing rows are padding (a warning).
     Returns the number of pieces."""
     from ..tokenizer import load_proto
 
-    pieces = len(load_proto(tokenizer, "tokenizer.model").pieces)
+    if pieces is None:  # (a ModelFolder gives the count of the model it parsed once)
+        pieces = len(load_proto(tokenizer, "tokenizer.model").pieces)
     fix = ("merge with the tokenizer that belongs to the adapters: LLaMA has 32000 pieces, Chinese-LLaMA 49953, "
            "Chinese-Alpaca 49954 (+[PAD]) (tokenizer: in config.yaml, or --tokenizer)")
     if pieces > rows:

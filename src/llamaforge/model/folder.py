@@ -77,13 +77,6 @@ class Tokenizer:
             kind = TokenizerKind.BYTE_LEVEL_BPE if is_byte_level_bpe(tj) else TokenizerKind.JSON
         return cls(kind, folder, model, tj)
 
-    @property
-    def files(self) -> list[Path]:
-        """Every tokenizer file of the folder (what a merge copies and hashes)."""
-        from ..tokenizer import tokenizer_files
-
-        return tokenizer_files(self.folder)
-
 
 @dataclass(frozen=True)
 class Rope:
@@ -141,13 +134,18 @@ class ModelFolder:
         return chat_templates(self.path)
 
     @cached_property
+    def sentencepiece(self):
+        """The SentencePiece model (tokenizer.model) parsed once, or None for another tokenizer."""
+        from ..tokenizer import load_proto
+
+        return load_proto(self.tokenizer.model, "tokenizer.model") if self.tokenizer.model is not None else None
+
+    @cached_property
     def special_ids(self) -> dict[str, int]:
         """bos/eos/unk/pad ids of a SentencePiece tokenizer (tokenizer.model + special_tokens_map.json)."""
-        from ..tokenizer import load_proto, special_ids
+        from ..tokenizer import special_ids
 
-        if self.tokenizer.model is None:
-            return {}
-        return special_ids(load_proto(self.tokenizer.model, "tokenizer.model"), self.path)
+        return {} if self.sentencepiece is None else special_ids(self.sentencepiece, self.path)
 
     def tensors(self):
         """The tensor index (formats.ModelSource: every weight file's header), opened on first use."""
