@@ -55,11 +55,19 @@ def _resolve_tokenizer(tokenizer, adapters: list[Adapter], base: Path) -> Path:
     return folder
 
 
+def unties_head(adapters: list[Adapter]) -> bool:
+    """Whether the adapters untie a tied base's head. PEFT gives every module of modules_to_save its
+    own trained copy, and a LoRA on lm_head its own update: a trained lm_head is its own tensor, and
+    so is the head beside a trained embed_tokens alone, since PEFT's forward keeps the head tied to
+    the original (base) embedding, not to the trained copy (peft 0.21; peft#2777)."""
+    return any(LM_HEAD_HF in ad.full or LM_HEAD_HF in ad.updates or EMBED_HF in ad.full for ad in adapters)
+
+
 def plan_merge(base: ModelSource, adapters: list[Adapter], dtype: torch.dtype, tied: bool) -> list[TensorPlan]:
     """Decide, for every output tensor, where it starts and which updates apply; check shapes and vocab."""
     names = [n for n in base.keys() if not n.endswith("rotary_emb.inv_freq")]
-    if tied and LM_HEAD_HF not in base and any(LM_HEAD_HF in ad.full or LM_HEAD_HF in ad.updates for ad in adapters):
-        names.append(LM_HEAD_HF)  # an adapter unties the head
+    if tied and LM_HEAD_HF not in base and unties_head(adapters):
+        names.append(LM_HEAD_HF)  # an adapter unties the head: it starts as the base's embedding
     plans = []
     for name in sorted(names, key=hf_tensor_order):
         from_name = EMBED_HF if (name == LM_HEAD_HF and name not in base) else name

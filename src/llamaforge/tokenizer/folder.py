@@ -247,9 +247,10 @@ def check_tokenizer_fits(tok_len: int, chain: list[int], extended: bool, tokeniz
     merge and by inference alike: `chain` = the rows of the base, then after each adapter; `extended`
     = an adapter stores full embeddings. The tokenizer must have as many tokens as the last rows,
     except embeddings the base ships padded past its tokenizer (Qwen2: 151936 rows, 151665 tokens)
-    when no adapter changed them. Returns whether the rows are such padding."""
+    when no adapter changed their number (an adapter that trains them in full, modules_to_save, keeps
+    the padding). Returns whether the rows are such padding."""
     base_rows, rows = chain[0], chain[-1]
-    padded = tok_len < rows == base_rows and not extended and base is not None and ships_padding(base, base_rows)
+    padded = tok_len < rows and set(chain) == {base_rows} and base is not None and ships_padding(base, base_rows)
     if tok_len == rows or padded:
         return padded
     if not extended and tok_len > base_rows:
