@@ -67,18 +67,23 @@ def peft_reference(base: Path, adapter: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
-    """{(family, modules): dict(base, adapter, merged, ref)}: built once per case."""
+    """{(family, modules): dict(base, adapter, merged, ref)}: the tied base of a family built once, an
+    adapter and its merge per case."""
     from llamaforge.merge import merge_lora
 
+    bases: dict = {}
     cache: dict = {}
 
     def build(name: str, modules: tuple[str, ...]) -> dict:
+        if name not in bases:
+            root = tmp_path_factory.mktemp(f"tied-{name}")
+            tok, rows = family_tokenizer(name, root / "tokenizer")
+            bases[name] = make_family_model(root / "base", name, tok, rows)
+            assert json.loads((bases[name] / "config.json").read_text())["tie_word_embeddings"] is True
         key = (name, modules)
         if key not in cache:
+            base = bases[name]
             root = tmp_path_factory.mktemp(f"tied-{name}-{len(modules)}")
-            tok, rows = family_tokenizer(name, root / "tokenizer")
-            base = make_family_model(root / "base", name, tok, rows)
-            assert json.loads((base / "config.json").read_text())["tie_word_embeddings"] is True
             adapter = make_tied_adapter(base, root / "adapter", list(modules))
             merged = root / "merged"
             merge_lora(base, [adapter], merged, dtype="float32", **QUIET)

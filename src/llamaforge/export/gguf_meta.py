@@ -140,10 +140,18 @@ def pre_tokenizer_table() -> tuple[str, dict[str, str]]:
 def pre_tokenizer(tok, path) -> str:
     """The tokenizer.ggml.pre name of a Hugging Face tokenizer, decided as llama.cpp's converter does:
     encode a fixed text (special tokens included, so a BOS counts) and look the sha256 of the id list
-    up; an unknown hash is an error, never a silent default (llama.cpp would pre-tokenize it wrong)."""
+    up; an unknown hash is an error, never a silent default (llama.cpp would pre-tokenize it wrong).
+    Tokens added to a known base (add_tokens, e.g. Chinese words) change the text's encoding
+    (llama.cpp#8649): the name is then the base's, found with the added tokens in the text set aside
+    (llama.cpp matches them before it pre-tokenizes, as Hugging Face does); else an error too."""
     chktxt, table = pre_tokenizer_table()
     chkhsh = hashlib.sha256(str(tok.encode(chktxt)).encode()).hexdigest()
     name = table.get(chkhsh)
+    base, aside = tok.without_added_in(chktxt) if name is None and hasattr(tok, "without_added_in") else (None, [])
+    if base is not None:
+        base_hsh = hashlib.sha256(str(base.encode(chktxt)).encode()).hexdigest()
+        name = table.get(base_hsh)
+        chkhsh += f", nor its base's with the added tokens {', '.join(map(repr, aside))} set aside: {base_hsh}"
     if name is None:
         raise LlamaforgeError(
             f"llama.cpp does not know this tokenizer's pre-tokenizer (chkhsh {chkhsh})", path,

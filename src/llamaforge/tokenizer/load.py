@@ -122,3 +122,23 @@ class FastTokenizer:
 
     def decode(self, ids) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=False)
+
+    def without_added_in(self, text: str) -> tuple["FastTokenizer | None", list[str]]:
+        """(this tokenizer without its added tokens, the contents of those that occur in `text`), or
+        (None, []) when none occurs: how the base that the added tokens extend (tokenizer.json plus
+        add_tokens) encodes `text`. Its model, normalizer, pre-tokenizer and post-processor (which names
+        its BOS by id) are this one's, shared; an added token that does not occur in `text` (as written
+        or normalized) changes nothing of its encoding, and one that does is set aside."""
+        from tokenizers import Tokenizer
+
+        norm = self._tk.normalizer.normalize_str(text) if self._tk.normalizer is not None else text
+        found = [t.content for _, t in sorted(self.added_tokens_decoder.items()) if t.content in text or t.content in norm]
+        if not found:
+            return None, []
+        tk = Tokenizer(self._tk.model)
+        for part in ("normalizer", "pre_tokenizer", "post_processor"):
+            if getattr(self._tk, part) is not None:
+                setattr(tk, part, getattr(self._tk, part))
+        base = object.__new__(FastTokenizer)
+        base._tk, base.added_tokens_decoder = tk, {}
+        return base, found

@@ -168,14 +168,23 @@ def merge_tokenizers(base: str | os.PathLike, extra: str | os.PathLike | None, o
 # tokenizer.json tokenizers (Llama-3, Qwen2, ...): tokens added, everything else byte for byte
 
 
+def is_marker(token: str) -> bool:
+    """An added token that marks (a pad, a role, a tag: [PAD], <|im_start|>, <think>) rather than a
+    word of the text (工作): added as a special token; a word is added as a normal one."""
+    return len(token) > 2 and (token[0], token[-1]) in (("<", ">"), ("[", "]"))
+
+
 def _added_token(content: str, id_: int) -> dict:
+    """A tokenizer.json added token: special for a marker; a word is a normal one, matched in the raw
+    text (normalized false) as llama.cpp matches a user-defined token, before the pre-tokenizer."""
     return {"id": id_, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-            "normalized": False, "special": True}
+            "normalized": False, "special": is_marker(content)}
 
 
 def add_tokens_json(base: str | os.PathLike, output: str | os.PathLike, add_tokens=(), echo=print) -> dict:
-    """A tokenizer.json tokenizer folder with `add_tokens` appended as special added tokens (ids
-    from the tokenizer's length on), written atomically to `output`. The other files are copied
+    """A tokenizer.json tokenizer folder with `add_tokens` appended as added tokens (ids from the
+    tokenizer's length on; markers special, words normal: `is_marker`), written atomically to
+    `output`. The other files are copied
     byte for byte; tokenizer_config.json gains the tokens in added_tokens_decoder (and the first
     token named like "pad" as pad_token when it has none)."""
     from ..files.reading import read_json
@@ -209,7 +218,7 @@ def add_tokens_json(base: str | os.PathLike, output: str | os.PathLike, add_toke
     if pad and not cfg.get("pad_token"):
         cfg["pad_token"] = pad
     for a in added:
-        echo(f"Added token {a['content']!r} with id {a['id']}")
+        echo(f"Added token {a['content']!r} with id {a['id']} ({'special' if a['special'] else 'normal'})")
     echo(f"New vocabulary: {n} -> {n + len(added)} tokens")
     summary = {"llamaforge": "merge_tokenizers", "base": os.fspath(folder), "base_tokens": n,
                "added_tokens": list(add_tokens), "merged_tokens": n + len(added)}
