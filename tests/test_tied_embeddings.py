@@ -61,7 +61,10 @@ def peft_reference(base: Path, adapter: Path) -> dict:
     with torch.no_grad():
         logits = pm(torch.tensor([IDS])).logits[0]
     emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
-    pick = (lambda mod: mod.modules_to_save["default"].weight if hasattr(mod, "modules_to_save") else mod.weight)
+
+    def pick(mod):  # the trained copy of a modules_to_save wrapper, else the module's own weight
+        return mod.modules_to_save["default"].weight if hasattr(mod, "modules_to_save") else mod.weight
+
     return {"embed": pick(emb).detach().clone(), "head": pick(head).detach().clone(), "logits": logits}
 
 
