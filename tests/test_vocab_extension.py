@@ -10,7 +10,7 @@ import json
 import shutil
 
 import pytest
-from families import family_tokenizer, llama_cpp_model, make_family_model, read_gguf, vocab_tests
+from families import convert_hf_to_gguf, family_tokenizer, llama_cpp_model, make_family_model, read_gguf, vocab_tests
 from helpers import run_script
 
 # two of the words occur in llama.cpp's check text ("?我想在apple工作1314151天～")
@@ -145,6 +145,9 @@ def test_extended_bpe_base_exports_under_the_bases_pre_tokenizer(extended, name)
     assert all(added & set(ids) for ids in want[: len(TEXTS)])  # every text uses an added word
     assert hf.encode("我想在apple工作", add_special_tokens=False)[0] == hf.convert_tokens_to_ids("我想")
     assert llm.tokenize(b"Hi", add_bos=True)[0] == hf("Hi").input_ids[0]
+    if name == "llama3":  # llama.cpp's own converter refuses this folder (llama.cpp#8649): unknown chkhsh
+        with pytest.raises(AssertionError, match="BPE pre-tokenizer was not recognized"):
+            convert_hf_to_gguf(gguf_path.parent / "model", gguf_path.with_name("ref.gguf"))
 
 
 @pytest.mark.slow
