@@ -144,6 +144,7 @@ def test_extended_bpe_base_exports_under_the_bases_pre_tokenizer(extended, name)
     added = {hf.convert_tokens_to_ids(w) for w in WORDS}
     assert all(added & set(ids) for ids in want[: len(TEXTS)])  # every text uses an added word
     assert hf.encode("我想在apple工作", add_special_tokens=False)[0] == hf.convert_tokens_to_ids("我想")
+    assert [llm.detokenize(ids).decode("utf-8") for ids in want[: len(TEXTS)]] == [hf.decode(i) for i in want[: len(TEXTS)]]
     assert llm.tokenize(b"Hi", add_bos=True)[0] == hf("Hi").input_ids[0]
     if name == "llama3":  # llama.cpp's own converter refuses this folder (llama.cpp#8649): unknown chkhsh
         with pytest.raises(AssertionError, match="BPE pre-tokenizer was not recognized"):
