@@ -26,16 +26,16 @@ IDS = [5, 17, 300, 1000, 42, 7, 99, 2500, 31, 12]
 QUIET = dict(echo=lambda *a: None, progress=False)
 
 
-def make_tied_adapter(base: Path, out: Path, modules: list[str], seed: int = 3) -> Path:
+def make_tied_adapter(base: Path, out: Path, modules: list[str], seed: int = 3, **extra) -> Path:
     """A PEFT LoRA (q/v projections) with `modules` in modules_to_save, each trained copy moved away
-    from the base (as training does), saved by PEFT itself."""
+    from the base (as training does), saved by PEFT itself. `extra`: more LoraConfig settings."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, lora_dropout=0.0,
-                     target_modules=["q_proj", "v_proj"], modules_to_save=modules)
+                     target_modules=["q_proj", "v_proj"], modules_to_save=modules, **extra)
     with warnings.catch_warnings():  # PEFT warns that a tied layer is saved without ensure_weight_tying
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(model, cfg)
@@ -77,17 +77,18 @@ def tied(tmp_path_factory):
     bases: dict = {}
     cache: dict = {}
 
-    def build(name: str, modules: tuple[str, ...]) -> dict:
+    def build(name: str, modules: tuple[str, ...], ensure_weight_tying: bool = False) -> dict:
         if name not in bases:
             root = tmp_path_factory.mktemp(f"tied-{name}")
             tok, rows = family_tokenizer(name, root / "tokenizer")
             bases[name] = make_family_model(root / "base", name, tok, rows)
             assert json.loads((bases[name] / "config.json").read_text())["tie_word_embeddings"] is True
-        key = (name, modules)
+        key = (name, modules, ensure_weight_tying)
         if key not in cache:
             base = bases[name]
             root = tmp_path_factory.mktemp(f"tied-{name}-{len(modules)}")
-            adapter = make_tied_adapter(base, root / "adapter", list(modules))
+            extra = {"ensure_weight_tying": True} if ensure_weight_tying else {}
+            adapter = make_tied_adapter(base, root / "adapter", list(modules), **extra)
             merged = root / "merged"
             merge_lora(base, [adapter], merged, dtype="float32", **QUIET)
             cache[key] = dict(base=base, adapter=adapter, merged=merged, ref=peft_reference(base, adapter))
@@ -96,12 +97,12 @@ def tied(tmp_path_factory):
     return build
 
 
-def merged_logits(folder: Path) -> torch.Tensor:
+def merged_logits(folder: Path, tied: bool = False) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    assert model.config.tie_word_embeddings is False
-    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    assert model.config.tie_word_embeddings is tied
+    assert (model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()) is tied
     with torch.no_grad():
         return model(torch.tensor([IDS])).logits[0]
 
@@ -136,6 +137,24 @@ def test_trained_embedding_alone_leaves_the_head_on_the_base_embedding(tied, nam
     assert torch.equal(ours[HEAD], base[EMBED].float())
     assert json.loads((c["merged"] / "config.json").read_text())["tie_word_embeddings"] is False
     assert_close(merged_logits(c["merged"]), ref["logits"], 1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIED_FAMILIES)
+def test_an_adapter_trained_with_ensure_weight_tying_keeps_the_model_tied(tied, name):
+    """PEFT's ensure_weight_tying: one trained copy for the tied pair (PEFT stores it as both
+    embed_tokens and lm_head). The merge keeps the model tied, with the trained embedding."""
+    from safetensors import safe_open
+
+    c = tied(name, ("embed_tokens",), ensure_weight_tying=True)
+    with safe_open(c["adapter"] / "adapter_model.safetensors", "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys() if "lora" not in k}
+    assert len(stored) == 2 and torch.equal(*stored.values())  # both stored, equal
+    ours, base, ref = hf_tensors(c["merged"]), hf_tensors(c["base"]), c["ref"]
+    assert torch.equal(ref["head"], ref["embed"]) and not torch.equal(ref["embed"], base[EMBED].float())
+    assert HEAD not in ours and torch.equal(ours[EMBED], ref["embed"])
+    assert json.loads((c["merged"] / "config.json").read_text())["tie_word_embeddings"] is True
+    assert_close(merged_logits(c["merged"], tied=True), ref["logits"], 1e-4)
 
 
 @pytest.mark.slow

@@ -59,8 +59,12 @@ def unties_head(adapters: list[Adapter]) -> bool:
     """Whether the adapters untie a tied base's head. PEFT gives every module of modules_to_save its
     own trained copy, and a LoRA on lm_head its own update: a trained lm_head is its own tensor, and
     so is the head beside a trained embed_tokens alone, since PEFT's forward keeps the head tied to
-    the original (base) embedding, not to the trained copy (peft 0.21; peft#2777)."""
-    return any(LM_HEAD_HF in ad.full or LM_HEAD_HF in ad.updates or EMBED_HF in ad.full for ad in adapters)
+    the original (base) embedding, not to the trained copy (peft 0.21; peft#2777). An adapter saved
+    with ensure_weight_tying trains one copy for both (it stores lm_head as the same tensor as
+    embed_tokens): the model stays tied, as PEFT's forward has it."""
+    return any(LM_HEAD_HF in ad.updates
+               or ((LM_HEAD_HF in ad.full or EMBED_HF in ad.full) and not ad.config.get("ensure_weight_tying"))
+               for ad in adapters)
 
 
 def plan_merge(base: ModelSource, adapters: list[Adapter], dtype: torch.dtype, tied: bool) -> list[TensorPlan]:
