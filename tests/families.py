@@ -30,7 +30,7 @@ CACHE = Path(os.environ.get("LLAMAFORGE_CACHE", Path.home() / ".cache" / "llamaf
 VOCAB_TEST_SEPARATOR = "\n__ggml_vocab_test__\n"
 
 # family -> (transformers config class, model class, tokenizer kind)
-FAMILIES = ("llama3", "llama32", "qwen2", "mistral")
+FAMILIES = ("llama3", "llama32", "qwen2", "mistral", "qwen3")
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,7 +86,7 @@ def vocab_tests(name: str) -> list[tuple[str, list[int]]]:
 
 
 def family_config(family: str, vocab: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
@@ -104,6 +104,10 @@ def family_config(family: str, vocab: int):
         return MistralConfig(**common, max_position_embeddings=32768, tie_word_embeddings=False, sliding_window=None,
                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                              bos_token_id=1, eos_token_id=2)
+    if family == "qwen3":  # head_dim 32, not hidden / heads = 16: read from config.json, as Qwen3's are
+        return Qwen3Config(**common, head_dim=32, max_position_embeddings=40960, tie_word_embeddings=True,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                           bos_token_id=151643, eos_token_id=151645, use_sliding_window=False)
     raise ValueError(family)
 
 
@@ -243,6 +247,13 @@ def family_tokenizer(family: str, out: Path) -> tuple[Path, int]:
         return bpe_tokenizer("llama-bpe", out), 128256
     if family == "qwen2":
         return bpe_tokenizer("qwen2", out), 151936
+    if family == "qwen3":  # Qwen2's vocabulary (Qwen3 keeps it) with Qwen3's chat template (<think>)
+        tok = bpe_tokenizer("qwen2", out)
+        tc = json.loads((tok / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tc["chat_template"] = (llama_cpp_tree() / "models" / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text(
+            encoding="utf-8")
+        (tok / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        return tok, 151936
     return spm_tokenizer(out), 32000
 
 

@@ -50,6 +50,9 @@ def test_merge_equals_peft_and_keeps_the_tokenizer_byte_for_byte(family, name):
     assert any(not torch.equal(ours[k], base[k]) for k in ours if "proj" in k)  # the adapter did change weights
     if name == "qwen2":
         assert "model.layers.0.self_attn.q_proj.bias" in ours and "lm_head.weight" not in ours
+    if name == "qwen3":  # q/k norms of head_dim 32 (from config.json: hidden / heads is 16), no biases, tied
+        assert ours["model.layers.1.self_attn.k_norm.weight"].shape == (32,) and "lm_head.weight" not in ours
+        assert not any(k.endswith(".bias") for k in ours)
     cfg = json.loads((f["merged"] / "config.json").read_text())
     base_cfg = json.loads((f["base"] / "config.json").read_text())
     assert cfg["architectures"] == base_cfg["architectures"]
@@ -121,6 +124,7 @@ def test_greedy_batched_equals_one_at_a_time_with_the_chat_template(family, name
 # label, finetune, sampling defaults) -- llamaforge names the model after its folder or --name; and
 # llamaforge's own key, by which it knows the file as its output. And tokenizer.chat_template where
 # the tokenizer has none: llamaforge writes the Alpaca template its inference uses (--template auto).
+GGUF_ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}  # else llama
 ALLOWED_METADATA_DIFFERENCES = re.compile(r"^(general\.(name|basename|size_label|finetune|version|sampling\..*)"
                                           r"|llamaforge\.version)$")
 
@@ -162,15 +166,18 @@ def test_gguf_equals_llama_cpp_converter(family_gguf, name, outtype):
         from llamaforge.model.prompts import ALPACA_CHAT_TEMPLATE
 
         assert meta["tokenizer.chat_template"] == ALPACA_CHAT_TEMPLATE
-    arch = "qwen2" if name == "qwen2" else "llama"
-    assert meta["general.architecture"] == arch
+    assert meta["general.architecture"] == GGUF_ARCH.get(name, "llama")
     assert meta["tokenizer.ggml.model"] == ("llama" if name == "mistral" else "gpt2")
     assert meta.get("tokenizer.ggml.pre") == {"llama3": "llama-bpe", "llama32": "llama-bpe", "qwen2": "qwen2",
-                                              "mistral": "default"}[name]
+                                              "mistral": "default", "qwen3": "qwen2"}[name]
     assert ("rope_freqs.weight" in tensors) == name.startswith("llama3")
     assert ("output.weight" in tensors) == (name in ("llama3", "mistral"))
     if name == "qwen2":
         assert tensors["blk.0.attn_q.bias"][0] == "F32"
+    if name == "qwen3":
+        assert tensors["blk.1.attn_k_norm.weight"][:2] == ("F32", (32,)) and tensors["blk.0.attn_q.weight"][1] == (64, 128)
+        assert meta["qwen3.attention.key_length"] == meta["qwen3.attention.value_length"] == 32
+        assert "<think>" in meta["tokenizer.chat_template"]
     if name != "mistral":
         assert "tokenizer.chat_template" in meta and "tokenizer.ggml.merges" in meta
 
@@ -211,14 +218,14 @@ def test_llama_cpp_loads_the_gguf_with_the_logits_of_the_hf_model(family, family
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+@pytest.mark.parametrize("name", ["llama3", "qwen2", "qwen3"])
 def test_bpe_ggufs_tokenize_llama_cpp_test_vectors_in_llama_cpp_and_hf(family, family_gguf, name):
     from transformers import AutoTokenizer
 
     from families import vocab_tests
 
     f = family(name)
-    cases = vocab_tests("llama-bpe" if name == "llama3" else "qwen2")
+    cases = vocab_tests("llama-bpe" if name == "llama3" else "qwen2")  # Qwen3 keeps Qwen2's vocabulary
     assert len(cases) >= 46
     llm = llama_cpp_model(family_gguf(name, "f16")[0], vocab_only=True)
     tok = AutoTokenizer.from_pretrained(f["merged"])
@@ -294,7 +301,7 @@ def test_llama3_meta_export_has_params_and_metas_own_tokenizer_model(family, nam
     assert torch.equal(sd["layers.1.attention.wk.weight"], permute_into(torch.empty_like(wk), wk, 2, to_meta=True))
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "qwen3"])
 def test_families_without_a_meta_format_are_refused(family, name, tmp_path):
     proc = run_script("export_pth.py", "--model", family(name)["merged"], "--output", tmp_path / "meta")
     lines = proc.stderr.strip().splitlines()

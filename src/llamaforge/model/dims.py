@@ -44,6 +44,7 @@ class LlamaDims:
             "o": (h, self.n_heads * hd), "gate": (self.intermediate, h), "up": (self.intermediate, h),
             "down": (h, self.intermediate), "attn_norm": (h,), "ffn_norm": (h,),
             "q_bias": (self.n_heads * hd,), "k_bias": (self.n_kv_heads * hd,), "v_bias": (self.n_kv_heads * hd,),
+            "q_norm": (hd,), "k_norm": (hd,),
         }[t.role]
 
 

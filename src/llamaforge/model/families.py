@@ -22,9 +22,11 @@ from .tensors import (
     FFN_NORM,
     GATE,
     K_BIAS,
+    K_NORM,
     NORM,
     OUTPUT,
     Q_BIAS,
+    Q_NORM,
     UP,
     V_BIAS,
     K,
@@ -78,6 +80,8 @@ class Family:
 
 _LLAMA_LAYER = (ATTN_NORM, Q, K, V, O, FFN_NORM, GATE, UP, DOWN)
 _QWEN2_LAYER = (ATTN_NORM, Q, Q_BIAS, K, K_BIAS, V, V_BIAS, O, FFN_NORM, GATE, UP, DOWN)
+# Qwen3: no biases, RMSNorms of q and k per head (head_dim from config.json)
+_QWEN3_LAYER = (ATTN_NORM, Q, K, V, O, Q_NORM, K_NORM, FFN_NORM, GATE, UP, DOWN)
 
 FAMILIES = {
     "llama": Family("llama", ("LlamaForCausalLM",), "llama", _LLAMA_LAYER, meta=True, permute_qk=True,
@@ -85,6 +89,8 @@ FAMILIES = {
     "mistral": Family("mistral", ("MistralForCausalLM",), "llama", _LLAMA_LAYER, meta=False, permute_qk=True,
                       llama_gguf_rules=True),
     "qwen2": Family("qwen2", ("Qwen2ForCausalLM",), "qwen2", _QWEN2_LAYER, meta=False, permute_qk=False,
+                    llama_gguf_rules=False),
+    "qwen3": Family("qwen3", ("Qwen3ForCausalLM",), "qwen3", _QWEN3_LAYER, meta=False, permute_qk=False,
                     llama_gguf_rules=False),
 }
 LLAMA = FAMILIES["llama"]

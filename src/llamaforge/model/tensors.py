@@ -69,6 +69,9 @@ FFN_NORM = TensorName(_L + "post_attention_layernorm.weight", "layers.{i}.ffn_no
 Q_BIAS = TensorName(_L + "self_attn.q_proj.bias", "", "blk.{i}.attn_q.bias", None, "q_bias")
 K_BIAS = TensorName(_L + "self_attn.k_proj.bias", "", "blk.{i}.attn_k.bias", None, "k_bias")
 V_BIAS = TensorName(_L + "self_attn.v_proj.bias", "", "blk.{i}.attn_v.bias", None, "v_bias")
+# per-head RMSNorms of q and k ([head_dim]; Qwen3, Gemma-3; Hugging Face and GGUF only)
+Q_NORM = TensorName(_L + "self_attn.q_norm.weight", "", "blk.{i}.attn_q_norm.weight", None, "q_norm")
+K_NORM = TensorName(_L + "self_attn.k_norm.weight", "", "blk.{i}.attn_k_norm.weight", None, "k_norm")
 # In Meta's order within a layer (attention, feed-forward, norms), which is the order of its files.
 LAYER = (Q, K, V, O, GATE, DOWN, UP, ATTN_NORM, FFN_NORM)
 BIASES = (Q_BIAS, K_BIAS, V_BIAS)
