@@ -176,7 +176,7 @@ def test_gguf_equals_llama_cpp_converter(family_gguf, name, outtype):
         assert tensors["blk.0.attn_q.bias"][0] == "F32"
     if name == "qwen3":
         assert tensors["blk.1.attn_k_norm.weight"][:2] == ("F32", (32,)) and tensors["blk.0.attn_q.weight"][1] == (64, 128)
-        assert meta["qwen3.attention.key_length"] == meta["qwen3.attention.value_length"] == 32
+        assert meta["qwen3.attention.key_length"] == meta["qwen3.attention.value_length"] == [32]
         assert "<think>" in meta["tokenizer.chat_template"]
     if name != "mistral":
         assert "tokenizer.chat_template" in meta and "tokenizer.ggml.merges" in meta
