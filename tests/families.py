@@ -30,7 +30,7 @@ CACHE = Path(os.environ.get("LLAMAFORGE_CACHE", Path.home() / ".cache" / "llamaf
 VOCAB_TEST_SEPARATOR = "\n__ggml_vocab_test__\n"
 
 # family -> (transformers config class, model class, tokenizer kind)
-FAMILIES = ("llama3", "llama32", "qwen2", "mistral", "qwen3")
+FAMILIES = ("llama3", "llama32", "qwen2", "mistral", "qwen3", "gemma3")
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,7 +86,7 @@ def vocab_tests(name: str) -> list[tuple[str, list[int]]]:
 
 
 def family_config(family: str, vocab: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
@@ -108,6 +108,11 @@ def family_config(family: str, vocab: int):
         return Qwen3Config(**common, head_dim=32, max_position_embeddings=40960, tie_word_embeddings=True,
                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                            bos_token_id=151643, eos_token_id=151645, use_sliding_window=False)
+    if family == "gemma3":  # Gemma3ForCausalLM (gemma-3-1b's layout): 6 layers, so that the sixth is a
+        # full-attention layer (rope base 1e6) after five sliding ones (window 4 < the tests' 10 tokens, base 1e4)
+        return Gemma3TextConfig(**{**common, "num_hidden_layers": 6, "rms_norm_eps": 1e-6}, head_dim=32,
+                                query_pre_attn_scalar=32, sliding_window=4, max_position_embeddings=32768,
+                                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     raise ValueError(family)
 
 
@@ -157,6 +162,66 @@ def spm_tokenizer(out: Path) -> Path:
     model = FIXTURES / "tokenizers" / "llama" / "tokenizer.model"
     out.mkdir(parents=True, exist_ok=True)
     write_hf_tokenizer(load_proto(model), out, model_bytes=model.read_bytes())
+    return out
+
+
+# Gemma-3's chat template as its instruction-tuned releases ship it (google/gemma-3-1b-it): no system
+# role (a system message opens the first user turn), "model" for the assistant
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n")
+
+
+def gemma_tokenizer(out: Path) -> Path:
+    """Gemma's kind of tokenizer on the real LLaMA SentencePiece model: no dummy space prefix (Gemma's
+    normalizer adds none; llama.cpp's add_space_prefix False) and Gemma-3's chat template."""
+    from llamaforge.tokenizer import load_proto, write_hf_tokenizer
+
+    proto = load_proto(FIXTURES / "tokenizers" / "llama" / "tokenizer.model")
+    proto.normalizer_spec.add_dummy_prefix = False
+    out.mkdir(parents=True, exist_ok=True)
+    write_hf_tokenizer(proto, out)
+    tc = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tc["chat_template"] = GEMMA3_CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return out
 
 
@@ -245,6 +310,8 @@ def family_tokenizer(family: str, out: Path) -> tuple[Path, int]:
     151665 tokens, as the releases are), Mistral the LLaMA SentencePiece model's 32000."""
     if family in ("llama3", "llama32"):
         return bpe_tokenizer("llama-bpe", out), 128256
+    if family == "gemma3":
+        return gemma_tokenizer(out), 32000
     if family == "qwen2":
         return bpe_tokenizer("qwen2", out), 151936
     if family == "qwen3":  # Qwen2's vocabulary (Qwen3 keeps it) with Qwen3's chat template (<think>)

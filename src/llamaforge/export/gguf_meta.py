@@ -271,10 +271,13 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
         raise LlamaforgeError(f"rope scaling {rtype!r} is not supported by this exporter", model.folder / "config.json",
                               "export with llama.cpp's convert_hf_to_gguf.py")
     writer.add_rope_freq_base(d.rope_theta)
+    if model.rope.swa_theta is not None:  # the sliding-window layers' own base (Gemma-3)
+        writer.add_rope_freq_base_swa(model.rope.swa_theta)
     writer.add_layer_norm_rms_eps(d.norm_eps)
     if model.config.get("head_dim") is not None:
         writer.add_key_length(d.hd)
         writer.add_value_length(d.hd)
+    _family_keys(gguf, writer, model)
     writer.add_file_type(ftype)
     if llama_rules:
         writer.add_vocab_size(d.vocab)
@@ -301,9 +304,26 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
     writer.add_string(GGUF_OWN_KEY, __version__)
 
 
+def _family_keys(gguf, writer, model: ModelFolder) -> None:
+    """The family entry's own keys from config.json (Family.gguf_keys), where config.json sets them."""
+    arch = model.family.gguf_arch
+    for suffix, key, vtype in model.family.gguf_keys:
+        value = model.config.get(key)
+        if value is None:
+            continue
+        try:
+            value = float(value) if vtype == "float32" else int(value)
+        except (TypeError, ValueError):
+            raise LlamaforgeError(f"config.json's {key} is {value!r}, not a number", model.config_path,
+                                  "restore the config.json written with the model") from None
+        writer.add_key_value(f"{arch}.{suffix}", value, getattr(gguf.GGUFValueType, vtype.upper()))
+
+
 def _sentencepiece_metadata(gguf, writer, model: ModelFolder) -> None:
     v = _token_vocab(model)
-    if model.family.llama_gguf_rules:
+    if model.family.space_prefix is not None:
+        writer.add_add_space_prefix(model.family.space_prefix)
+    elif model.family.llama_gguf_rules:
         tc_path = model.folder / "tokenizer_config.json"
         tc = read_json(tc_path, "tokenizer_config.json") if tc_path.is_file() else {}
         if isinstance(tc, dict) and tc.get("add_prefix_space") is not None:

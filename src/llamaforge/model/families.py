@@ -23,6 +23,9 @@ from .tensors import (
     GATE,
     K_BIAS,
     K_NORM,
+    POST_ATTN_NORM,
+    POST_FFN_NORM,
+    PRE_FFN_NORM,
     NORM,
     OUTPUT,
     Q_BIAS,
@@ -53,6 +56,12 @@ class Family:
     llama_gguf_rules: bool
     prompt_style: str = "alpaca"     # prompts.FORMATS name used when the tokenizer has no chat template
     final_norm: TensorName = NORM    # the final norm (a family may give it a value offset, as its layer norms)
+    # GGUF keys the converter writes from config.json for this family alone: ("{arch}." suffix,
+    # config.json key, GGUF value type), written when config.json sets the key
+    gguf_keys: tuple[tuple[str, str, str], ...] = ()
+    # tokenizer.ggml.add_space_prefix of a SentencePiece vocabulary: None = the tokenizer's own
+    # (tokenizer_config.json's add_prefix_space, under llama_gguf_rules), else this value
+    space_prefix: bool | None = None
 
     @property
     def architecture(self) -> str:
@@ -80,6 +89,11 @@ class Family:
 
 _LLAMA_LAYER = (ATTN_NORM, Q, K, V, O, FFN_NORM, GATE, UP, DOWN)
 _QWEN2_LAYER = (ATTN_NORM, Q, Q_BIAS, K, K_BIAS, V, V_BIAS, O, FFN_NORM, GATE, UP, DOWN)
+# Gemma-3: every RMSNorm stored as w - 1 (Gemma3RMSNorm multiplies by 1 + w; the GGUF holds 1 + w),
+# sandwich norms around attention and the feed-forward, q/k norms
+_G = 1.0
+_GEMMA3_LAYER = (ATTN_NORM.shifted(_G), Q, K, V, O, Q_NORM.shifted(_G), K_NORM.shifted(_G),
+                 POST_ATTN_NORM.shifted(_G), PRE_FFN_NORM.shifted(_G), POST_FFN_NORM.shifted(_G), GATE, UP, DOWN)
 # Qwen3: no biases, RMSNorms of q and k per head (head_dim from config.json)
 _QWEN3_LAYER = (ATTN_NORM, Q, K, V, O, Q_NORM, K_NORM, FFN_NORM, GATE, UP, DOWN)
 
@@ -92,6 +106,19 @@ FAMILIES = {
                     llama_gguf_rules=False),
     "qwen3": Family("qwen3", ("Qwen3ForCausalLM",), "qwen3", _QWEN3_LAYER, meta=False, permute_qk=False,
                     llama_gguf_rules=False),
+    "gemma3_text": Family("gemma3_text", ("Gemma3ForCausalLM",), "gemma3", _GEMMA3_LAYER, meta=False,
+                          permute_qk=False, llama_gguf_rules=False, final_norm=NORM.shifted(_G),
+                          gguf_keys=(("attention.sliding_window", "sliding_window", "uint32"),
+                                     ("final_logit_softcapping", "final_logit_softcapping", "float32")),
+                          space_prefix=False),
+}
+# Architectures of a supported family's checkpoints that are refused with their own reason and fix.
+REFUSED = {
+    "Gemma3ForConditionalGeneration": (
+        "is Gemma-3's multimodal checkpoint (a vision tower beside the language model); llamaforge takes "
+        "the text-only Gemma3ForCausalLM",
+        "use a text-only Gemma-3 (gemma-3-1b, or the text model of a larger one saved as Gemma3ForCausalLM), "
+        "or llama.cpp's convert_hf_to_gguf.py with --mmproj for the vision tower"),
 }
 LLAMA = FAMILIES["llama"]
 SUPPORTED_ARCHITECTURES = ", ".join(a for f in FAMILIES.values() for a in f.architectures)
@@ -106,6 +133,9 @@ def family_of(cfg: dict, path) -> Family:
     if mt is not None and not isinstance(mt, str):
         raise LlamaforgeError(f"model_type is a JSON {type(mt).__name__} ({json.dumps(mt)[:40]}), not a name", path,
                               'restore the model\'s config.json (e.g. "model_type": "llama")')
+    if arch in REFUSED:
+        why, fix = REFUSED[arch]
+        raise LlamaforgeError(f"architecture {arch!r} {why}", path, fix)
     for fam in FAMILIES.values():
         if arch in fam.architectures and mt in (None, fam.name):
             return fam
