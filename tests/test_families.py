@@ -53,6 +53,9 @@ def test_merge_equals_peft_and_keeps_the_tokenizer_byte_for_byte(family, name):
     if name == "qwen3":  # q/k norms of head_dim 32 (from config.json: hidden / heads is 16), no biases, tied
         assert ours["model.layers.1.self_attn.k_norm.weight"].shape == (32,) and "lm_head.weight" not in ours
         assert not any(k.endswith(".bias") for k in ours)
+    if name == "gemma3":  # sandwich norms and q/k norms, tied
+        assert "model.layers.5.post_feedforward_layernorm.weight" in ours and "lm_head.weight" not in ours
+        assert ours["model.layers.0.self_attn.q_norm.weight"].shape == (32,)
     cfg = json.loads((f["merged"] / "config.json").read_text())
     base_cfg = json.loads((f["base"] / "config.json").read_text())
     assert cfg["architectures"] == base_cfg["architectures"]
@@ -96,6 +99,39 @@ def test_unsupported_architecture_gets_one_line(family, tmp_path):
         assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
+def test_gemma3_multimodal_checkpoint_is_refused_in_one_line(family, tmp_path):
+    """Gemma3ForConditionalGeneration (vision tower + language model) is refused, not half-exported."""
+    base = tmp_path / "gemma3-mm"
+    shutil.copytree(family("gemma3")["base"], base)
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"],
+                                                  "model_type": "gemma3", "text_config": cfg}))
+    for script, args in (("merge_lora.py", ["--base", base, "--output", tmp_path / "out"]),
+                         ("export_gguf.py", ["--model", base, "--output", tmp_path / "out.gguf"])):
+        proc = run_script(script, *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert "Gemma3ForConditionalGeneration" in lines[0] and "multimodal" in lines[0] and "Fix:" in lines[0]
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()
+
+
+def test_sentencepiece_ggufs_tokenize_as_hf_in_llama_cpp(family, family_gguf):
+    """Gemma-3's SentencePiece without a space prefix: llama.cpp and Hugging Face give the same ids on
+    llama.cpp's SentencePiece test texts (the LLaMA model they are for has a prefix: its ids differ)."""
+    from transformers import AutoTokenizer
+
+    from families import vocab_tests
+
+    f = family("gemma3")
+    llm = llama_cpp_model(family_gguf("gemma3", "f16")[0], vocab_only=True)
+    tok = AutoTokenizer.from_pretrained(f["merged"])
+    texts = [t for t, _ in vocab_tests("llama-spm")]
+    ours = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
+    assert ours == [tok.encode(t, add_special_tokens=False) for t in texts]
+    assert ours[texts.index("Hello world")] == [10994, 3186]  # "Hello", not "▁Hello": no prefix
+    assert llm.tokenize(b"Hi", add_bos=True)[0] == tok("Hi").input_ids[0] == 1
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_batched_equals_one_at_a_time_with_the_chat_template(family, name):
     f = family(name)
@@ -124,6 +160,7 @@ def test_greedy_batched_equals_one_at_a_time_with_the_chat_template(family, name
 # label, finetune, sampling defaults) -- llamaforge names the model after its folder or --name; and
 # llamaforge's own key, by which it knows the file as its output. And tokenizer.chat_template where
 # the tokenizer has none: llamaforge writes the Alpaca template its inference uses (--template auto).
+SENTENCEPIECE = ("mistral", "gemma3", "phi3")  # tokenizer.model families (the rest: byte-level BPE)
 GGUF_ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}  # else llama
 ALLOWED_METADATA_DIFFERENCES = re.compile(r"^(general\.(name|basename|size_label|finetune|version|sampling\..*)"
                                           r"|llamaforge\.version)$")
@@ -153,7 +190,7 @@ def family_gguf(family, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_gguf_equals_llama_cpp_converter(family_gguf, name, outtype):
+def test_gguf_equals_llama_cpp_converter(family, family_gguf, name, outtype):
     ours, ref = family_gguf(name, outtype, converter=True)
     meta, tensors = read_gguf(ours)
     ref_meta, ref_tensors = read_gguf(ref)
@@ -167,9 +204,10 @@ def test_gguf_equals_llama_cpp_converter(family_gguf, name, outtype):
 
         assert meta["tokenizer.chat_template"] == ALPACA_CHAT_TEMPLATE
     assert meta["general.architecture"] == GGUF_ARCH.get(name, "llama")
-    assert meta["tokenizer.ggml.model"] == ("llama" if name == "mistral" else "gpt2")
+    assert meta["tokenizer.ggml.model"] == ("llama" if name in SENTENCEPIECE else "gpt2")
     assert meta.get("tokenizer.ggml.pre") == {"llama3": "llama-bpe", "llama32": "llama-bpe", "qwen2": "qwen2",
-                                              "mistral": "default", "qwen3": "qwen2"}[name]
+                                              "mistral": "default", "qwen3": "qwen2", "gemma3": "default",
+                                              "phi3": "default"}[name]
     assert ("rope_freqs.weight" in tensors) == name.startswith("llama3")
     assert ("output.weight" in tensors) == (name in ("llama3", "mistral"))
     if name == "qwen2":
@@ -178,8 +216,21 @@ def test_gguf_equals_llama_cpp_converter(family_gguf, name, outtype):
         assert tensors["blk.1.attn_k_norm.weight"][:2] == ("F32", (32,)) and tensors["blk.0.attn_q.weight"][1] == (64, 128)
         assert meta["qwen3.attention.key_length"] == meta["qwen3.attention.value_length"] == [32]
         assert "<think>" in meta["tokenizer.chat_template"]
-    if name != "mistral":
+    if name not in SENTENCEPIECE:
         assert "tokenizer.chat_template" in meta and "tokenizer.ggml.merges" in meta
+    if name == "gemma3":  # every norm written as 1 + w (w as stored, in float16, then float32), no space prefix,
+        # the full-attention layers' rope base and the sliding ones'
+        import numpy as np
+
+        hf = hf_tensors(family(name)["merged"])
+        for k, t in (("model.layers.3.pre_feedforward_layernorm.weight", "blk.3.ffn_norm.weight"),
+                     ("model.layers.0.self_attn.k_norm.weight", "blk.0.attn_k_norm.weight"),
+                     ("model.norm.weight", "output_norm.weight")):
+            want = (hf[k] + 1).float().numpy()
+            assert tensors[t][0] == "F32" and np.array_equal(np.frombuffer(tensors[t][2], np.float32), want), t
+        assert meta["tokenizer.ggml.add_space_prefix"] == [False] and meta["gemma3.attention.sliding_window"] == [4]
+        assert meta["gemma3.rope.freq_base"] == [1000000.0] and meta["gemma3.rope.freq_base_swa"] == [10000.0]
+        assert "<start_of_turn>" in meta["tokenizer.chat_template"]
 
 
 def test_pre_tokenizer_of_an_unknown_tokenizer_is_an_error(family, tmp_path):
@@ -301,7 +352,7 @@ def test_llama3_meta_export_has_params_and_metas_own_tokenizer_model(family, nam
     assert torch.equal(sd["layers.1.attention.wk.weight"], permute_into(torch.empty_like(wk), wk, 2, to_meta=True))
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "qwen3", "gemma3"])
 def test_families_without_a_meta_format_are_refused(family, name, tmp_path):
     proc = run_script("export_pth.py", "--model", family(name)["merged"], "--output", tmp_path / "meta")
     lines = proc.stderr.strip().splitlines()
