@@ -53,6 +53,9 @@ def test_merge_equals_peft_and_keeps_the_tokenizer_byte_for_byte(family, name):
     if name == "qwen3":  # q/k norms of head_dim 32 (from config.json: hidden / heads is 16), no biases, tied
         assert ours["model.layers.1.self_attn.k_norm.weight"].shape == (32,) and "lm_head.weight" not in ours
         assert not any(k.endswith(".bias") for k in ours)
+    if name == "phi3":  # the adapter targets the fused projections, which stay fused
+        assert "model.layers.0.self_attn.qkv_proj.weight" in ours and "model.layers.0.mlp.gate_up_proj.weight" in ours
+        assert not any(".q_proj." in k or ".gate_proj." in k for k in ours) and "lm_head.weight" in ours
     if name == "gemma3":  # sandwich norms and q/k norms, tied
         assert "model.layers.5.post_feedforward_layernorm.weight" in ours and "lm_head.weight" not in ours
         assert ours["model.layers.0.self_attn.q_norm.weight"].shape == (32,)
@@ -115,20 +118,29 @@ def test_gemma3_multimodal_checkpoint_is_refused_in_one_line(family, tmp_path):
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()
 
 
-def test_sentencepiece_ggufs_tokenize_as_hf_in_llama_cpp(family, family_gguf):
-    """Gemma-3's SentencePiece without a space prefix: llama.cpp and Hugging Face give the same ids on
-    llama.cpp's SentencePiece test texts (the LLaMA model they are for has a prefix: its ids differ)."""
+@pytest.mark.parametrize("name", ["gemma3", "phi3"])
+def test_sentencepiece_ggufs_tokenize_as_hf_in_llama_cpp(family, family_gguf, name):
+    """Phi-3: llama.cpp's phi-3 test vectors, exactly, in llama.cpp (our GGUF) and Hugging Face, and its
+    chat tokens as single ids. Gemma-3's SentencePiece without a space prefix: llama.cpp and Hugging
+    Face give the same ids on llama.cpp's SentencePiece test texts (the LLaMA model those vectors are
+    for adds a prefix: its ids differ)."""
     from transformers import AutoTokenizer
 
     from families import vocab_tests
 
-    f = family("gemma3")
-    llm = llama_cpp_model(family_gguf("gemma3", "f16")[0], vocab_only=True)
+    f = family(name)
+    llm = llama_cpp_model(family_gguf(name, "f16")[0], vocab_only=True)
     tok = AutoTokenizer.from_pretrained(f["merged"])
-    texts = [t for t, _ in vocab_tests("llama-spm")]
+    cases = vocab_tests("phi-3" if name == "phi3" else "llama-spm")
+    texts = [t for t, _ in cases]
     ours = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
     assert ours == [tok.encode(t, add_special_tokens=False) for t in texts]
-    assert ours[texts.index("Hello world")] == [10994, 3186]  # "Hello", not "▁Hello": no prefix
+    if name == "phi3":
+        assert len(cases) >= 40 and ours == [i for _, i in cases]
+        assert llm.tokenize(b"<|user|>\nHi<|end|>", add_bos=False, special=True)[0] == 32010
+        assert tok.encode("<|user|>\nHi<|end|>", add_special_tokens=False)[0] == 32010
+    else:
+        assert ours[texts.index("Hello world")] == [10994, 3186]  # "Hello", not "▁Hello": no prefix
     assert llm.tokenize(b"Hi", add_bos=True)[0] == tok("Hi").input_ids[0] == 1
 
 
@@ -209,7 +221,7 @@ def test_gguf_equals_llama_cpp_converter(family, family_gguf, name, outtype):
                                               "mistral": "default", "qwen3": "qwen2", "gemma3": "default",
                                               "phi3": "default"}[name]
     assert ("rope_freqs.weight" in tensors) == name.startswith("llama3")
-    assert ("output.weight" in tensors) == (name in ("llama3", "mistral"))
+    assert ("output.weight" in tensors) == (name in ("llama3", "mistral", "phi3"))
     if name == "qwen2":
         assert tensors["blk.0.attn_q.bias"][0] == "F32"
     if name == "qwen3":
@@ -231,6 +243,21 @@ def test_gguf_equals_llama_cpp_converter(family, family_gguf, name, outtype):
         assert meta["tokenizer.ggml.add_space_prefix"] == [False] and meta["gemma3.attention.sliding_window"] == [4]
         assert meta["gemma3.rope.freq_base"] == [1000000.0] and meta["gemma3.rope.freq_base_swa"] == [10000.0]
         assert "<start_of_turn>" in meta["tokenizer.chat_template"]
+    if name == "phi3":  # fused tensors as they are; longrope as factor tensors and an attention factor
+        import math
+
+        import numpy as np
+
+        assert tensors["blk.0.attn_qkv.weight"][1] == (64, 128) and tensors["blk.1.ffn_up.weight"][1] == (64, 256)
+        cfg = json.loads((family(name)["merged"] / "config.json").read_text())
+        long = np.frombuffer(tensors["rope_factors_long.weight"][2], np.float32)
+        assert tensors["rope_factors_short.weight"][:2] == ("F32", (6,))
+        assert long.tolist() == cfg["rope_parameters"]["long_factor"]
+        assert meta["phi3.rope.dimension_count"] == [12] and meta["phi3.attention.sliding_window"] == [0]
+        assert meta["phi3.rope.scaling.original_context_length"] == [4096]
+        assert abs(meta["phi3.rope.scaling.attn_factor"][0] - math.sqrt(1 + math.log(32) / math.log(4096))) < 1e-6
+        assert meta["tokenizer.ggml.token_type"][32010] == [3] and meta["tokenizer.ggml.tokens"][32007] == "<|end|>"
+        assert meta["tokenizer.ggml.eos_token_id"] == [32000] and "<|assistant|>" in meta["tokenizer.chat_template"]
 
 
 def test_pre_tokenizer_of_an_unknown_tokenizer_is_an_error(family, tmp_path):
@@ -352,7 +379,7 @@ def test_llama3_meta_export_has_params_and_metas_own_tokenizer_model(family, nam
     assert torch.equal(sd["layers.1.attention.wk.weight"], permute_into(torch.empty_like(wk), wk, 2, to_meta=True))
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral", "qwen3", "gemma3"])
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "qwen3", "gemma3", "phi3"])
 def test_families_without_a_meta_format_are_refused(family, name, tmp_path):
     proc = run_script("export_pth.py", "--model", family(name)["merged"], "--output", tmp_path / "meta")
     lines = proc.stderr.strip().splitlines()

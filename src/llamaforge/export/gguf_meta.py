@@ -104,14 +104,19 @@ def _token_vocab(model) -> dict:
                 tokens[int(tid)], scores[int(tid)], types[int(tid)] = key.encode("utf-8"), -1000.0, USER_DEFINED
     tc_path = model.folder / "tokenizer_config.json"
     tc = read_json(tc_path, "tokenizer_config.json") if tc_path.is_file() else {}
-    for tid, data in (tc.get("added_tokens_decoder") or {}).items():
+    phi3 = model.family.sp_vocab == "phi3"  # Phi3MiniModel.set_vocab's rules (Family.sp_vocab)
+    added = list((tc.get("added_tokens_decoder") or {}).items())
+    if phi3 and model.tokenizer.json is not None:
+        tj = read_json(model.tokenizer.json, "tokenizer.json")
+        added += [(a["id"], a) for a in (tj.get("added_tokens") or []) if isinstance(a, dict)]
+    for tid, data in added:
         tid, token = int(tid), data["content"]
         if not 0 <= tid < vocab:
             continue
-        if data.get("special") or _looks_special(token):
+        if data.get("special") or (not phi3 and _looks_special(token)):
             types[tid] = CONTROL
         else:
-            token = token.replace("\u2581", " ")
+            token = token if phi3 else token.replace("\u2581", " ")
             types[tid] = USER_DEFINED
         scores[tid] = -1000.0
         tokens[tid] = token.encode("utf-8")
@@ -230,16 +235,64 @@ def _has_rope_freqs(model: ModelFolder) -> bool:
 
 def extra_tensors(model: ModelFolder) -> list[tuple[str, torch.Tensor]]:
     """Tensors the GGUF holds that the Hugging Face folder does not (written first, as the converter
-    writes its generate_extra_tensors): rope_freqs for llama3 rope scaling (llama.cpp's LlamaModel)."""
+    writes its generate_extra_tensors): rope_freqs for llama3 rope scaling (llama.cpp's LlamaModel),
+    rope_factors_long/short for longrope (Phi3MiniModel)."""
+    import torch
+
     if _has_rope_freqs(model):
         params = {"rope_theta": model.dims.rope_theta, **model.rope.parameters}
         return [("rope_freqs.weight", llama3_rope_factors(model.dims.hd, params))]
-    return []
+    return [(name, torch.tensor(values, dtype=torch.float32)) for name, values in _longrope_factors(model)]
 
 
 def extra_tensor_shapes(model: ModelFolder) -> dict[str, tuple[int, ...]]:
     """The names and shapes of extra_tensors, without computing them."""
-    return {"rope_freqs.weight": (model.dims.hd // 2,)} if _has_rope_freqs(model) else {}
+    if _has_rope_freqs(model):
+        return {"rope_freqs.weight": (model.dims.hd // 2,)}
+    return {name: (len(values),) for name, values in _longrope_factors(model)}
+
+
+def _phi3_rope_dims(model: ModelFolder) -> int:
+    d = model.dims
+    return int(float(model.rope.parameters.get("partial_rotary_factor", 1.0)) * d.hidden) // d.n_heads
+
+
+def _longrope_factors(model: ModelFolder) -> list[tuple[str, list]]:
+    """rope_factors_long/short of a longrope model under Phi3MiniModel's rules, checked as it checks them."""
+    rp = model.rope.parameters
+    if model.family.rope_keys != "phi3" or not rp.get("long_factor"):
+        return []
+    long, short = rp.get("long_factor"), rp.get("short_factor")
+    half = _phi3_rope_dims(model) / 2
+    if not isinstance(short, list) or not isinstance(long, list) or len(long) != len(short) or len(long) != half:
+        raise LlamaforgeError(f"rope long_factor/short_factor must be two lists of {half:g} numbers (rotary "
+                              "dimensions / 2)", model.config_path, "restore the config.json written with the model")
+    return [("rope_factors_long.weight", long), ("rope_factors_short.weight", short)]
+
+
+def phi3_rope_keys(writer, model: ModelFolder) -> None:
+    """Phi3MiniModel.set_gguf_parameters' rope keys: dimension count, original context length, and for
+    longrope the attention factor (llama.cpp reads the factors from rope_factors_long/short)."""
+    rtype, rp, d = str(model.rope.type).lower(), model.rope.parameters, model.dims
+    orig = rp.get("original_max_position_embeddings", model.config.get("original_max_position_embeddings"))
+    if orig is None:
+        raise LlamaforgeError("config.json has no original_max_position_embeddings", model.config_path,
+                              "restore the config.json written with the model (Phi3Config)")
+    writer.add_rope_scaling_orig_ctx_len(int(orig))
+    writer.add_rope_dimension_count(_phi3_rope_dims(model))
+    if rp.get("long_factor"):
+        scale = d.max_positions / int(orig)
+        if rtype in ("su", "longrope"):
+            factor = math.sqrt(1 + math.log(scale) / math.log(int(orig))) if scale > 1.0 else 1.0
+        elif rtype == "yarn":
+            factor = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+        else:
+            raise LlamaforgeError(f"rope scaling {rtype!r} with long/short factors is not supported", model.config_path,
+                                  "export with llama.cpp's convert_hf_to_gguf.py")
+        writer.add_rope_scaling_attn_factors(factor)
+    elif rtype not in ("default", "none", "longrope", "su"):
+        raise LlamaforgeError(f"rope scaling {rtype!r} is not supported by this exporter", model.config_path,
+                              "export with llama.cpp's convert_hf_to_gguf.py")
 
 
 def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
@@ -258,7 +311,9 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
     writer.add_head_count(d.n_heads)
     writer.add_head_count_kv(d.n_kv_heads)
     rtype, rp = str(model.rope.type).lower(), model.rope.parameters
-    if rtype == "linear" and rp.get("factor"):
+    if model.family.rope_keys == "phi3":
+        phi3_rope_keys(writer, model)
+    elif rtype == "linear" and rp.get("factor"):
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rp["factor"]))
     elif rtype == "yarn" and rp.get("factor"):
@@ -274,7 +329,7 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
     if model.rope.swa_theta is not None:  # the sliding-window layers' own base (Gemma-3)
         writer.add_rope_freq_base_swa(model.rope.swa_theta)
     writer.add_layer_norm_rms_eps(d.norm_eps)
-    if model.config.get("head_dim") is not None:
+    if model.config.get("head_dim") is not None and model.family.rope_keys == "text":
         writer.add_key_length(d.hd)
         writer.add_value_length(d.hd)
     _family_keys(gguf, writer, model)
@@ -307,8 +362,10 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
 def _family_keys(gguf, writer, model: ModelFolder) -> None:
     """The family entry's own keys from config.json (Family.gguf_keys), where config.json sets them."""
     arch = model.family.gguf_arch
-    for suffix, key, vtype in model.family.gguf_keys:
+    for suffix, key, vtype, default in model.family.gguf_keys:
         value = model.config.get(key)
+        if value is None:
+            value = default
         if value is None:
             continue
         try:

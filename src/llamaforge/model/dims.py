@@ -44,7 +44,8 @@ class LlamaDims:
             "o": (h, self.n_heads * hd), "gate": (self.intermediate, h), "up": (self.intermediate, h),
             "down": (h, self.intermediate), "attn_norm": (h,), "ffn_norm": (h,),
             "q_bias": (self.n_heads * hd,), "k_bias": (self.n_kv_heads * hd,), "v_bias": (self.n_kv_heads * hd,),
-            "q_norm": (hd,), "k_norm": (hd,), "post_attn_norm": (h,), "post_ffn_norm": (h,),
+            "q_norm": (hd,), "k_norm": (hd,), "qkv": ((self.n_heads + 2 * self.n_kv_heads) * hd, h),
+            "gate_up": (2 * self.intermediate, h), "post_attn_norm": (h,), "post_ffn_norm": (h,),
         }[t.role]
 
 

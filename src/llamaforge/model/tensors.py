@@ -76,6 +76,10 @@ V_BIAS = TensorName(_L + "self_attn.v_proj.bias", "", "blk.{i}.attn_v.bias", Non
 # per-head RMSNorms of q and k ([head_dim]; Qwen3, Gemma-3; Hugging Face and GGUF only)
 Q_NORM = TensorName(_L + "self_attn.q_norm.weight", "", "blk.{i}.attn_q_norm.weight", None, "q_norm")
 K_NORM = TensorName(_L + "self_attn.k_norm.weight", "", "blk.{i}.attn_k_norm.weight", None, "k_norm")
+# fused projections (Phi-3): q, k and v rows stacked in one matrix; gate and up rows stacked (gate
+# first), which llama.cpp's phi3 graph splits as Hugging Face's Phi3MLP does (GGUF ffn_up holds both)
+QKV = TensorName(_L + "self_attn.qkv_proj.weight", "", "blk.{i}.attn_qkv.weight", None, "qkv")
+GATE_UP = TensorName(_L + "mlp.gate_up_proj.weight", "", "blk.{i}.ffn_up.weight", None, "gate_up")
 # the sandwich norms around attention and the feed-forward (Gemma-2/3): HF's post_attention_layernorm is
 # then a norm after attention, not before the feed-forward (FFN_NORM's meaning in LLaMA)
 POST_ATTN_NORM = TensorName(_L + "post_attention_layernorm.weight", "", "blk.{i}.post_attention_norm.weight", None,
