@@ -20,6 +20,15 @@ from helpers import hf_tensors, peft_merge, run_script
 from llamaforge.generate import GenerationSettings, Generator, bind_template, get_template, load_model
 
 
+# Issue 22's families run end to end in the slow tier (the fast tier's budget: each builds a model, a
+# LoRA and two merges); the fast tier checks their table entries, refusals and prompt formats without weights.
+SLOW_FAMILIES = ("qwen3", "gemma3", "phi3")
+
+
+def tiered(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAMILIES else n for n in names]
+
+
 @pytest.fixture(scope="session")
 def family(request, tmp_path_factory):
     """{family: dict(tokenizer, base, lora, merged, peft)} built once per session, per family."""
@@ -40,7 +49,7 @@ def family(request, tmp_path_factory):
     return build
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", tiered(FAMILIES))
 def test_merge_equals_peft_and_keeps_the_tokenizer_byte_for_byte(family, name):
     f = family(name)
     ours, ref = hf_tensors(f["merged"]), hf_tensors(f["peft"])
@@ -102,13 +111,14 @@ def test_unsupported_architecture_gets_one_line(family, tmp_path):
         assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
-def test_gemma3_multimodal_checkpoint_is_refused_in_one_line(family, tmp_path):
-    """Gemma3ForConditionalGeneration (vision tower + language model) is refused, not half-exported."""
+def test_gemma3_multimodal_checkpoint_is_refused_in_one_line(tmp_path):
+    """Gemma3ForConditionalGeneration (vision tower + language model) is refused by its config.json, not
+    half-exported."""
     base = tmp_path / "gemma3-mm"
-    shutil.copytree(family("gemma3")["base"], base)
-    cfg = json.loads((base / "config.json").read_text())
+    base.mkdir()
+    text = new_family_configs()["gemma3"]
     (base / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"],
-                                                  "model_type": "gemma3", "text_config": cfg}))
+                                                  "model_type": "gemma3", "text_config": text}))
     for script, args in (("merge_lora.py", ["--base", base, "--output", tmp_path / "out"]),
                          ("export_gguf.py", ["--model", base, "--output", tmp_path / "out.gguf"])):
         proc = run_script(script, *args)
@@ -118,6 +128,80 @@ def test_gemma3_multimodal_checkpoint_is_refused_in_one_line(family, tmp_path):
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()
 
 
+def new_family_configs() -> dict[str, dict]:
+    """config.json of the test models of issue 22's families (as save_pretrained writes them)."""
+    from families import family_config
+
+    out = {}
+    for name in SLOW_FAMILIES:
+        cfg = family_config(name, {"qwen3": 151936, "gemma3": 32000, "phi3": 32064}[name])
+        d = cfg.to_dict()
+        d["architectures"] = [{"qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+                               "phi3": "Phi3ForCausalLM"}[name]]
+        out[name] = d
+    return out
+
+
+def test_new_families_are_table_entries_with_their_shapes_and_gguf_names():
+    """Qwen3, Gemma-3 and Phi-3 from their config.json alone: the family, head_dim from config.json,
+    the per-role shapes (q/k norms, fused qkv and gate_up), the GGUF names, Gemma's norm offsets."""
+    from llamaforge.model import dims_from_config
+    from llamaforge.model.families import FAMILIES as TABLE
+    from llamaforge.model.families import family_of
+
+    cfgs = new_family_configs()
+    got = {}
+    for name, cfg in cfgs.items():
+        fam = family_of(cfg, "config.json")
+        d = dims_from_config(cfg, "config.json")
+        got[name] = (fam.gguf_arch, d.hd, {t.gguf: (d.shape_of(t), t.offset) for t in fam.hf_order(1, with_output=False)})
+    assert got["qwen3"][:2] == ("qwen3", 32) and got["qwen3"][2]["blk.0.attn_q_norm.weight"] == ((32,), 0.0)
+    assert got["qwen3"][2]["blk.0.attn_q.weight"] == ((128, 64), 0.0) and "blk.0.attn_q.bias" not in got["qwen3"][2]
+    g = got["gemma3"][2]
+    assert got["gemma3"][:2] == ("gemma3", 32) and g["blk.0.attn_k_norm.weight"] == ((32,), 1.0)
+    assert {k for k, (_, off) in g.items() if off} == {
+        "blk.0.attn_norm.weight", "blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight",
+        "blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight",
+        "output_norm.weight"}  # every RMSNorm, and nothing else
+    p = got["phi3"][2]
+    assert got["phi3"][:2] == ("phi3", 16) and p["blk.0.attn_qkv.weight"] == (((4 + 2 * 2) * 16, 64), 0.0)
+    assert p["blk.0.ffn_up.weight"] == ((256, 64), 0.0) and "blk.0.ffn_gate.weight" not in p
+    assert not any(TABLE[n].meta for n in ("qwen3", "gemma3_text", "phi3"))
+
+
+@pytest.mark.parametrize("name", SLOW_FAMILIES)
+def test_new_families_have_no_meta_format_by_config_alone(name, tmp_path):
+    """Meta's consolidated.NN.pth exists for LLaMA alone: one line, from config.json, nothing written."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(new_family_configs()[name]))
+    proc = run_script("export_pth.py", "--model", model, "--output", tmp_path / "meta")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "no Meta consolidated.NN.pth format" in lines[0], proc.stderr
+    assert not (tmp_path / "meta").exists()
+
+
+def test_new_families_chat_templates_give_their_modelfile_formats():
+    """Each family's real chat template picks its own Modelfile format: Qwen3 ChatML, Gemma-3 gemma,
+    Phi-3.5 phi3 (the Go TEMPLATE and stops in Ollama's form)."""
+    from families import GEMMA3_CHAT_TEMPLATE, llama_cpp_tree
+
+    from llamaforge.export.modelfile import modelfile_text
+    from llamaforge.model.prompts import prompt_format
+
+    templates = llama_cpp_tree() / "models" / "templates"
+    qwen3 = (templates / "Qwen-Qwen3-0.6B.jinja").read_text(encoding="utf-8")
+    phi = (templates / "microsoft-Phi-3.5-mini-instruct.jinja").read_text(encoding="utf-8")
+    assert [prompt_format(t) for t in (qwen3, GEMMA3_CHAT_TEMPLATE, phi)] == ["chatml", "gemma", "phi3"]
+    gemma = modelfile_text("m.gguf", GEMMA3_CHAT_TEMPLATE, {})
+    assert "<start_of_turn>user\n{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}<end_of_turn>\n" in gemma
+    assert 'PARAMETER stop "<end_of_turn>"' in gemma
+    phi3 = modelfile_text("m.gguf", phi, {})
+    assert "<|user|>\n{{ .Prompt }}<|end|>\n{{ end }}<|assistant|>\n{{ .Response }}<|end|>" in phi3
+    assert 'PARAMETER stop "<|end|>"' in phi3
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma3", "phi3"])
 def test_sentencepiece_ggufs_tokenize_as_hf_in_llama_cpp(family, family_gguf, name):
     """Phi-3: llama.cpp's phi-3 test vectors, exactly, in llama.cpp (our GGUF) and Hugging Face, and its
@@ -144,7 +228,7 @@ def test_sentencepiece_ggufs_tokenize_as_hf_in_llama_cpp(family, family_gguf, na
     assert llm.tokenize(b"Hi", add_bos=True)[0] == tok("Hi").input_ids[0] == 1
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", tiered(FAMILIES))
 def test_greedy_batched_equals_one_at_a_time_with_the_chat_template(family, name):
     f = family(name)
     loaded = load_model(f["merged"], echo=lambda *a: None, device="cpu", dtype="float32")
@@ -201,7 +285,7 @@ def family_gguf(family, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", tiered(FAMILIES))
 def test_gguf_equals_llama_cpp_converter(family, family_gguf, name, outtype):
     ours, ref = family_gguf(name, outtype, converter=True)
     meta, tensors = read_gguf(ours)
@@ -276,7 +360,7 @@ def test_pre_tokenizer_of_an_unknown_tokenizer_is_an_error(family, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", tiered(FAMILIES))
 def test_llama_cpp_loads_the_gguf_with_the_logits_of_the_hf_model(family, family_gguf, name):
     """llama.cpp runs our F16 GGUF and gets the merged Hugging Face model's logits (float32 forward)."""
     from transformers import AutoModelForCausalLM
@@ -296,7 +380,7 @@ def test_llama_cpp_loads_the_gguf_with_the_logits_of_the_hf_model(family, family
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", tiered(["llama3", "qwen2", "qwen3"]))
 def test_bpe_ggufs_tokenize_llama_cpp_test_vectors_in_llama_cpp_and_hf(family, family_gguf, name):
     from transformers import AutoTokenizer
 
@@ -379,7 +463,7 @@ def test_llama3_meta_export_has_params_and_metas_own_tokenizer_model(family, nam
     assert torch.equal(sd["layers.1.attention.wk.weight"], permute_into(torch.empty_like(wk), wk, 2, to_meta=True))
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral", "qwen3", "gemma3", "phi3"])
+@pytest.mark.parametrize("name", ["qwen2", "mistral"])
 def test_families_without_a_meta_format_are_refused(family, name, tmp_path):
     proc = run_script("export_pth.py", "--model", family(name)["merged"], "--output", tmp_path / "meta")
     lines = proc.stderr.strip().splitlines()
