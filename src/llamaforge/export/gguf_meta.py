@@ -237,12 +237,15 @@ def extra_tensors(model: ModelFolder) -> list[tuple[str, torch.Tensor]]:
     """Tensors the GGUF holds that the Hugging Face folder does not (written first, as the converter
     writes its generate_extra_tensors): rope_freqs for llama3 rope scaling (llama.cpp's LlamaModel),
     rope_factors_long/short for longrope (Phi3MiniModel)."""
-    import torch
-
     if _has_rope_freqs(model):
         params = {"rope_theta": model.dims.rope_theta, **model.rope.parameters}
         return [("rope_freqs.weight", llama3_rope_factors(model.dims.hd, params))]
-    return [(name, torch.tensor(values, dtype=torch.float32)) for name, values in _longrope_factors(model)]
+    factors = _longrope_factors(model)
+    if not factors:
+        return []
+    import torch
+
+    return [(name, torch.tensor(values, dtype=torch.float32)) for name, values in factors]
 
 
 def extra_tensor_shapes(model: ModelFolder) -> dict[str, tuple[int, ...]]:
