@@ -202,6 +202,33 @@ def test_new_families_chat_templates_give_their_modelfile_formats():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_FAMILIES)
+def test_q8_0_and_k_quants_from_the_f16_run_in_llama_cpp(family, family_gguf, name, tmp_path):
+    """Q8_0 (written here) and Q4_K_M (llama.cpp's quantizer on our F16, --from-f16) of each new family
+    load in llama.cpp and follow the Hugging Face logits (cosine per position; the random test models'
+    rows of 64 fall back to Q5_0/Q8_0 in K-quants, and Gemma's 1 + w norms amplify the rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    f = family(name)
+    f16, _ = family_gguf(name, "f16")
+    q8, _ = family_gguf(name, "q8_0")
+    q4 = tmp_path / f"{name}-q4_k_m.gguf"
+    run_script("export_gguf.py", "--model", f["merged"], "--output", q4, "--outtype", "q4_k_m", "--from-f16", f16,
+               check=True)
+    assert read_gguf(q4)[0]["general.architecture"] == GGUF_ARCH[name]
+    ids = [5, 17, 300, 1000, 42, 7, 99, 2500, 31, 12]
+    model = AutoModelForCausalLM.from_pretrained(f["merged"], dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    for path, floor in ((q8, 0.98), (q4, 0.7)):
+        llm = llama_cpp_model(path, n_ctx=64, logits_all=True, n_threads=2)
+        llm.eval(ids)
+        got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
+        cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
+        assert cos > floor, (path.name, cos)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma3", "phi3"])
 def test_sentencepiece_ggufs_tokenize_as_hf_in_llama_cpp(family, family_gguf, name):
     """Phi-3: llama.cpp's phi-3 test vectors, exactly, in llama.cpp (our GGUF) and Hugging Face, and its
