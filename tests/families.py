@@ -30,7 +30,7 @@ CACHE = Path(os.environ.get("LLAMAFORGE_CACHE", Path.home() / ".cache" / "llamaf
 VOCAB_TEST_SEPARATOR = "\n__ggml_vocab_test__\n"
 
 # family -> (transformers config class, model class, tokenizer kind)
-FAMILIES = ("llama3", "llama32", "qwen2", "mistral")
+FAMILIES = ("llama3", "llama32", "qwen2", "mistral", "qwen3", "gemma3", "phi3")
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,7 +86,7 @@ def vocab_tests(name: str) -> list[tuple[str, list[int]]]:
 
 
 def family_config(family: str, vocab: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
@@ -104,6 +104,23 @@ def family_config(family: str, vocab: int):
         return MistralConfig(**common, max_position_embeddings=32768, tie_word_embeddings=False, sliding_window=None,
                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                              bos_token_id=1, eos_token_id=2)
+    if family == "qwen3":  # head_dim 32, not hidden / heads = 16: read from config.json, as Qwen3's are
+        return Qwen3Config(**common, head_dim=32, max_position_embeddings=40960, tie_word_embeddings=True,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                           bos_token_id=151643, eos_token_id=151645, use_sliding_window=False)
+    if family == "gemma3":  # Gemma3ForCausalLM (gemma-3-1b's layout): 6 layers, so that the sixth is a
+        # full-attention layer (rope base 1e6) after five sliding ones (window 4 < the tests' 10 tokens, base 1e4)
+        return Gemma3TextConfig(**{**common, "num_hidden_layers": 6, "rms_norm_eps": 1e-6}, head_dim=32,
+                                query_pre_attn_scalar=32, sliding_window=4, max_position_embeddings=32768,
+                                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "phi3":  # Phi-3.5-mini's longrope (128k from 4k) with Phi-4-mini's partial rotary (0.75) and GQA
+        half = int(0.75 * 64) // 4 // 2  # rotary dimensions / 2 = 6 factors each
+        return Phi3Config(**common, max_position_embeddings=131072, original_max_position_embeddings=4096,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                           "long_factor": [1.0 + 0.5 * i for i in range(half)],
+                                           "short_factor": [1.0 + 0.05 * i for i in range(half)]},
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+                          sliding_window=None)
     raise ValueError(family)
 
 
@@ -134,8 +151,10 @@ def make_lora(base: Path, out: Path, seed: int = 1, rank: int = 4, **extra) -> P
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False, lora_dropout=0.0,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [m for m in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                           "down_proj") if m in names]  # Phi-3's fused qkv_proj and gate_up_proj, as its LoRAs target them
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False, lora_dropout=0.0, target_modules=targets,
                      **extra)
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():
@@ -153,6 +172,99 @@ def spm_tokenizer(out: Path) -> Path:
     model = FIXTURES / "tokenizers" / "llama" / "tokenizer.model"
     out.mkdir(parents=True, exist_ok=True)
     write_hf_tokenizer(load_proto(model), out, model_bytes=model.read_bytes())
+    return out
+
+
+# Gemma-3's chat template as its instruction-tuned releases ship it (google/gemma-3-1b-it): no system
+# role (a system message opens the first user turn), "model" for the assistant
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n")
+
+
+def gemma_tokenizer(out: Path) -> Path:
+    """Gemma's kind of tokenizer on the real LLaMA SentencePiece model: no dummy space prefix (Gemma's
+    normalizer adds none; llama.cpp's add_space_prefix False) and Gemma-3's chat template."""
+    from llamaforge.tokenizer import load_proto, write_hf_tokenizer
+
+    proto = load_proto(FIXTURES / "tokenizers" / "llama" / "tokenizer.model")
+    proto.normalizer_spec.add_dummy_prefix = False
+    out.mkdir(parents=True, exist_ok=True)
+    write_hf_tokenizer(proto, out)
+    tc = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tc["chat_template"] = GEMMA3_CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+# Phi-3's chat tokens after LLaMA's 32000 pieces (ids 32000-32010), as its releases add them in the
+# Hugging Face files (its tokenizer.model is LLaMA's); the embeddings are padded to 32064 rows
+PHI3_ADDED = ("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>")
+
+
+def phi3_tokenizer(out: Path) -> Path:
+    """Phi-3's tokenizer as released: LLaMA's real SentencePiece model, the chat tokens as special added
+    tokens (tokenizer.json, tokenizer_config.json, added_tokens.json; rstrip as llama.cpp sets it for
+    phi-3), <|endoftext|> as EOS and padding, Phi-3.5-mini's chat template."""
+    from llamaforge.tokenizer import load_proto, write_hf_tokenizer
+
+    model = FIXTURES / "tokenizers" / "llama" / "tokenizer.model"
+    out.mkdir(parents=True, exist_ok=True)
+    write_hf_tokenizer(load_proto(model), out, model_bytes=model.read_bytes())
+    added = [{"id": 32000 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": i > 0,
+              "normalized": False, "special": True} for i, t in enumerate(PHI3_ADDED)]
+    tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["added_tokens"] = [a for a in tj["added_tokens"] if a["id"] < 32000] + added
+    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    tc = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tc["added_tokens_decoder"] = {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added}
+    tc.update(eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=(
+        llama_cpp_tree() / "models" / "templates" / "microsoft-Phi-3.5-mini-instruct.jinja").read_text(encoding="utf-8"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    stm = json.loads((out / "special_tokens_map.json").read_text(encoding="utf-8"))
+    stm.update(eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    (out / "special_tokens_map.json").write_text(json.dumps(stm, indent=2) + "\n", encoding="utf-8")
+    (out / "added_tokens.json").write_text(json.dumps({a["content"]: a["id"] for a in added}, indent=2) + "\n",
+                                           encoding="utf-8")
     return out
 
 
@@ -241,8 +353,19 @@ def family_tokenizer(family: str, out: Path) -> tuple[Path, int]:
     151665 tokens, as the releases are), Mistral the LLaMA SentencePiece model's 32000."""
     if family in ("llama3", "llama32"):
         return bpe_tokenizer("llama-bpe", out), 128256
+    if family == "gemma3":
+        return gemma_tokenizer(out), 32000
+    if family == "phi3":
+        return phi3_tokenizer(out), 32064
     if family == "qwen2":
         return bpe_tokenizer("qwen2", out), 151936
+    if family == "qwen3":  # Qwen2's vocabulary (Qwen3 keeps it) with Qwen3's chat template (<think>)
+        tok = bpe_tokenizer("qwen2", out)
+        tc = json.loads((tok / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tc["chat_template"] = (llama_cpp_tree() / "models" / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text(
+            encoding="utf-8")
+        (tok / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        return tok, 151936
     return spm_tokenizer(out), 32000
 
 

@@ -20,6 +20,15 @@ from helpers import hf_tensors, peft_merge, run_script
 from llamaforge.generate import GenerationSettings, Generator, bind_template, get_template, load_model
 
 
+# Issue 22's families run end to end in the slow tier (the fast tier's budget: each builds a model, a
+# LoRA and two merges); the fast tier checks their table entries, refusals and prompt formats without weights.
+SLOW_FAMILIES = ("qwen3", "gemma3", "phi3")
+
+
+def tiered(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAMILIES else n for n in names]
+
+
 @pytest.fixture(scope="session")
 def family(request, tmp_path_factory):
     """{family: dict(tokenizer, base, lora, merged, peft)} built once per session, per family."""
@@ -40,7 +49,7 @@ def family(request, tmp_path_factory):
     return build
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", tiered(FAMILIES))
 def test_merge_equals_peft_and_keeps_the_tokenizer_byte_for_byte(family, name):
     f = family(name)
     ours, ref = hf_tensors(f["merged"]), hf_tensors(f["peft"])
@@ -50,6 +59,15 @@ def test_merge_equals_peft_and_keeps_the_tokenizer_byte_for_byte(family, name):
     assert any(not torch.equal(ours[k], base[k]) for k in ours if "proj" in k)  # the adapter did change weights
     if name == "qwen2":
         assert "model.layers.0.self_attn.q_proj.bias" in ours and "lm_head.weight" not in ours
+    if name == "qwen3":  # q/k norms of head_dim 32 (from config.json: hidden / heads is 16), no biases, tied
+        assert ours["model.layers.1.self_attn.k_norm.weight"].shape == (32,) and "lm_head.weight" not in ours
+        assert not any(k.endswith(".bias") for k in ours)
+    if name == "phi3":  # the adapter targets the fused projections, which stay fused
+        assert "model.layers.0.self_attn.qkv_proj.weight" in ours and "model.layers.0.mlp.gate_up_proj.weight" in ours
+        assert not any(".q_proj." in k or ".gate_proj." in k for k in ours) and "lm_head.weight" in ours
+    if name == "gemma3":  # sandwich norms and q/k norms, tied
+        assert "model.layers.5.post_feedforward_layernorm.weight" in ours and "lm_head.weight" not in ours
+        assert ours["model.layers.0.self_attn.q_norm.weight"].shape == (32,)
     cfg = json.loads((f["merged"] / "config.json").read_text())
     base_cfg = json.loads((f["base"] / "config.json").read_text())
     assert cfg["architectures"] == base_cfg["architectures"]
@@ -93,7 +111,151 @@ def test_unsupported_architecture_gets_one_line(family, tmp_path):
         assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+def test_gemma3_multimodal_checkpoint_is_refused_in_one_line(tmp_path):
+    """Gemma3ForConditionalGeneration (vision tower + language model) is refused by its config.json, not
+    half-exported."""
+    base = tmp_path / "gemma3-mm"
+    base.mkdir()
+    text = new_family_configs()["gemma3"]
+    (base / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"],
+                                                  "model_type": "gemma3", "text_config": text}))
+    for script, args in (("merge_lora.py", ["--base", base, "--output", tmp_path / "out"]),
+                         ("export_gguf.py", ["--model", base, "--output", tmp_path / "out.gguf"])):
+        proc = run_script(script, *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert "Gemma3ForConditionalGeneration" in lines[0] and "multimodal" in lines[0] and "Fix:" in lines[0]
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()
+
+
+def new_family_configs() -> dict[str, dict]:
+    """config.json of the test models of issue 22's families (as save_pretrained writes them)."""
+    from families import family_config
+
+    out = {}
+    for name in SLOW_FAMILIES:
+        cfg = family_config(name, {"qwen3": 151936, "gemma3": 32000, "phi3": 32064}[name])
+        d = cfg.to_dict()
+        d["architectures"] = [{"qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+                               "phi3": "Phi3ForCausalLM"}[name]]
+        out[name] = d
+    return out
+
+
+def test_new_families_are_table_entries_with_their_shapes_and_gguf_names():
+    """Qwen3, Gemma-3 and Phi-3 from their config.json alone: the family, head_dim from config.json,
+    the per-role shapes (q/k norms, fused qkv and gate_up), the GGUF names, Gemma's norm offsets."""
+    from llamaforge.model import dims_from_config
+    from llamaforge.model.families import FAMILIES as TABLE
+    from llamaforge.model.families import family_of
+
+    cfgs = new_family_configs()
+    got = {}
+    for name, cfg in cfgs.items():
+        fam = family_of(cfg, "config.json")
+        d = dims_from_config(cfg, "config.json")
+        got[name] = (fam.gguf_arch, d.hd, {t.gguf: (d.shape_of(t), t.offset) for t in fam.hf_order(1, with_output=False)})
+    assert got["qwen3"][:2] == ("qwen3", 32) and got["qwen3"][2]["blk.0.attn_q_norm.weight"] == ((32,), 0.0)
+    assert got["qwen3"][2]["blk.0.attn_q.weight"] == ((128, 64), 0.0) and "blk.0.attn_q.bias" not in got["qwen3"][2]
+    g = got["gemma3"][2]
+    assert got["gemma3"][:2] == ("gemma3", 32) and g["blk.0.attn_k_norm.weight"] == ((32,), 1.0)
+    assert {k for k, (_, off) in g.items() if off} == {
+        "blk.0.attn_norm.weight", "blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight",
+        "blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight",
+        "output_norm.weight"}  # every RMSNorm, and nothing else
+    p = got["phi3"][2]
+    assert got["phi3"][:2] == ("phi3", 16) and p["blk.0.attn_qkv.weight"] == (((4 + 2 * 2) * 16, 64), 0.0)
+    assert p["blk.0.ffn_up.weight"] == ((256, 64), 0.0) and "blk.0.ffn_gate.weight" not in p
+    assert not any(TABLE[n].meta for n in ("qwen3", "gemma3_text", "phi3"))
+
+
+@pytest.mark.parametrize("name", SLOW_FAMILIES)
+def test_new_families_have_no_meta_format_by_config_alone(name, tmp_path):
+    """Meta's consolidated.NN.pth exists for LLaMA alone: one line, from config.json, nothing written."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(new_family_configs()[name]))
+    proc = run_script("export_pth.py", "--model", model, "--output", tmp_path / "meta")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "no Meta consolidated.NN.pth format" in lines[0], proc.stderr
+    assert not (tmp_path / "meta").exists()
+
+
+def test_new_families_chat_templates_give_their_modelfile_formats():
+    """Each family's real chat template picks its own Modelfile format: Qwen3 ChatML, Gemma-3 gemma,
+    Phi-3.5 phi3 (the Go TEMPLATE and stops in Ollama's form)."""
+    from families import GEMMA3_CHAT_TEMPLATE, llama_cpp_tree
+
+    from llamaforge.export.modelfile import modelfile_text
+    from llamaforge.model.prompts import prompt_format
+
+    templates = llama_cpp_tree() / "models" / "templates"
+    qwen3 = (templates / "Qwen-Qwen3-0.6B.jinja").read_text(encoding="utf-8")
+    phi = (templates / "microsoft-Phi-3.5-mini-instruct.jinja").read_text(encoding="utf-8")
+    assert [prompt_format(t) for t in (qwen3, GEMMA3_CHAT_TEMPLATE, phi)] == ["chatml", "gemma", "phi3"]
+    gemma = modelfile_text("m.gguf", GEMMA3_CHAT_TEMPLATE, {})
+    assert "<start_of_turn>user\n{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}<end_of_turn>\n" in gemma
+    assert 'PARAMETER stop "<end_of_turn>"' in gemma
+    phi3 = modelfile_text("m.gguf", phi, {})
+    assert "<|user|>\n{{ .Prompt }}<|end|>\n{{ end }}<|assistant|>\n{{ .Response }}<|end|>" in phi3
+    assert 'PARAMETER stop "<|end|>"' in phi3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_FAMILIES)
+def test_q8_0_and_k_quants_from_the_f16_run_in_llama_cpp(family, family_gguf, name, tmp_path):
+    """Q8_0 (written here) and Q4_K_M (llama.cpp's quantizer on our F16, --from-f16) of each new family
+    load in llama.cpp and follow the Hugging Face logits (cosine per position; the random test models'
+    rows of 64 fall back to Q5_0/Q8_0 in K-quants, and Gemma's 1 + w norms amplify the rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    f = family(name)
+    f16, _ = family_gguf(name, "f16")
+    q8, _ = family_gguf(name, "q8_0")
+    q4 = tmp_path / f"{name}-q4_k_m.gguf"
+    run_script("export_gguf.py", "--model", f["merged"], "--output", q4, "--outtype", "q4_k_m", "--from-f16", f16,
+               check=True)
+    assert read_gguf(q4)[0]["general.architecture"] == GGUF_ARCH[name]
+    ids = [5, 17, 300, 1000, 42, 7, 99, 2500, 31, 12]
+    model = AutoModelForCausalLM.from_pretrained(f["merged"], dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    for path, floor in ((q8, 0.98), (q4, 0.7)):
+        llm = llama_cpp_model(path, n_ctx=64, logits_all=True, n_threads=2)
+        llm.eval(ids)
+        got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
+        cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
+        assert cos > floor, (path.name, cos)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma3", "phi3"])
+def test_sentencepiece_ggufs_tokenize_as_hf_in_llama_cpp(family, family_gguf, name):
+    """Phi-3: llama.cpp's phi-3 test vectors, exactly, in llama.cpp (our GGUF) and Hugging Face, and its
+    chat tokens as single ids. Gemma-3's SentencePiece without a space prefix: llama.cpp and Hugging
+    Face give the same ids on llama.cpp's SentencePiece test texts (the LLaMA model those vectors are
+    for adds a prefix: its ids differ)."""
+    from transformers import AutoTokenizer
+
+    from families import vocab_tests
+
+    f = family(name)
+    llm = llama_cpp_model(family_gguf(name, "f16")[0], vocab_only=True)
+    tok = AutoTokenizer.from_pretrained(f["merged"])
+    cases = vocab_tests("phi-3" if name == "phi3" else "llama-spm")
+    texts = [t for t, _ in cases]
+    ours = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
+    assert ours == [tok.encode(t, add_special_tokens=False) for t in texts]
+    if name == "phi3":
+        assert len(cases) >= 40 and ours == [i for _, i in cases]
+        assert llm.tokenize(b"<|user|>\nHi<|end|>", add_bos=False, special=True)[0] == 32010
+        assert tok.encode("<|user|>\nHi<|end|>", add_special_tokens=False)[0] == 32010
+    else:
+        assert ours[texts.index("Hello world")] == [10994, 3186]  # "Hello", not "▁Hello": no prefix
+    assert llm.tokenize(b"Hi", add_bos=True)[0] == tok("Hi").input_ids[0] == 1
+
+
+@pytest.mark.parametrize("name", tiered(FAMILIES))
 def test_greedy_batched_equals_one_at_a_time_with_the_chat_template(family, name):
     f = family(name)
     loaded = load_model(f["merged"], echo=lambda *a: None, device="cpu", dtype="float32")
@@ -121,6 +283,8 @@ def test_greedy_batched_equals_one_at_a_time_with_the_chat_template(family, name
 # label, finetune, sampling defaults) -- llamaforge names the model after its folder or --name; and
 # llamaforge's own key, by which it knows the file as its output. And tokenizer.chat_template where
 # the tokenizer has none: llamaforge writes the Alpaca template its inference uses (--template auto).
+SENTENCEPIECE = ("mistral", "gemma3", "phi3")  # tokenizer.model families (the rest: byte-level BPE)
+GGUF_ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}  # else llama
 ALLOWED_METADATA_DIFFERENCES = re.compile(r"^(general\.(name|basename|size_label|finetune|version|sampling\..*)"
                                           r"|llamaforge\.version)$")
 
@@ -148,8 +312,8 @@ def family_gguf(family, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
-@pytest.mark.parametrize("name", FAMILIES)
-def test_gguf_equals_llama_cpp_converter(family_gguf, name, outtype):
+@pytest.mark.parametrize("name", tiered(FAMILIES))
+def test_gguf_equals_llama_cpp_converter(family, family_gguf, name, outtype):
     ours, ref = family_gguf(name, outtype, converter=True)
     meta, tensors = read_gguf(ours)
     ref_meta, ref_tensors = read_gguf(ref)
@@ -162,17 +326,49 @@ def test_gguf_equals_llama_cpp_converter(family_gguf, name, outtype):
         from llamaforge.model.prompts import ALPACA_CHAT_TEMPLATE
 
         assert meta["tokenizer.chat_template"] == ALPACA_CHAT_TEMPLATE
-    arch = "qwen2" if name == "qwen2" else "llama"
-    assert meta["general.architecture"] == arch
-    assert meta["tokenizer.ggml.model"] == ("llama" if name == "mistral" else "gpt2")
+    assert meta["general.architecture"] == GGUF_ARCH.get(name, "llama")
+    assert meta["tokenizer.ggml.model"] == ("llama" if name in SENTENCEPIECE else "gpt2")
     assert meta.get("tokenizer.ggml.pre") == {"llama3": "llama-bpe", "llama32": "llama-bpe", "qwen2": "qwen2",
-                                              "mistral": "default"}[name]
+                                              "mistral": "default", "qwen3": "qwen2", "gemma3": "default",
+                                              "phi3": "default"}[name]
     assert ("rope_freqs.weight" in tensors) == name.startswith("llama3")
-    assert ("output.weight" in tensors) == (name in ("llama3", "mistral"))
+    assert ("output.weight" in tensors) == (name in ("llama3", "mistral", "phi3"))
     if name == "qwen2":
         assert tensors["blk.0.attn_q.bias"][0] == "F32"
-    if name != "mistral":
+    if name == "qwen3":
+        assert tensors["blk.1.attn_k_norm.weight"][:2] == ("F32", (32,)) and tensors["blk.0.attn_q.weight"][1] == (64, 128)
+        assert meta["qwen3.attention.key_length"] == meta["qwen3.attention.value_length"] == [32]
+        assert "<think>" in meta["tokenizer.chat_template"]
+    if name not in SENTENCEPIECE:
         assert "tokenizer.chat_template" in meta and "tokenizer.ggml.merges" in meta
+    if name == "gemma3":  # every norm written as 1 + w (w as stored, in float16, then float32), no space prefix,
+        # the full-attention layers' rope base and the sliding ones'
+        import numpy as np
+
+        hf = hf_tensors(family(name)["merged"])
+        for k, t in (("model.layers.3.pre_feedforward_layernorm.weight", "blk.3.ffn_norm.weight"),
+                     ("model.layers.0.self_attn.k_norm.weight", "blk.0.attn_k_norm.weight"),
+                     ("model.norm.weight", "output_norm.weight")):
+            want = (hf[k] + 1).float().numpy()
+            assert tensors[t][0] == "F32" and np.array_equal(np.frombuffer(tensors[t][2], np.float32), want), t
+        assert meta["tokenizer.ggml.add_space_prefix"] == [False] and meta["gemma3.attention.sliding_window"] == [4]
+        assert meta["gemma3.rope.freq_base"] == [1000000.0] and meta["gemma3.rope.freq_base_swa"] == [10000.0]
+        assert "<start_of_turn>" in meta["tokenizer.chat_template"]
+    if name == "phi3":  # fused tensors as they are; longrope as factor tensors and an attention factor
+        import math
+
+        import numpy as np
+
+        assert tensors["blk.0.attn_qkv.weight"][1] == (64, 128) and tensors["blk.1.ffn_up.weight"][1] == (64, 256)
+        cfg = json.loads((family(name)["merged"] / "config.json").read_text())
+        long = np.frombuffer(tensors["rope_factors_long.weight"][2], np.float32)
+        assert tensors["rope_factors_short.weight"][:2] == ("F32", (6,))
+        assert long.tolist() == cfg["rope_parameters"]["long_factor"]
+        assert meta["phi3.rope.dimension_count"] == [12] and meta["phi3.attention.sliding_window"] == [0]
+        assert meta["phi3.rope.scaling.original_context_length"] == [4096]
+        assert abs(meta["phi3.rope.scaling.attn_factor"][0] - math.sqrt(1 + math.log(32) / math.log(4096))) < 1e-6
+        assert meta["tokenizer.ggml.token_type"][32010] == [3] and meta["tokenizer.ggml.tokens"][32007] == "<|end|>"
+        assert meta["tokenizer.ggml.eos_token_id"] == [32000] and "<|assistant|>" in meta["tokenizer.chat_template"]
 
 
 def test_pre_tokenizer_of_an_unknown_tokenizer_is_an_error(family, tmp_path):
@@ -191,7 +387,7 @@ def test_pre_tokenizer_of_an_unknown_tokenizer_is_an_error(family, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", tiered(FAMILIES))
 def test_llama_cpp_loads_the_gguf_with_the_logits_of_the_hf_model(family, family_gguf, name):
     """llama.cpp runs our F16 GGUF and gets the merged Hugging Face model's logits (float32 forward)."""
     from transformers import AutoModelForCausalLM
@@ -211,14 +407,14 @@ def test_llama_cpp_loads_the_gguf_with_the_logits_of_the_hf_model(family, family
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+@pytest.mark.parametrize("name", tiered(["llama3", "qwen2", "qwen3"]))
 def test_bpe_ggufs_tokenize_llama_cpp_test_vectors_in_llama_cpp_and_hf(family, family_gguf, name):
     from transformers import AutoTokenizer
 
     from families import vocab_tests
 
     f = family(name)
-    cases = vocab_tests("llama-bpe" if name == "llama3" else "qwen2")
+    cases = vocab_tests("llama-bpe" if name == "llama3" else "qwen2")  # Qwen3 keeps Qwen2's vocabulary
     assert len(cases) >= 46
     llm = llama_cpp_model(family_gguf(name, "f16")[0], vocab_only=True)
     tok = AutoTokenizer.from_pretrained(f["merged"])

@@ -89,6 +89,11 @@ MODELFILE_TEMPLATES = {
                ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
     "inst": ("[INST] {{ if .System }}{{ .System }} {{ end }}{{ .Prompt }} [/INST]{{ .Response }}",
              ["[INST]", "[/INST]"]),
+    # Gemma-3's and Phi-3's (issue 22): their chat templates' turns, Ollama's Go syntax
+    "gemma": ("<start_of_turn>user\n{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}<end_of_turn>\n"
+              "<start_of_turn>model\n{{ .Response }}<end_of_turn>\n", ["<end_of_turn>"]),
+    "phi3": ("{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}{{ if .Prompt }}<|user|>\n{{ .Prompt }}"
+             "<|end|>\n{{ end }}<|assistant|>\n{{ .Response }}<|end|>\n", ["<|end|>", "<|user|>", "<|assistant|>"]),
 }
 
 
@@ -118,11 +123,12 @@ def test_one_prompt_definition_renders_todays_strings():
     text = quantize.modelfile_text("m.gguf", "{{ '<|im_start|>' }}", {"temperature": 0.2})
     assert f'TEMPLATE """{MODELFILE_TEMPLATES["chatml"][0]}"""' in text
     assert 'PARAMETER stop "<|im_end|>"' in text.splitlines()
-    assert [prompt_format(t) for t in (None, "", "<|im_start|>", "<|start_header_id|>", "[INST]", "x")] == [
-        "alpaca", "alpaca", "chatml", "llama3", "inst", "alpaca"]
+    assert [prompt_format(t) for t in (None, "", "<|im_start|>", "<|start_header_id|>", "[INST]", "x",
+                                       "<start_of_turn>", "<|user|><|end|><|assistant|>")] == [
+        "alpaca", "alpaca", "chatml", "llama3", "inst", "alpaca", "gemma", "phi3"]
     assert quantize.prompt_format is prompt_format
     # the Jinja and the Python renderings of a format agree (single turn, history, a system message)
-    for name in ("alpaca", "alpaca-train", "none", "chatml", "llama3"):
+    for name in ("alpaca", "alpaca-train", "none", "chatml", "llama3", "phi3"):
         t, tpl = jinja2.Template(jinja_chat_template(FORMATS[name])), TEMPLATES.get(name) or Template.of(FORMATS[name])
         assert t.render(messages=[{"role": "user", "content": "为什么？"}]) == tpl.prompt("为什么？"), name
         history = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},

@@ -84,7 +84,7 @@ def _check_f16_metadata(gguf, reader, path: Path, m: ModelFolder, again: str) ->
         if not _same_kv(gguf, want[key], have[key], ordered=key != gguf.Keys.Tokenizer.CHAT_TEMPLATES):
             raise LlamaforgeError(f"the F16 GGUF's {key} differs from the model's ({_kv_text(have[key])}): it was "
                                   "changed after it was written, or is another model's", path, again)
-    types = {n: gguf.GGMLQuantizationType.F32 for n, _ in extra_tensor_shapes(m)}
+    types = {n: gguf.GGMLQuantizationType.F32 for n in extra_tensor_shapes(m)}
     types.update({t.gguf: gguf_qtype(gguf, t, m.dims.shape_of(t), "f16") for t in m.family.hf_order(m.dims.n_layers)})
     for t in reader.tensors:
         if t.name in types and int(t.tensor_type) != int(types[t.name]):

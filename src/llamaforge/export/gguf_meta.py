@@ -18,10 +18,9 @@ from ..files.guard import owned_by
 from ..files.reading import read_json
 from ..model import TensorName, TokenizerKind
 from ..model.prompts import ALPACA_CHAT_TEMPLATE, FORMATS, jinja_chat_template  # noqa: F401 (a name tests use)
+from .gguf_rope import extra_tensor_shapes, extra_tensors, llama3_rope_factors, phi3_rope_keys  # noqa: F401
 
 if TYPE_CHECKING:  # torch only where a tensor is converted: the metadata and the checks need none
-    import torch
-
     from ..model import ModelFolder
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
@@ -104,14 +103,19 @@ def _token_vocab(model) -> dict:
                 tokens[int(tid)], scores[int(tid)], types[int(tid)] = key.encode("utf-8"), -1000.0, USER_DEFINED
     tc_path = model.folder / "tokenizer_config.json"
     tc = read_json(tc_path, "tokenizer_config.json") if tc_path.is_file() else {}
-    for tid, data in (tc.get("added_tokens_decoder") or {}).items():
+    phi3 = model.family.sp_vocab == "phi3"  # Phi3MiniModel.set_vocab's rules (Family.sp_vocab)
+    added = list((tc.get("added_tokens_decoder") or {}).items())
+    if phi3 and model.tokenizer.json is not None:
+        tj = read_json(model.tokenizer.json, "tokenizer.json")
+        added += [(a["id"], a) for a in (tj.get("added_tokens") or []) if isinstance(a, dict)]
+    for tid, data in added:
         tid, token = int(tid), data["content"]
         if not 0 <= tid < vocab:
             continue
-        if data.get("special") or _looks_special(token):
+        if data.get("special") or (not phi3 and _looks_special(token)):
             types[tid] = CONTROL
         else:
-            token = token.replace("\u2581", " ")
+            token = token if phi3 else token.replace("\u2581", " ")
             types[tid] = USER_DEFINED
         scores[tid] = -1000.0
         tokens[tid] = token.encode("utf-8")
@@ -208,48 +212,6 @@ def _looks_special(token: str) -> bool:
             or (token.startswith("<unused") and token.endswith(">")))
 
 
-def llama3_rope_factors(hd: int, params: dict) -> torch.Tensor:
-    """rope_freqs.weight for llama3 rope scaling, as convert_hf_to_gguf.py's LlamaModel computes it
-    (float32, one factor per rotary frequency)."""
-    import torch
-
-    base = params.get("rope_theta", 10000.0)
-    freqs = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    factor = params.get("factor", 8.0)
-    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
-    old_ctx = params.get("original_max_position_embeddings", 8192)
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    factors = []
-    for freq in freqs:
-        wavelen = 2 * math.pi / freq
-        if wavelen < high_wavelen:
-            factors.append(1)
-        elif wavelen > low_wavelen:
-            factors.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(factors, dtype=torch.float32)
-
-
-def _has_rope_freqs(model: ModelFolder) -> bool:
-    return model.family.llama_gguf_rules and str(model.rope.type).lower() == "llama3"
-
-
-def extra_tensors(model: ModelFolder) -> list[tuple[str, torch.Tensor]]:
-    """Tensors the GGUF holds that the Hugging Face folder does not (written first, as the converter
-    writes its generate_extra_tensors): rope_freqs for llama3 rope scaling (llama.cpp's LlamaModel)."""
-    if _has_rope_freqs(model):
-        params = {"rope_theta": model.dims.rope_theta, **model.rope.parameters}
-        return [("rope_freqs.weight", llama3_rope_factors(model.dims.hd, params))]
-    return []
-
-
-def extra_tensor_shapes(model: ModelFolder) -> dict[str, tuple[int, ...]]:
-    """The names and shapes of extra_tensors, without computing them."""
-    return {"rope_freqs.weight": (model.dims.hd // 2,)} if _has_rope_freqs(model) else {}
-
-
 def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
     """The KV metadata of convert_hf_to_gguf.py's LlamaModel / Qwen2Model (TextModel.set_gguf_parameters,
     LlamaModel.set_gguf_parameters and set_vocab: _set_vocab_sentencepiece or _set_vocab_gpt2)."""
@@ -266,7 +228,9 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
     writer.add_head_count(d.n_heads)
     writer.add_head_count_kv(d.n_kv_heads)
     rtype, rp = str(model.rope.type).lower(), model.rope.parameters
-    if rtype == "linear" and rp.get("factor"):
+    if model.family.rope_keys == "phi3":
+        phi3_rope_keys(writer, model)
+    elif rtype == "linear" and rp.get("factor"):
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rp["factor"]))
     elif rtype == "yarn" and rp.get("factor"):
@@ -279,10 +243,13 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
         raise LlamaforgeError(f"rope scaling {rtype!r} is not supported by this exporter", model.folder / "config.json",
                               "export with llama.cpp's convert_hf_to_gguf.py")
     writer.add_rope_freq_base(d.rope_theta)
+    if model.rope.swa_theta is not None:  # the sliding-window layers' own base (Gemma-3)
+        writer.add_rope_freq_base_swa(model.rope.swa_theta)
     writer.add_layer_norm_rms_eps(d.norm_eps)
-    if model.config.get("head_dim") is not None:
+    if model.config.get("head_dim") is not None and model.family.rope_keys == "text":
         writer.add_key_length(d.hd)
         writer.add_value_length(d.hd)
+    _family_keys(gguf, writer, model)
     writer.add_file_type(ftype)
     if llama_rules:
         writer.add_vocab_size(d.vocab)
@@ -309,9 +276,28 @@ def gguf_metadata(gguf, writer, model, outtype: str, name: str) -> None:
     writer.add_string(GGUF_OWN_KEY, __version__)
 
 
+def _family_keys(gguf, writer, model: ModelFolder) -> None:
+    """The family entry's own keys from config.json (Family.gguf_keys), where config.json sets them."""
+    arch = model.family.gguf_arch
+    for suffix, key, vtype, default in model.family.gguf_keys:
+        value = model.config.get(key)
+        if value is None:
+            value = default
+        if value is None:
+            continue
+        try:
+            value = float(value) if vtype == "float32" else int(value)
+        except (TypeError, ValueError):
+            raise LlamaforgeError(f"config.json's {key} is {value!r}, not a number", model.config_path,
+                                  "restore the config.json written with the model") from None
+        writer.add_key_value(f"{arch}.{suffix}", value, getattr(gguf.GGUFValueType, vtype.upper()))
+
+
 def _sentencepiece_metadata(gguf, writer, model: ModelFolder) -> None:
     v = _token_vocab(model)
-    if model.family.llama_gguf_rules:
+    if model.family.space_prefix is not None:
+        writer.add_add_space_prefix(model.family.space_prefix)
+    elif model.family.llama_gguf_rules:
         tc_path = model.folder / "tokenizer_config.json"
         tc = read_json(tc_path, "tokenizer_config.json") if tc_path.is_file() else {}
         if isinstance(tc, dict) and tc.get("add_prefix_space") is not None:

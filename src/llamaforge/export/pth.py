@@ -18,6 +18,7 @@ from ..files.checksums import SUM_LINE, SUMS, sums_text
 from ..files.guard import guard_output, register_output_kind, sums_header
 from ..model import (
     EMBED,
+    ModelFolder,
     TokenizerKind,
     check_shardable,
     default_num_shards,
@@ -69,13 +70,14 @@ def export_pth(model: str | os.PathLike, output: str | os.PathLike, num_shards: 
     from ..formats.torch_zip import TorchZipWriter
 
     guard_output(output, "pth", [("model folder", model)])
+    family = ModelFolder(model).family  # refused by its config.json alone: before any tokenizer or tensor check
+    if not family.meta:
+        raise LlamaforgeError(
+            f"{family.architecture} has no Meta consolidated.NN.pth format (Meta's is LLaMA's alone)",
+            Path(model) / "config.json", "export it as Hugging Face (hf) or GGUF (gguf-f16, gguf-q8_0) instead")
     m = open_model(model)
     try:
         dims = m.dims
-        if not m.family.meta:
-            raise LlamaforgeError(
-                f"{m.family.architecture} has no Meta consolidated.NN.pth format (Meta's is LLaMA's alone)",
-                m.folder / "config.json", "export it as Hugging Face (hf) or GGUF (gguf-f16, gguf-q8_0) instead")
         n = int(num_shards) if num_shards else default_num_shards(dims.hidden)
         if n < 1:
             raise LlamaforgeError(f"--num-shards {n} is not a positive number", None, "pass 1 or more")

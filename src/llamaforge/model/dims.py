@@ -44,6 +44,8 @@ class LlamaDims:
             "o": (h, self.n_heads * hd), "gate": (self.intermediate, h), "up": (self.intermediate, h),
             "down": (h, self.intermediate), "attn_norm": (h,), "ffn_norm": (h,),
             "q_bias": (self.n_heads * hd,), "k_bias": (self.n_kv_heads * hd,), "v_bias": (self.n_kv_heads * hd,),
+            "q_norm": (hd,), "k_norm": (hd,), "qkv": ((self.n_heads + 2 * self.n_kv_heads) * hd, h),
+            "gate_up": (2 * self.intermediate, h), "post_attn_norm": (h,), "post_ffn_norm": (h,),
         }[t.role]
 
 
@@ -72,19 +74,30 @@ def _whole(cfg: dict, key: str, default=None) -> int:
     return int(f)
 
 
-def rope_settings(cfg: dict) -> tuple[float, str, dict]:
-    """(rope_theta, rope_type, parameters) from a config.json of transformers 4 (rope_theta,
-    rope_scaling) or 5 (rope_parameters)."""
+def rope_settings(cfg: dict) -> tuple[float, str, dict, float | None]:
+    """(rope_theta, rope_type, parameters, sliding-window layers' rope_theta or None) from a config.json
+    of transformers 4 (rope_theta, rope_scaling, rope_local_base_freq) or 5 (rope_parameters). Rope
+    parameters per layer type (Gemma-3's "full_attention" / "sliding_attention"): the full-attention
+    layers' are the model's, as llama.cpp's converter takes them (its rope base; the sliding layers'
+    base is the fourth value)."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise TypeError("'rope_parameters' / 'rope_scaling' (not an object)")
+    swa = cfg.get("rope_local_base_freq")
+    if "full_attention" in params or "sliding_attention" in params:
+        local = params.get("sliding_attention") or {}
+        params = params.get("full_attention") or {}
+        if not isinstance(params, dict) or not isinstance(local, dict):
+            raise TypeError("'rope_parameters' (a layer type's parameters are not an object)")
+        swa = local.get("rope_theta", swa)
+    swa = None if swa is None else _number(swa, "rope_local_base_freq")
     for where, key in ((params, "rope_theta"), (cfg, "rope_theta")):
         if key in where and where[key] is None and _get(params, key) is None:
             raise TypeError("'rope_theta' (null, not a number)")
     theta = _number(_get(params, "rope_theta", default=_get(cfg, "rope_theta", default=10000.0)), "rope_theta")
     rtype = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    return theta, rtype, {**scaling, **params}
+    return theta, rtype, {**scaling, **params}, swa
 
 
 MAX_LAYERS = 10_000  # far beyond any model; a larger count is a garbled file, not a model

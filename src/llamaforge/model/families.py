@@ -21,10 +21,17 @@ from .tensors import (
     EMBED,
     FFN_NORM,
     GATE,
+    GATE_UP,
     K_BIAS,
+    K_NORM,
+    QKV,
+    POST_ATTN_NORM,
+    POST_FFN_NORM,
+    PRE_FFN_NORM,
     NORM,
     OUTPUT,
     Q_BIAS,
+    Q_NORM,
     UP,
     V_BIAS,
     K,
@@ -51,6 +58,21 @@ class Family:
     llama_gguf_rules: bool
     prompt_style: str = "alpaca"     # prompts.FORMATS name used when the tokenizer has no chat template
     final_norm: TensorName = NORM    # the final norm (a family may give it a value offset, as its layer norms)
+    # GGUF keys the converter writes from config.json for this family alone: ("{arch}." suffix,
+    # config.json key, GGUF value type), written when config.json sets the key
+    gguf_keys: tuple[tuple[str, str, str, float | None], ...] = ()  # (..., default where config.json has null)
+    # tokenizer.ggml.add_space_prefix of a SentencePiece vocabulary: None = the tokenizer's own
+    # (tokenizer_config.json's add_prefix_space, under llama_gguf_rules), else this value
+    space_prefix: bool | None = None
+    # which converter class's rope keys: "text" (TextModel's: the rope scaling type and factor from
+    # config.json, key/value length from head_dim) or "phi3" (Phi3MiniModel's: rope.dimension_count from
+    # partial_rotary_factor, the original context length, longrope as rope_factors_long/short tensors
+    # and an attention factor, no scaling type and no key length)
+    rope_keys: str = "text"
+    # which converter's SentencePiece vocabulary: "llama" (_create_vocab_sentencepiece: added_tokens.json,
+    # then tokenizer_config.json's added_tokens_decoder, tokens that look special CONTROL) or "phi3"
+    # (Phi3MiniModel.set_vocab: those, CONTROL only where marked special, then tokenizer.json's added_tokens)
+    sp_vocab: str = "llama"
 
     @property
     def architecture(self) -> str:
@@ -78,6 +100,15 @@ class Family:
 
 _LLAMA_LAYER = (ATTN_NORM, Q, K, V, O, FFN_NORM, GATE, UP, DOWN)
 _QWEN2_LAYER = (ATTN_NORM, Q, Q_BIAS, K, K_BIAS, V, V_BIAS, O, FFN_NORM, GATE, UP, DOWN)
+# Gemma-3: every RMSNorm stored as w - 1 (Gemma3RMSNorm multiplies by 1 + w; the GGUF holds 1 + w),
+# sandwich norms around attention and the feed-forward, q/k norms
+_G = 1.0
+_GEMMA3_LAYER = (ATTN_NORM.shifted(_G), Q, K, V, O, Q_NORM.shifted(_G), K_NORM.shifted(_G),
+                 POST_ATTN_NORM.shifted(_G), PRE_FFN_NORM.shifted(_G), POST_FFN_NORM.shifted(_G), GATE, UP, DOWN)
+# Phi-3 / Phi-3.5 / Phi-4-mini: fused q/k/v and gate/up projections (LoRA adapters target them fused)
+_PHI3_LAYER = (ATTN_NORM, QKV, O, FFN_NORM, GATE_UP, DOWN)
+# Qwen3: no biases, RMSNorms of q and k per head (head_dim from config.json)
+_QWEN3_LAYER = (ATTN_NORM, Q, K, V, O, Q_NORM, K_NORM, FFN_NORM, GATE, UP, DOWN)
 
 FAMILIES = {
     "llama": Family("llama", ("LlamaForCausalLM",), "llama", _LLAMA_LAYER, meta=True, permute_qk=True,
@@ -86,6 +117,24 @@ FAMILIES = {
                       llama_gguf_rules=True),
     "qwen2": Family("qwen2", ("Qwen2ForCausalLM",), "qwen2", _QWEN2_LAYER, meta=False, permute_qk=False,
                     llama_gguf_rules=False),
+    "qwen3": Family("qwen3", ("Qwen3ForCausalLM",), "qwen3", _QWEN3_LAYER, meta=False, permute_qk=False,
+                    llama_gguf_rules=False),
+    "gemma3_text": Family("gemma3_text", ("Gemma3ForCausalLM",), "gemma3", _GEMMA3_LAYER, meta=False,
+                          permute_qk=False, llama_gguf_rules=False, final_norm=NORM.shifted(_G),
+                          gguf_keys=(("attention.sliding_window", "sliding_window", "uint32", None),
+                                     ("final_logit_softcapping", "final_logit_softcapping", "float32", None)),
+                          space_prefix=False),
+    "phi3": Family("phi3", ("Phi3ForCausalLM",), "phi3", _PHI3_LAYER, meta=False, permute_qk=False,
+                   llama_gguf_rules=False, rope_keys="phi3", sp_vocab="phi3",
+                   gguf_keys=(("attention.sliding_window", "sliding_window", "uint32", 0),)),
+}
+# Architectures of a supported family's checkpoints that are refused with their own reason and fix.
+REFUSED = {
+    "Gemma3ForConditionalGeneration": (
+        "is Gemma-3's multimodal checkpoint (a vision tower beside the language model); llamaforge takes "
+        "the text-only Gemma3ForCausalLM",
+        "use a text-only Gemma-3 (gemma-3-1b, or the text model of a larger one saved as Gemma3ForCausalLM), "
+        "or llama.cpp's convert_hf_to_gguf.py with --mmproj for the vision tower"),
 }
 LLAMA = FAMILIES["llama"]
 SUPPORTED_ARCHITECTURES = ", ".join(a for f in FAMILIES.values() for a in f.architectures)
@@ -100,6 +149,9 @@ def family_of(cfg: dict, path) -> Family:
     if mt is not None and not isinstance(mt, str):
         raise LlamaforgeError(f"model_type is a JSON {type(mt).__name__} ({json.dumps(mt)[:40]}), not a name", path,
                               'restore the model\'s config.json (e.g. "model_type": "llama")')
+    if arch in REFUSED:
+        why, fix = REFUSED[arch]
+        raise LlamaforgeError(f"architecture {arch!r} {why}", path, fix)
     for fam in FAMILIES.values():
         if arch in fam.architectures and mt in (None, fam.name):
             return fam

@@ -83,6 +83,7 @@ class Rope:
     theta: float
     type: str         # "default", "linear", "yarn", "llama3", ...
     parameters: dict  # rope_scaling and rope_parameters, merged
+    swa_theta: float | None = None  # the sliding-window layers' own rope base (Gemma-3), else None
 
 
 class ModelFolder:

@@ -79,21 +79,33 @@ FORMATS: dict[str, PromptFormat] = {f.name: f for f in (
                  stops=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), optional_prompt=True),
     # Mistral / Llama-2 chat
     PromptFormat("inst", "{prompt} [/INST]", system="{system} ", stops=("[INST]", "[/INST]"), prefix="[INST] "),
+    # Gemma-2/3 instruct: no system role (its chat template puts a system message at the head of the
+    # first user turn, followed by a blank line), "model" answers
+    PromptFormat("gemma", "{prompt}<end_of_turn>\n", "<start_of_turn>model\n{response}<end_of_turn>\n",
+                 system="{system}\n\n", stops=("<end_of_turn>",), prefix="<start_of_turn>user\n"),
+    # Phi-3 / Phi-3.5 / Phi-4-mini instruct
+    PromptFormat("phi3", "<|user|>\n{prompt}<|end|>\n", "<|assistant|>\n{response}<|end|>\n",
+                 system="<|system|>\n{system}<|end|>\n", stops=("<|end|>", "<|user|>", "<|assistant|>"),
+                 optional_prompt=True),
 )}
 
 #: the formats an Ollama Modelfile is written in (prompt_format's answers)
-MODELFILE_FORMATS = ("alpaca", "chatml", "llama3", "inst")
+MODELFILE_FORMATS = ("alpaca", "chatml", "llama3", "inst", "gemma", "phi3")
 
 
 def prompt_format(chat_template: str | None) -> str:
-    """The prompt format of a model by its tokenizer's chat template: chatml, llama3, inst, or alpaca
-    (no chat template: the Chinese-Alpaca recipe's)."""
+    """The prompt format of a model by its tokenizer's chat template: chatml, llama3, gemma, phi3, inst,
+    or alpaca (no chat template: the Chinese-Alpaca recipe's)."""
     if not chat_template:
         return "alpaca"
     if "<|im_start|>" in chat_template:
         return "chatml"
     if "<|start_header_id|>" in chat_template:
         return "llama3"
+    if "<start_of_turn>" in chat_template:
+        return "gemma"
+    if "<|assistant|>" in chat_template and "<|end|>" in chat_template:
+        return "phi3"
     if "[INST]" in chat_template:
         return "inst"
     return "alpaca"

@@ -15,7 +15,7 @@ No torch here: a tensor is only touched by `permute_into`, through its own metho
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,6 +39,10 @@ class TensorName:
     @property
     def norm(self) -> bool:
         return self.role.endswith("norm")
+
+    def shifted(self, offset: float) -> "TensorName":
+        """The same tensor stored as w - offset in Hugging Face (Gemma's RMSNorms: 1 + w)."""
+        return replace(self, offset=offset)
 
     def at(self, layer: int | None) -> "TensorName":
         if layer is None:
@@ -69,6 +73,20 @@ FFN_NORM = TensorName(_L + "post_attention_layernorm.weight", "layers.{i}.ffn_no
 Q_BIAS = TensorName(_L + "self_attn.q_proj.bias", "", "blk.{i}.attn_q.bias", None, "q_bias")
 K_BIAS = TensorName(_L + "self_attn.k_proj.bias", "", "blk.{i}.attn_k.bias", None, "k_bias")
 V_BIAS = TensorName(_L + "self_attn.v_proj.bias", "", "blk.{i}.attn_v.bias", None, "v_bias")
+# per-head RMSNorms of q and k ([head_dim]; Qwen3, Gemma-3; Hugging Face and GGUF only)
+Q_NORM = TensorName(_L + "self_attn.q_norm.weight", "", "blk.{i}.attn_q_norm.weight", None, "q_norm")
+K_NORM = TensorName(_L + "self_attn.k_norm.weight", "", "blk.{i}.attn_k_norm.weight", None, "k_norm")
+# fused projections (Phi-3): q, k and v rows stacked in one matrix; gate and up rows stacked (gate
+# first), which llama.cpp's phi3 graph splits as Hugging Face's Phi3MLP does (GGUF ffn_up holds both)
+QKV = TensorName(_L + "self_attn.qkv_proj.weight", "", "blk.{i}.attn_qkv.weight", None, "qkv")
+GATE_UP = TensorName(_L + "mlp.gate_up_proj.weight", "", "blk.{i}.ffn_up.weight", None, "gate_up")
+# the sandwich norms around attention and the feed-forward (Gemma-2/3): HF's post_attention_layernorm is
+# then a norm after attention, not before the feed-forward (FFN_NORM's meaning in LLaMA)
+POST_ATTN_NORM = TensorName(_L + "post_attention_layernorm.weight", "", "blk.{i}.post_attention_norm.weight", None,
+                            "post_attn_norm")
+PRE_FFN_NORM = TensorName(_L + "pre_feedforward_layernorm.weight", "", "blk.{i}.ffn_norm.weight", None, "ffn_norm")
+POST_FFN_NORM = TensorName(_L + "post_feedforward_layernorm.weight", "", "blk.{i}.post_ffw_norm.weight", None,
+                           "post_ffn_norm")
 # In Meta's order within a layer (attention, feed-forward, norms), which is the order of its files.
 LAYER = (Q, K, V, O, GATE, DOWN, UP, ATTN_NORM, FFN_NORM)
 BIASES = (Q_BIAS, K_BIAS, V_BIAS)
