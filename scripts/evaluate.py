@@ -5,6 +5,7 @@
   python scripts/evaluate.py equivalence --merged merged/demo --base BASE --lora A --lora B --output eq.json
   python scripts/evaluate.py tokenizer-stats --tokenizer tokenizers/demo-alpaca --base-tokenizer BASE --text T --output F
   python scripts/evaluate.py summary --model demo --predictions P --perplexity P --equivalence E --tokenizer-stats T --output F
+  python scripts/evaluate.py multiple-choice --model merged/demo --data mc.jsonl --output eval/demo/mc/x.json --items eval/demo/mc/x.jsonl
   python scripts/evaluate.py plot --summary eval/a/summary.json --summary eval/b/summary.json --tokens-per-char F.png ...
 """
 
@@ -123,6 +124,26 @@ def gguf_quality(model, ggufs, text, prompts, max_length, stride, threads, outpu
         from llamaforge.evaluate import gguf_quality as run
 
         run(model, list(ggufs), output, text, prompts, max_length, stride, threads, echo=click.echo)
+
+
+@main.command("multiple-choice")
+@click.option("--model", type=click.Path(file_okay=False), help="Hugging Face model folder (scored in float32 on the CPU).")
+@click.option("--gguf", type=click.Path(dir_okay=False), help="A GGUF file (scored by llama.cpp), instead of --model.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="C-Eval CSV, CMMLU CSV or JSONL ({question, choices, answer}).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="Summary JSON.")
+@click.option("--items", required=True, type=click.Path(dir_okay=False), help="One JSON line per question (what was scored).")
+@click.option("--shots", default=0, show_default=True, type=click.IntRange(min=0), help="Examples from the first rows of --dev.")
+@click.option("--dev", type=click.Path(dir_okay=False), help="Dev file the shots come from (the data's format).")
+@click.option("--template", type=click.Choice(["none", "auto"]), default="none", show_default=True,
+              help="auto: the prompt goes through the tokenizer's chat template when it has one (Chinese-LLaMA-Alpaca's with_prompt).")
+def multiple_choice(model, gguf, data, output, items, shots, dev, template):
+    """Multiple-choice accuracy (C-Eval, CMMLU, MMLU-like): lm-evaluation-harness loglikelihood
+    (acc, acc_norm) and Chinese-LLaMA-Alpaca's first-token scoring, on the same prompts."""
+    with user_errors():
+        from llamaforge.evaluate.mc import multiple_choice as run
+
+        run(output, items, data, model=model, gguf=gguf, shots=shots, dev=dev, template=template, echo=click.echo)
 
 
 @main.command("gguf-plot")
