@@ -494,7 +494,8 @@ check_llama_cpp()
 def eval_targets():
     """The default target's evaluation outputs: every evaluated model's files, then the plots."""
     plots = (EVAL_PLOTS if eval_models() else []) + ([GGUF_PLOT] if gguf_quality_models() else [])
-    return [f for name in eval_models() for f in eval_files(name)] + plots
+    plots += [MC_PLOT] if mc_models() else []  # rules/multiple_choice.smk
+    return [f for name in eval_models() for f in eval_files(name) + mc_files(name)] + plots
 
 
 def eval_path(value, bundled):
@@ -531,7 +532,7 @@ def eval_runtime(per_gb):
 def eval_summary_inputs(wildcards):
     """The inputs of a model's summary: the script, its modules, and its other evaluation outputs."""
     files = {Path(f).stem: f for f in eval_files(wildcards.model) if Path(f).name not in ("summary.json", "gguf.json")}
-    return {**script_inputs("scripts/evaluate.py"), **files}
+    return {**script_inputs("scripts/evaluate.py"), **files, "multiple_choice": mc_files(wildcards.model)}
 
 
 def eval_summary_flags(wildcards, input):
@@ -540,7 +541,7 @@ def eval_summary_flags(wildcards, input):
         f"--{key.replace('_', '-')} {shell_quote(input[key])}"
         for key in ("predictions", "perplexity", "equivalence", "tokenizer_stats")
         if key in input.keys()
-    )
+    ) + "".join(f" --multiple-choice {shell_quote(f)}" for f in input.multiple_choice)
 
 
 def eval_summaries(wildcards):

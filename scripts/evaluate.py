@@ -84,13 +84,16 @@ def tokenizer_stats(tokenizer, base_tokenizer, text, output):
 @click.option("--perplexity", "perplexity_json", type=click.Path(dir_okay=False))
 @click.option("--equivalence", "equivalence_json", type=click.Path(dir_okay=False))
 @click.option("--tokenizer-stats", "tokenizer_stats_json", type=click.Path(dir_okay=False))
+@click.option("--multiple-choice", "multiple_choice", multiple=True, type=click.Path(dir_okay=False),
+              help="A multiple-choice result, the merged model's or a GGUF export's (repeat).")
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSON summary.")
-def summary(name, predictions, perplexity_json, equivalence_json, tokenizer_stats_json, output):
+def summary(name, predictions, perplexity_json, equivalence_json, tokenizer_stats_json, multiple_choice, output):
     """The headline numbers of one model's evaluation outputs."""
     with user_errors():
         from llamaforge.evaluate import summarize
 
-        summarize(name, output, predictions, perplexity_json, equivalence_json, tokenizer_stats_json, echo=click.echo)
+        summarize(name, output, predictions, perplexity_json, equivalence_json, tokenizer_stats_json, echo=click.echo,
+                  multiple_choice=list(multiple_choice))
 
 
 @main.command()
@@ -156,6 +159,18 @@ def gguf_plot(qualities, output):
         from llamaforge.evaluate import plot_gguf_quality
 
         plot_gguf_quality(list(qualities), output)
+
+
+@main.command("mc-plot")
+@click.option("--summary", "summaries", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="eval/{model}/summary.json (repeatable).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="PNG file.")
+def mc_plot(summaries, output):
+    """Multiple-choice accuracy of each GGUF export against bits per weight (merged model dotted)."""
+    with user_errors():
+        from llamaforge.evaluate.mc.table import plot_multiple_choice
+
+        plot_multiple_choice(list(summaries), output)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,12 @@ def _png_is_own(path: Path) -> bool:
 
 def summarize(model: str, output: str | os.PathLike | None = None, predictions: str | os.PathLike | None = None,
               perplexity_json: str | os.PathLike | None = None, equivalence_json: str | os.PathLike | None = None,
-              tokenizer_stats_json: str | os.PathLike | None = None, echo=print) -> dict:
+              tokenizer_stats_json: str | os.PathLike | None = None, echo=print,
+              multiple_choice: Sequence[str | os.PathLike] = ()) -> dict:
     """One JSON per model with the headline numbers of each evaluation output."""
     _guard(output, SUMMARY, [("predictions file", predictions), ("perplexity file", perplexity_json),
-                    ("equivalence file", equivalence_json), ("tokenizer-stats file", tokenizer_stats_json)])
+                    ("equivalence file", equivalence_json), ("tokenizer-stats file", tokenizer_stats_json)]
+           + [("multiple-choice file", f) for f in multiple_choice])
     out: dict = {"llamaforge": SUMMARY, "model": model}
     if predictions:
         preds = read_json(predictions, "predictions file")
@@ -67,6 +69,10 @@ def summarize(model: str, output: str | os.PathLike | None = None, predictions: 
         except (KeyError, TypeError, AttributeError):
             raise LlamaforgeError("not a tokenizer_stats result of llamaforge (its base/merged counts are missing)",
                                   tokenizer_stats_json, "rebuild it with scripts/evaluate.py tokenizer-stats") from None
+    if multiple_choice:
+        from .mc.table import mc_table
+
+        out["multiple_choice"] = mc_table(multiple_choice)
     if output:
         write_json(output, out)
     echo(json.dumps(out, ensure_ascii=False, indent=2))
