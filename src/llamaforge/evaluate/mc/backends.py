@@ -9,6 +9,7 @@ logits of the next token after the context (the first-token scoring)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Sequence
@@ -40,6 +41,8 @@ class HFBackend:
         # scripts tokenize their prompts and as llama.cpp does with the GGUF's add_bos_token
         self.add_bos = bos is not None and len(ids) > 0 and ids[0] == bos
         self.chat_template = getattr(self.tok, "chat_template", None) or None
+        # transformers 5.x renames forward's past_key_values to cache
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False).input_ids)
@@ -64,9 +67,9 @@ class HFBackend:
                 batch = torch.zeros((n, longest - 1), dtype=torch.long)
                 for i, c in enumerate(continuations):
                     batch[i, : len(c) - 1] = torch.tensor(list(c[:-1]), dtype=torch.long)
-                cache = out.past_key_values
+                cache = getattr(out, "cache", None) or out.past_key_values
                 cache.batch_repeat_interleave(n)
-                logp = torch.log_softmax(self.model(batch, past_key_values=cache, use_cache=False).logits.float(), -1)
+                logp = torch.log_softmax(self.model(batch, use_cache=False, **{self._cache_arg: cache}).logits.float(), -1)
                 for i, c in enumerate(continuations):
                     logliks[i] += float(sum(logp[i, j - 1, c[j]] for j in range(1, len(c))))
         return logliks, last

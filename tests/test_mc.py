@@ -1,0 +1,164 @@
+"""Multiple-choice evaluation (scripts/evaluate.py multiple-choice): the three data formats and their
+one-line errors, the prompts of Chinese-LLaMA-Alpaca's scripts, lm-evaluation-harness's scoring
+rules, and (slow tier) SmolLM2-135M-Instruct on easy questions, checked by an independent
+reimplementation of the harness, and its Q8_0 GGUF against the Hugging Face model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from helpers import run_script
+
+from llamaforge.errors import LlamaforgeError
+from llamaforge.evaluate.mc import encode_pair, load_questions, predictions
+from llamaforge.evaluate.mc.data import Question
+from llamaforge.evaluate.mc.prompts import build_prompt
+
+CEVAL = ('id,question,A,B,C,D,answer,explanation\n'
+         '0,"1+1=?",1,2,3,4,B,"一加一"\n'
+         '1,"下列哪个, 是水果？",石头,"苹果\n(红色)",铁,铜,B,\n')
+CMMLU = (',Question,A,B,C,D,Answer\n'
+         '0,中国的首都是？,上海,北京,广州,深圳,B\n'
+         '1,一年有几个月？,十,十一,十二,十三,C\n')
+JSONL = ('{"question": "2+2?", "choices": ["3", "4", "5"], "answer": 1}\n'
+         '\n'
+         '{"question": "Sky?", "choices": ["blue", "red"], "answer": "A", "subject": "nature"}\n')
+
+# easy English questions written for these tests (SmolLM2-135M-Instruct answers most of them)
+EASY = [
+    ("What is the capital of France?", ["Berlin", "Paris", "Madrid", "Rome"], 1),
+    ("How many legs does a dog have?", ["two", "four", "six", "eight"], 1),
+    ("What color is the sky on a clear day?", ["green", "red", "blue", "black"], 2),
+    ("Which animal says meow?", ["cat", "dog", "cow", "duck"], 0),
+    ("What is frozen water called?", ["steam", "ice", "sand", "glass"], 1),
+    ("How many days are in a week?", ["seven", "five", "ten", "three"], 0),
+    ("What is the opposite of hot?", ["warm", "cold", "loud", "tall"], 1),
+    ("Which fruit is yellow and long?", ["apple", "grape", "banana", "cherry"], 2),
+    ("What do bees make?", ["milk", "honey", "silk", "wool"], 1),
+    ("Which planet do we live on?", ["Mars", "Venus", "Earth", "Jupiter"], 2),
+    ("What do cows drink?", ["water", "oil", "ink", "paint"], 0),
+    ("Which season is the coldest?", ["summer", "spring", "autumn", "winter"], 3),
+    ("What do you use to see?", ["ears", "eyes", "nose", "feet"], 1),
+    ("Where do fish live?", ["in trees", "in water", "in the sky", "in fire"], 1),
+    ("What is the largest ocean on Earth?", ["Atlantic", "Indian", "Arctic", "Pacific"], 3),
+    ("Which of these is a color?", ["purple", "table", "seven", "run"], 0),
+]
+DEV = [("What color is grass?", ["purple", "green", "orange", "white"], 1),
+       ("Which animal barks?", ["fish", "bird", "snake", "dog"], 3)]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in rows),
+                    encoding="utf-8")
+    return path
+
+
+def test_the_three_formats_load(tmp_path):
+    """C-Eval (explanation column, a quoted comma and line break), CMMLU (index column) and JSONL
+    (index or letter answers, any number of choices, blank lines) all load, each detected by content."""
+    (tmp_path / "law_val.csv").write_text(CEVAL, encoding="utf-8")
+    (tmp_path / "agronomy.csv").write_text(CMMLU, encoding="utf-8")
+    (tmp_path / "mix.jsonl").write_text(JSONL, encoding="utf-8")
+    fmt, qs = load_questions(tmp_path / "law_val.csv")
+    assert fmt == "ceval" and [q.answer for q in qs] == [1, 1] and qs[0].explanation == "一加一"
+    assert qs[1].question == "下列哪个, 是水果？" and qs[1].choices[1] == "苹果\n(红色)" and qs[1].subject == "law"
+    fmt, qs = load_questions(tmp_path / "agronomy.csv")
+    assert fmt == "cmmlu" and [(q.question, q.answer, q.subject) for q in qs] == [
+        ("中国的首都是？", 1, "agronomy"), ("一年有几个月？", 2, "agronomy")]
+    fmt, qs = load_questions(tmp_path / "mix.jsonl")
+    assert fmt == "jsonl" and [(q.choices, q.answer, q.subject, q.row) for q in qs] == [
+        (("3", "4", "5"), 1, "mix", 1), (("blue", "red"), 0, "nature", 3)]
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("bad_val.csv", CEVAL.replace(",B,\n", ",E,\n"), "row 2 (line 3): the answer 'E'"),
+    ("bad_val.csv", CEVAL.replace('0,"1+1=?",1,2,3,4,B', '0,"1+1=?",1,2,3,B'), "row 1 (line 2) has 7 fields"),
+    ("bad.csv", CMMLU.replace("1,一年有几个月？", "1,"), "row 2 (line 3) has an empty question"),
+    ("bad.csv", "q,a,b\n1,2,3\n", "unknown CSV header"),
+    ("bad.jsonl", JSONL.replace('"answer": "A"', '"answer": "C"'), "line 3: \"answer\" 'C'"),
+    ("bad.jsonl", JSONL.replace('["3", "4", "5"]', '["3"]'), "line 1: \"choices\""),
+    ("bad.jsonl", JSONL + "{oops\n", "line 4 is not JSON"),
+])
+def test_a_malformed_row_is_one_error_naming_it(tmp_path, name, text, where):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(LlamaforgeError) as e:
+        load_questions(p)
+    assert str(e.value).startswith(f"{p}: {where}") and "Fix:" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_command_fails_in_one_line_and_writes_nothing(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "q", "choices": ["a", "b"], "answer": 2}\n', encoding="utf-8")
+    out, items = tmp_path / "o.json", tmp_path / "o.jsonl"
+    proc = run_script("evaluate.py", "multiple-choice", "--model", tmp_path / "model", "--data", data,
+                      "--output", out, "--items", items)
+    assert proc.returncode == 1 and not out.exists() and not items.exists()
+    assert proc.stderr.strip().splitlines() == [
+        f"llamaforge: error: {data}: line 1: \"answer\" '2' is neither a 0-based index nor a letter of its 2 "
+        "choices. Fix: give the right choice's index or letter."]
+
+
+def test_prompts_are_chinese_llama_alpacas_and_mmlus():
+    """C-Eval/CMMLU: the Chinese header only with shots, shots' letters right after 答案：;
+    JSONL: MMLU's header always, " {letter}" after Answer:."""
+    q = Question("1+1=?", ("1", "2", "3", "4"), 1, "math", 1)
+    s = Question("2+2=?", ("4", "5", "6", "7"), 0, "math", 1)
+    assert build_prompt(q, [], "ceval") == "1+1=?\nA. 1\nB. 2\nC. 3\nD. 4\n答案："
+    assert build_prompt(q, [s], "cmmlu") == ("以下是中国关于math考试的单项选择题，请选出其中的正确答案。\n\n"
+                                             "2+2=?\nA. 4\nB. 5\nC. 6\nD. 7\n答案：A\n\n1+1=?\nA. 1\nB. 2\nC. 3\nD. 4\n答案：")
+    q2 = Question("Sky?", ("blue", "red"), 0, "high_school_physics", 1)
+    assert build_prompt(q2, [q2], "jsonl") == (
+        "The following are multiple choice questions (with answers) about high school physics.\n\n"
+        "Sky?\nA. blue\nB. red\nAnswer: A\n\nSky?\nA. blue\nB. red\nAnswer:")
+    rendered = build_prompt(q2, [q2], "jsonl", chat=lambda msgs: json.dumps(msgs))
+    assert [m["role"] for m in json.loads(rendered)] == ["user", "assistant", "user"]
+    assert json.loads(rendered)[0]["content"].startswith("The following are") and json.loads(rendered)[1]["content"] == "A"
+
+
+def test_the_harness_pair_encoding_and_norms():
+    """Trailing whitespace of the context moves into the continuation; the continuation's tokens are
+    the tail of tok(context + continuation) (a character tokenizer makes it visible); acc_norm
+    divides by the choice's characters, acc_bytes by its UTF-8 bytes."""
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    ctx, cont = encode_pair(enc, True, 1, "Answer: ", "Paris")
+    assert ctx == [1] + enc("Answer:") and cont == enc(" Paris")
+    ctx, cont = encode_pair(enc, False, None, "答案：", "北京")
+    assert ctx == enc("答案：") and cont == enc("北京")
+    item = {"logliks": [-3.0, -4.0, -2.5], "choices": ["aaaa", "bbbbbbbb", "c"], "gold": 1,
+            "first_token": {"pred": 2}}
+    assert predictions(item) == {"acc": 2, "acc_norm": 1, "acc_bytes": 1, "first_token_acc": 2}
+    item["choices"] = ["一二", "ab", "c"]  # 6 bytes vs 2 bytes: bytes and characters disagree
+    item["logliks"] = [-2.2, -1.2, -2.0]
+    assert predictions(item)["acc_norm"] == 1 and predictions(item)["acc_bytes"] == 0
+
+
+def test_the_demo_merge_and_its_gguf(inputs, tmp_path):
+    """The demo's tiny merge, Hugging Face and Q8_0 GGUF, on the bundled bilingual set with 2 shots:
+    both write every item, with the same prompts, logliks close, and the summary's accuracies are
+    what the items give."""
+    from llamaforge.tokenizer import bundled_text  # noqa: F401
+
+    import llamaforge
+
+    data = __import__("pathlib").Path(llamaforge.__file__).parent / "data"
+    model = inputs["merged"]
+    q8 = tmp_path / "d-q8_0.gguf"
+    run_script("export_gguf.py", "--model", model, "--output", q8, "--outtype", "q8_0", check=True)
+    res = {}
+    for kind, src in (("model", model), ("gguf", q8)):
+        out, items = tmp_path / f"{kind}.json", tmp_path / f"{kind}.jsonl"
+        run_script("evaluate.py", "multiple-choice", f"--{kind}", src, "--data", data / "mc_demo.jsonl",
+                   "--shots", "2", "--dev", data / "mc_demo_dev.jsonl", "--output", out, "--items", items, check=True)
+        rows = [json.loads(x) for x in items.read_text(encoding="utf-8").splitlines()]
+        summary = json.loads(out.read_text(encoding="utf-8"))
+        assert len(rows) == summary["questions"] == 12
+        assert summary["scores"]["acc"] == sum(predictions(r)["acc"] == r["gold"] for r in rows) / 12
+        res[kind] = rows
+    for a, b in zip(res["model"], res["gguf"]):
+        assert a["context"] == b["context"] and a["continuations"] == b["continuations"] and a["add_bos"] == b["add_bos"]
+        assert max(abs(x - y) for x, y in zip(a["logliks"], b["logliks"])) < 0.05
+    assert res["model"][1]["context"].startswith("The following are multiple choice questions (with answers)")
+    assert all(math.isfinite(x) for r in res["model"] for x in r["logliks"])
