@@ -51,7 +51,7 @@ class HFBackend:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def score(self, context: Sequence[int], continuations: Sequence[Sequence[int]]):
-        """(logliks, next-token logits after the context): the context runs once, its KV cache is
+        """The logliks of the continuations after the context: the context runs once, its KV cache is
         repeated for the continuations, which run as one right-padded batch (right padding: no real
         token sees a pad, so no attention mask is needed)."""
         import torch
@@ -72,7 +72,14 @@ class HFBackend:
                 logp = torch.log_softmax(self.model(batch, use_cache=False, **{self._cache_arg: cache}).logits.float(), -1)
                 for i, c in enumerate(continuations):
                     logliks[i] += float(sum(logp[i, j - 1, c[j]] for j in range(1, len(c))))
-        return logliks, last
+        return logliks
+
+    def next_logits(self, ids: Sequence[int]):
+        """The logits of the token after `ids` (float32)."""
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([list(ids)])).logits[0, -1].float()
 
     def score_one(self, context: Sequence[int], continuation: Sequence[int]) -> float:
         """One continuation alone, the whole sequence in one forward (the harness's per-request
@@ -156,7 +163,14 @@ class GGUFBackend:
                 logp = torch.log_softmax(rows, -1)
                 total += float(sum(logp[j - 1, c[j]] for j in range(1, len(c))))
             logliks.append(total)
-        return logliks, last
+        return logliks
+
+    def next_logits(self, ids: Sequence[int]):
+        import numpy as np
+        import torch
+
+        self._eval(list(ids))
+        return torch.tensor(np.array(self.llm.scores[len(ids) - 1], dtype=np.float32))
 
     def close(self):
         self.llm.close()

@@ -13,6 +13,15 @@ JSONL (MMLU's own format, Hendrycks et al. and lm-evaluation-harness's `mmlu`):
     [{shot question}\\nA. ...\\nAnswer: {letter}\\n\\n ...]
     {question}\\nA. ...\\nAnswer:
 
+Two prompts per question, from the same question, shots, header and template:
+- the lettered prompt above (the options listed, shots answered by letter): Chinese-LLaMA-Alpaca's
+  first-token scoring reads the letters' logits after it;
+- the cloze prompt, the same without the options (shots answered by their choice's text): the
+  lm-evaluation-harness scoring takes each choice's text as its continuation (the harness's
+  formulation of ARC, HellaSwag and mmlu_continuation, where acc_norm matters; with the options
+  listed a small model mostly copies the last option: SmolLM2-135M-Instruct answers 31% of easy
+  4-choice questions that way and 81% in cloze form).
+
 Shots: the first K rows of the dev file, as C-Eval's dev split is used. With a chat template
 (`--template auto` and a tokenizer that has one: Chinese-LLaMA-Alpaca's `with_prompt`), each shot is
 one user turn (its question, options and answer cue) and one assistant turn (its letter), the header
@@ -34,21 +43,32 @@ MMLU_HEADER = "The following are multiple choice questions (with answers) about 
 @dataclass(frozen=True)
 class Style:
     header: str
-    cue: str          # after the options; the answer letter follows it
-    shot_answer: str  # how a shot's answer follows the cue ({letter})
-    always_header: bool
+    cue: str             # after the question (and its options); the answer follows it
+    sep: str             # between the cue and an answer: a shot's, and the scored continuations
+    always_header: bool  # MMLU's header is there with or without shots, Chinese-LLaMA-Alpaca's with shots only
 
 
 STYLES = {
-    "ceval": Style(CEVAL_HEADER, "\n答案：", "{letter}\n\n", False),
-    "cmmlu": Style(CEVAL_HEADER, "\n答案：", "{letter}\n\n", False),
-    "jsonl": Style(MMLU_HEADER, "\nAnswer:", " {letter}\n\n", True),
+    "ceval": Style(CEVAL_HEADER, "\n答案：", "", False),
+    "cmmlu": Style(CEVAL_HEADER, "\n答案：", "", False),
+    "jsonl": Style(MMLU_HEADER, "\nAnswer:", " ", True),
 }
 
 
-def question_block(q: Question, style: Style) -> str:
-    """The question, its lettered options and the answer cue."""
-    return q.question + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(q.choices)) + style.cue
+def question_block(q: Question, style: Style, options: bool = True) -> str:
+    """The question, its lettered options (unless `options` is false) and the answer cue."""
+    opts = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(q.choices)) if options else ""
+    return q.question + opts + style.cue
+
+
+def answer_of(q: Question, options: bool) -> str:
+    """A shot's answer: its letter (lettered prompt), or its right choice's text (cloze prompt)."""
+    return LETTERS[q.answer] if options else q.choices[q.answer]
+
+
+def continuations(q: Question, fmt: str) -> list[str]:
+    """The harness requests' continuations: the separator the shots show, then each choice's text."""
+    return [STYLES[fmt].sep + c for c in q.choices]
 
 
 def _subject(q: Question, fmt: str) -> str:
@@ -56,18 +76,18 @@ def _subject(q: Question, fmt: str) -> str:
 
 
 def build_prompt(q: Question, shots: Sequence[Question], fmt: str,
-                 chat: Callable[[list[dict]], str] | None = None) -> str:
-    """The text before the answer of `q` (without chat template: Chinese-LLaMA-Alpaca's / MMLU's
-    plain prompt; with `chat`: the conversation it renders)."""
+                 chat: Callable[[list[dict]], str] | None = None, options: bool = True) -> str:
+    """The text before the answer of `q`: the lettered prompt (`options`), or the cloze one; with
+    `chat`, the conversation the chat template renders (ending in its generation prompt)."""
     style = STYLES[fmt]
     header = style.header.format(subject=_subject(q, fmt)) if (shots or style.always_header) else ""
     if chat is None:
-        return header + "".join(question_block(s, style) + style.shot_answer.format(letter=LETTERS[s.answer])
-                                for s in shots) + question_block(q, style)
+        return header + "".join(question_block(s, style, options) + style.sep + answer_of(s, options) + "\n\n"
+                                for s in shots) + question_block(q, style, options)
     messages: list[dict] = []
     for s in shots:
-        messages += [{"role": "user", "content": question_block(s, style)},
-                     {"role": "assistant", "content": LETTERS[s.answer]}]
-    messages.append({"role": "user", "content": question_block(q, style)})
+        messages += [{"role": "user", "content": question_block(s, style, options)},
+                     {"role": "assistant", "content": answer_of(s, options)}]
+    messages.append({"role": "user", "content": question_block(q, style, options)})
     messages[0] = {"role": "user", "content": header + messages[0]["content"]}
     return chat(messages)

@@ -2,10 +2,13 @@
 multiple-choice set with two scorings on the same prompts, write the summary and one checkable line
 per item.
 
+Both scorings see the same question, shots, header and template (prompts.py): the harness's in
+cloze form (the choices' texts continue the question), the first-token one in lettered form.
+
 Scoring 1, lm-evaluation-harness's loglikelihood (lm_eval/api/model.py TemplateLM._encode_pair and
 lm_eval/api/task.py process_results of multiple_choice):
   - request (context, continuation) per choice; the continuation is the target delimiter (" " after
-    MMLU's "Answer:", "" after C-Eval's "答案：", as the shots show it) + the choice's text;
+    MMLU's "Answer:", "" after C-Eval's "答案：", as the shots show their answers) + the choice's text;
   - trailing whitespace of the context moves into the continuation;
   - tokens: context = tok(context), continuation = tok(context + continuation)[len(tok(context)):],
     a BOS first in both when the tokenizer adds one (`add_bos`);
@@ -14,7 +17,7 @@ lm_eval/api/task.py process_results of multiple_choice):
     string, without the delimiter: the harness's `completion_len`); acc_bytes: the same over its
     UTF-8 bytes (the harness's `byte_length`).
 Scoring 2, Chinese-LLaMA-Alpaca's scripts/ceval `constrained_decoding`: the next-token logits after
-the prompt, per choice letter L the logit of tok("L")[0] plus that of tok("：L")[-1]; the argmax.
+the lettered prompt, per choice letter L the logit of tok("L")[0] plus that of tok("：L")[-1]; the argmax.
 """
 
 from __future__ import annotations
@@ -29,11 +32,10 @@ from ...files.atomic import atomic_files
 from ...files.guard import guard_output, json_of_kind, owned_by
 from ..common import log
 from .data import LETTERS, Question, load_questions
-from .prompts import build_prompt
+from .prompts import build_prompt, continuations as choice_continuations
 
 MULTIPLE_CHOICE = "multiple_choice"
 ITEM_KEYS = {"context", "continuations", "logliks", "gold", "add_bos", "choices", "first_token", "row"}
-DELIMITER = {"ceval": "", "cmmlu": "", "jsonl": " "}
 
 
 @owned_by("mc_items", "llamaforge multiple-choice items file")
@@ -117,24 +119,32 @@ def multiple_choice(output: str | os.PathLike, items: str | os.PathLike, data: s
     return result
 
 
+def _bos_for(lm, text: str) -> bool:
+    """Whether a BOS goes before `text`: the tokenizer's default, unless the text (a chat template's
+    rendering) starts with the BOS already."""
+    return lm.add_bos and not (lm.bos_text and text.startswith(lm.bos_text))
+
+
 def _score_item(lm, q: Question, shots: Sequence[Question], fmt: str, chat, data) -> dict:
     import math
 
-    context = build_prompt(q, shots, fmt, chat)
-    add_bos = lm.add_bos
-    if add_bos and lm.bos_text and context.startswith(lm.bos_text):
-        add_bos = False  # a chat template that writes the BOS itself
-    continuations = [DELIMITER[fmt] + c for c in q.choices]
+    context = build_prompt(q, shots, fmt, chat, options=False)
+    add_bos = _bos_for(lm, context)
+    continuations = choice_continuations(q, fmt)
     pairs = [encode_pair(lm.encode, add_bos, lm.bos_id, context, c) for c in continuations]
     ctx_ids = pairs[0][0]
     if any(not cont for _, cont in pairs) or not ctx_ids:
         raise LlamaforgeError(f"row {q.row}: a choice tokenizes to nothing after its context", data,
                               "give every choice some text")
-    longest = len(ctx_ids) + max(len(cont) for _, cont in pairs)
+    lettered = build_prompt(q, shots, fmt, chat, options=True)
+    ft_bos = _bos_for(lm, lettered)
+    ft_ids = ([lm.bos_id] if ft_bos else []) + lm.encode(lettered)
+    longest = max(len(ctx_ids) + max(len(cont) for _, cont in pairs), len(ft_ids))
     if longest > lm.context_length:
         raise LlamaforgeError(f"row {q.row}: the prompt and its longest choice are {longest} tokens, more than the "
                               f"model's context of {lm.context_length}", data, "use fewer --shots or shorter questions")
-    logliks, last = lm.score(ctx_ids, [cont for _, cont in pairs])
+    logliks = lm.score(ctx_ids, [cont for _, cont in pairs])
+    last = lm.next_logits(ft_ids)
     letter_ids = first_token_ids(lm.encode, len(q.choices))
     ft = [float(last[a]) + float(last[b]) for a, b in letter_ids]
     if not all(math.isfinite(x) for x in logliks + ft):
@@ -142,7 +152,8 @@ def _score_item(lm, q: Question, shots: Sequence[Question], fmt: str, chat, data
                               "check the model (NaN or infinite weights)")
     return {"row": q.row, "context": context, "continuations": continuations, "choices": list(q.choices),
             "logliks": logliks, "gold": q.answer, "add_bos": add_bos,
-            "first_token": {"letter_ids": letter_ids, "scores": ft, "pred": _argmax(ft)}}
+            "first_token": {"prompt": lettered, "add_bos": ft_bos, "letter_ids": letter_ids, "scores": ft,
+                            "pred": _argmax(ft)}}
 
 
 def _argmax(xs: Sequence[float]) -> int:
