@@ -233,9 +233,11 @@ def test_smollm2_on_easy_questions_as_the_harness_scores_them_and_its_q8_0_gguf(
 
     q8 = tmp_path / "smol-q8_0.gguf"
     run_script("export_gguf.py", "--model", model, "--output", q8, "--outtype", "q8_0", check=True)
-    quality = tmp_path / "gguf.json"
-    run_script("evaluate.py", "gguf-quality", "--model", model, "--gguf", q8, "--max-length", "128", "--stride", "64",
-               "--output", quality, check=True)
+    quality, text = tmp_path / "gguf.json", tmp_path / "text.txt"
+    text.write_text("The capital of France is Paris. A week has seven days, and bees make honey. "
+                    "Water freezes into ice in the winter, the coldest season of the year.\n", encoding="utf-8")
+    run_script("evaluate.py", "gguf-quality", "--model", model, "--gguf", q8, "--text", text, "--max-length", "128",
+               "--stride", "64", "--output", quality, check=True)
     kl = json.loads(quality.read_text())["exports"][0]["kl_mean"]
     out, items = tmp_path / "q8.json", tmp_path / "q8.jsonl"
     run_script("evaluate.py", "multiple-choice", "--gguf", q8, "--data", data, "--shots", "2", "--dev", dev,
@@ -245,12 +247,12 @@ def test_smollm2_on_easy_questions_as_the_harness_scores_them_and_its_q8_0_gguf(
     for a, b in zip(rows["plain"], got):
         assert (a["context"], a["continuations"], a["add_bos"]) == (b["context"], b["continuations"], b["add_bos"])
         diffs += [abs(x - y) for x, y in zip(a["logliks"], b["logliks"])]
-        ntok += [len(tok(a["context"].rstrip() + c[:0] + a["context"][len(a["context"].rstrip()):] + c,
-                         add_special_tokens=False).input_ids) - len(tok(a["context"].rstrip(), add_special_tokens=False).input_ids)
-                 for c in a["continuations"]]
+        ctx_len = len(tok(a["context"].rstrip(), add_special_tokens=False).input_ids)
+        ntok += [len(tok(a["context"] + c, add_special_tokens=False).input_ids) - ctx_len for c in a["continuations"]]
     per_token = sum(diffs) / sum(ntok)
     # KL(p||q) ~ Var(log p - log q) / 2 for a small perturbation: the typical per-token |delta loglik| is
     # sqrt(2 KL); measured here: KL 0.005, mean |delta| per token ~0.05
+    print(f"Q8_0: mean KL {kl:.5f}, mean |delta loglik| per token {per_token:.5f}, bound {2 * math.sqrt(2 * kl):.5f}")
     assert per_token <= 2 * math.sqrt(2 * kl), (per_token, kl)
     q8_summary = json.loads(out.read_text())
     assert q8_summary["scorer"]["kind"] == "llama.cpp" and 8 < q8_summary["scorer"]["bits_per_weight"] < 9
