@@ -5,6 +5,7 @@
 # changed adapter_model.safetensors inside an unchanged folder would otherwise go unnoticed.
 
 import importlib
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -557,6 +558,60 @@ def model_gguf_exports(wildcards):
 def gguf_qualities(wildcards):
     """The GGUF quality table of every evaluated model with GGUF exports (the GGUF plot's inputs)."""
     return [f"eval/{name}/gguf.json" for name in gguf_quality_models()]
+
+
+# ---- multiple-choice evaluation (rules/multiple_choice.smk) ----------------------------------
+
+MC_SETS = config["eval"]["multiple_choice"]
+MC_PLOT = "eval/plots/multiple_choice.png"
+
+
+def check_mc_sets():
+    """Stop, while the workflow is parsed, on a set with shots but no dev file to take them from."""
+    for name, s in MC_SETS.items():
+        if s["shots"] and not s.get("dev"):
+            sys.exit(f"llamaforge: error: config.yaml: eval.multiple_choice.{name}: shots is {s['shots']} but there is "
+                     "no dev file. Fix: add dev: FILE (the rows the shots come from), or set shots: 0")
+
+
+check_mc_sets()
+
+
+def mc_flags(wildcards):
+    """--shots/--dev/--template options of a set (every value from config.yaml, so a change reruns it)."""
+    s = MC_SETS[wildcards.mcset]
+    flags = [f"--shots {s['shots']}", f"--template {s['template']}"]
+    if s["shots"]:
+        flags.append(f"--dev {shell_quote(s['dev'])}")
+    return " ".join(flags)
+
+
+def mc_inputs(wildcards):
+    """The set's data file, and its dev file when it has shots."""
+    s = MC_SETS[wildcards.mcset]
+    return {"data": s["data"], **({"dev": s["dev"]} if s["shots"] else {})}
+
+
+def mc_files(name):
+    """A model's multiple-choice summaries: one per set for the merged model and per GGUF export."""
+    gtypes = [Path(f).name[len(name) + 1 : -len(".gguf")] for f in gguf_exports(name)]
+    return [f"eval/{name}/mc/{s}.json" for s in MC_SETS] + [f"eval/{name}/mc/{s}.{g}.json" for s in MC_SETS for g in gtypes]
+
+
+def mc_gguf(wildcards):
+    """The GGUF export eval/{model}/mc/{mcset}.{gtype}.json scores."""
+    return f"exports/{wildcards.model}/{wildcards.model}-{wildcards.gtype}.gguf"
+
+
+def mc_models():
+    """Evaluated models that have multiple-choice results (the plot's lines)."""
+    return eval_models() if MC_SETS else []
+
+
+def mc_summaries(wildcards):
+    """The summaries the multiple-choice plot reads."""
+    return [f"eval/{name}/summary.json" for name in mc_models()]
+
 
 
 # ---- targets ------------------------------------------------------------------------------------

@@ -5,46 +5,6 @@
 # summary.json gathers them into one table; eval/plots/multiple_choice.png plots accuracy against
 # bits per weight.
 
-import re
-
-MC_SETS = config["eval"]["multiple_choice"]
-MC_PLOT = "eval/plots/multiple_choice.png"
-
-
-def mc_flags(wildcards):
-    """--shots/--dev/--template options of a set (every value from config.yaml, so a change reruns it)."""
-    s = MC_SETS[wildcards.mcset]
-    flags = [f"--shots {s['shots']}", f"--template {s['template']}"]
-    if s["shots"]:
-        flags.append(f"--dev {shell_quote(s['dev'])}")
-    return " ".join(flags)
-
-
-def mc_inputs(wildcards):
-    """The set's data file, and its dev file when it has shots."""
-    s = MC_SETS[wildcards.mcset]
-    return {"data": s["data"], **({"dev": s["dev"]} if s["shots"] else {})}
-
-
-def mc_files(name):
-    """A model's multiple-choice summaries: one per set for the merged model and per GGUF export."""
-    gtypes = [Path(f).name[len(name) + 1 : -len(".gguf")] for f in gguf_exports(name)]
-    return [f"eval/{name}/mc/{s}{'' if g is None else '.' + g}.json" for s in MC_SETS for g in [None] + gtypes]
-
-
-def mc_gguf(wildcards):
-    return f"exports/{wildcards.model}/{wildcards.model}-{wildcards.gtype}.gguf"
-
-
-def mc_models():
-    """Evaluated models that have multiple-choice results (the plot's lines)."""
-    return eval_models() if MC_SETS else []
-
-
-def mc_summaries(wildcards):
-    return [f"eval/{name}/summary.json" for name in mc_models()]
-
-
 wildcard_constraints:
     mcset="|".join(re.escape(s) for s in MC_SETS) or "(?!)",
 

@@ -205,7 +205,6 @@ def _render(plt, data, tokens_per_char, perplexity_png, equivalence_png) -> list
 def plot_gguf_quality(qualities: Sequence[str | os.PathLike], output: str | os.PathLike) -> str:
     """eval/plots/gguf_quality.png: llama.cpp perplexity and mean KL against bits per weight, one point
     per GGUF export, one line per model."""
-    import io
 
     import matplotlib
 
@@ -242,6 +241,13 @@ def plot_gguf_quality(qualities: Sequence[str | os.PathLike], output: str | os.P
     a2.set_yscale("log")
     a2.set_title("divergence from the merged model")
     a1.legend(fontsize=8)
+    return write_figure(plt, fig, output)
+
+
+def write_figure(plt, fig, output: str | os.PathLike) -> str:
+    """Lay out `fig`, write it as a PNG marked as llamaforge's (whole or not at all), close it."""
+    import io
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, metadata={"Software": "llamaforge"})

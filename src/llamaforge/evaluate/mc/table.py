@@ -47,16 +47,13 @@ def mc_table(files: Sequence[str | os.PathLike]) -> dict:
 def plot_multiple_choice(summaries: Sequence[str | os.PathLike], output: str | os.PathLike) -> str:
     """eval/plots/multiple_choice.png: per model and set, acc and first-token accuracy of each GGUF
     export against its bits per weight; the merged model's acc dotted, chance in grey."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ...files.atomic import atomic_file
     from ...files.guard import guard_output
-    from .. import report  # noqa: F401  (registers the PNG ownership test)
+    from ..report import write_figure  # (its module registers the PNG ownership test)
 
     guard_output(output, "png", [("summary file", p) for p in summaries])
     data = [read_json(p, "summary file") for p in summaries]
@@ -91,10 +88,4 @@ def plot_multiple_choice(summaries: Sequence[str | os.PathLike], output: str | o
         a1.legend(fontsize=8)
     else:
         a1.text(0.5, 0.5, "no GGUF export scored", ha="center", va="center", transform=a1.transAxes)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, metadata={"Software": "llamaforge"})
-    plt.close(fig)
-    with atomic_file(output, "wb") as f:
-        f.write(buf.getvalue())
-    return os.fspath(output)
+    return write_figure(plt, fig, output)
