@@ -257,3 +257,25 @@ def test_smollm2_on_easy_questions_as_the_harness_scores_them_and_its_q8_0_gguf(
     q8_summary = json.loads(out.read_text())
     assert q8_summary["scorer"]["kind"] == "llama.cpp" and 8 < q8_summary["scorer"]["bits_per_weight"] < 9
     assert abs(q8_summary["scores"]["acc"] - s["scores"]["acc"]) <= 2 / len(EASY)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("demo_build")
+def test_the_demo_build_scores_each_model_and_export(built):
+    """The quickstart's outputs: per model the merged model's and each GGUF export's result and items,
+    the summary's table (every export, sorted by bits per weight), and the plot in the report."""
+    from helpers import snakemake
+
+    for model, types in (("demo-llama", ["f16", "q8_0"]), ("demo", ["f16", "q8_0", "q4_k_m", "q6_k"])):
+        mc = built / "eval" / model / "mc"
+        assert sorted(p.name for p in mc.glob("*.json")) == sorted(["demo.json"] + [f"demo.{t}.json" for t in types])
+        for p in mc.glob("*.json"):
+            items = [json.loads(x) for x in p.with_suffix(".jsonl").read_text(encoding="utf-8").splitlines()]
+            assert len(items) == json.loads(p.read_text())["questions"] == 12
+        table = json.loads((built / "eval" / model / "summary.json").read_text())["multiple_choice"]["demo"]
+        assert table["merged"] is not None and table["chance"] == 0.25
+        assert sorted(r["file"] for r in table["exports"]) == sorted(f"{model}-{t}.gguf" for t in types)
+        bpw = [r["bits_per_weight"] for r in table["exports"]]
+        assert bpw == sorted(bpw) and 15 < bpw[-1] < 17
+    snakemake(built, "--report", "report.html")
+    assert "filename=multiple_choice.png;base64,iVBORw0KGgo" in (built / "report.html").read_text()
