@@ -17,6 +17,24 @@ from typing import Sequence
 from ...errors import LlamaforgeError
 
 
+# llama.cpp keeps the logits of every position of its context (n_ctx x vocabulary float32: 2 GB at 4096
+# positions and Llama-3's 128256 tokens), so the context is the model's own up to this many positions
+# (C-Eval's 5-shot prompts take well under 2048 tokens); a longer question is one clear error
+GGUF_MAX_CONTEXT = 4096
+
+
+def _context_of(path: Path) -> int:
+    """The GGUF's training context ({arch}.context_length), at most GGUF_MAX_CONTEXT."""
+    import gguf
+
+    try:
+        r = gguf.GGUFReader(path)
+        arch = r.fields["general.architecture"].contents()
+        return min(int(r.fields[f"{arch}.context_length"].contents()), GGUF_MAX_CONTEXT)
+    except (KeyError, ValueError, TypeError):
+        return GGUF_MAX_CONTEXT
+
+
 class HFBackend:
     """A Hugging Face model folder, scored in float32 on the CPU."""
 
@@ -107,7 +125,7 @@ class GGUFBackend:
 
         p = require_regular_file(path, "the GGUF file", "give a GGUF export: scripts/export_gguf.py")
         try:
-            self.llm = open_llama(p, n_ctx=0, n_batch=512, logits_all=True, n_threads=threads or None)
+            self.llm = open_llama(p, n_ctx=_context_of(p), n_batch=512, logits_all=True, n_threads=threads or None)
         except (ValueError, RuntimeError, OSError) as e:
             raise LlamaforgeError(f"llama.cpp cannot load this GGUF ({str(e)[:120]})", p,
                                   "give a GGUF export: scripts/export_gguf.py") from None
