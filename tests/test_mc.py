@@ -251,7 +251,7 @@ def test_smollm2_on_easy_questions_as_the_harness_scores_them_and_its_q8_0_gguf(
         ntok += [len(tok(a["context"] + c, add_special_tokens=False).input_ids) - ctx_len for c in a["continuations"]]
     per_token = sum(diffs) / sum(ntok)
     # KL(p||q) ~ Var(log p - log q) / 2 for a small perturbation: the typical per-token |delta loglik| is
-    # sqrt(2 KL); measured here: KL 0.005, mean |delta| per token ~0.05
+    # sqrt(2 KL); measured here: KL 0.0055, mean |delta| per token 0.12 against a bound of 0.21
     print(f"Q8_0: mean KL {kl:.5f}, mean |delta loglik| per token {per_token:.5f}, bound {2 * math.sqrt(2 * kl):.5f}")
     assert per_token <= 2 * math.sqrt(2 * kl), (per_token, kl)
     q8_summary = json.loads(out.read_text())
