@@ -173,6 +173,18 @@ def test_the_demo_merge_and_its_gguf(inputs, tmp_path):
     assert first["context"].endswith("What is the capital of France?\nAnswer:") and first["continuations"][1] == " Paris"
     assert first["first_token"]["prompt"].endswith("A. Berlin\nB. Paris\nC. Madrid\nD. Rome\nAnswer:")
     assert all(math.isfinite(x) for r in res["model"] for x in r["logliks"])
+    # a C-Eval CSV with one shot from a dev CSV: Chinese-LLaMA-Alpaca's prompt; the SentencePiece
+    # tokenizer adds a BOS; the letters' two tokens are "▁A" and "A"
+    (tmp_path / "law_val.csv").write_text(CEVAL, encoding="utf-8")
+    (tmp_path / "law_dev.csv").write_text(CEVAL, encoding="utf-8")
+    out, items = tmp_path / "ceval.json", tmp_path / "ceval.jsonl"
+    run_script("evaluate.py", "multiple-choice", "--model", model, "--data", tmp_path / "law_val.csv", "--shots", "1",
+               "--dev", tmp_path / "law_dev.csv", "--output", out, "--items", items, check=True)
+    rows = [json.loads(x) for x in items.read_text(encoding="utf-8").splitlines()]
+    assert rows[0]["context"] == "以下是中国关于law考试的单项选择题，请选出其中的正确答案。\n\n1+1=?\n答案：2\n\n1+1=?\n答案："
+    assert rows[0]["first_token"]["prompt"].endswith("1+1=?\nA. 1\nB. 2\nC. 3\nD. 4\n答案：")
+    assert rows[0]["continuations"] == ["1", "2", "3", "4"] and rows[0]["add_bos"] is True
+    assert all(a != b for a, b in rows[0]["first_token"]["letter_ids"])
 
 
 def _harness_logliks(model, tok, item) -> list[float]:
