@@ -92,6 +92,8 @@ def configured_inputs():
                        ("eval.equivalence.prompts", ev["equivalence"]["prompts"])):
         if value:
             found.append((key, value, "file"))
+    for name, s in ev["multiple_choice"].items():
+        found += [(f"eval.multiple_choice.{name}.{k}", s[k], "file") for k in ("data", "dev") if s.get(k)]
     return found
 
 
