@@ -77,6 +77,7 @@ def test_the_three_formats_load(tmp_path):
     ("bad_val.csv", CEVAL.replace('0,"1+1=?",1,2,3,4,B', '0,"1+1=?",1,2,3,B'), "row 1 (line 2) has 7 fields"),
     ("bad.csv", CMMLU.replace("1,一年有几个月？", "1,"), "row 2 (line 3) has an empty question"),
     ("bad.csv", "q,a,b\n1,2,3\n", "unknown CSV header"),
+    ("law_test.csv", "id,question,A,B,C,D\n0,q,1,2,3,4\n", "a C-Eval test split: it has no answer column"),
     ("bad.jsonl", JSONL.replace('"answer": "A"', '"answer": "C"'), "line 3: \"answer\" 'C'"),
     ("bad.jsonl", JSONL.replace('["3", "4", "5"]', '["3"]'), "line 1: \"choices\""),
     ("bad.jsonl", JSONL + "{oops\n", "line 4 is not JSON"),

@@ -72,6 +72,9 @@ def _csv(path, text: str, fix_fmt: str) -> tuple[str, list[Question]]:
         fmt, first, answer_col = "ceval", 1, 6
     elif header[1:7] == CMMLU_HEADER and len(header) == 7:
         fmt, first, answer_col = "cmmlu", 1, 6
+    elif header == CEVAL_HEADER[:6]:
+        raise LlamaforgeError("a C-Eval test split: it has no answer column", path,
+                              "score the val split (data/val/{subject}_val.csv), whose answers are published")
     else:
         raise LlamaforgeError(f"unknown CSV header {','.join(header)[:80]!r}", path, fix_fmt)
     subject = subject_of(path)
