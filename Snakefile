@@ -24,6 +24,7 @@ include: "rules/tokenizer.smk"
 include: "rules/merge.smk"
 include: "rules/export.smk"
 include: "rules/evaluate.smk"
+include: "rules/multiple_choice.smk"
 include: "rules/crawl.smk"
 
 

@@ -5,6 +5,7 @@
 # changed adapter_model.safetensors inside an unchanged folder would otherwise go unnoticed.
 
 import importlib
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -91,6 +92,8 @@ def configured_inputs():
                        ("eval.equivalence.prompts", ev["equivalence"]["prompts"])):
         if value:
             found.append((key, value, "file"))
+    for name, s in ev["multiple_choice"].items():
+        found += [(f"eval.multiple_choice.{name}.{k}", s[k], "file") for k in ("data", "dev") if s.get(k)]
     return found
 
 
@@ -494,7 +497,8 @@ check_llama_cpp()
 def eval_targets():
     """The default target's evaluation outputs: every evaluated model's files, then the plots."""
     plots = (EVAL_PLOTS if eval_models() else []) + ([GGUF_PLOT] if gguf_quality_models() else [])
-    return [f for name in eval_models() for f in eval_files(name)] + plots
+    plots += [MC_PLOT] if mc_models() else []  # rules/multiple_choice.smk
+    return [f for name in eval_models() for f in eval_files(name) + mc_files(name)] + plots
 
 
 def eval_path(value, bundled):
@@ -531,7 +535,7 @@ def eval_runtime(per_gb):
 def eval_summary_inputs(wildcards):
     """The inputs of a model's summary: the script, its modules, and its other evaluation outputs."""
     files = {Path(f).stem: f for f in eval_files(wildcards.model) if Path(f).name not in ("summary.json", "gguf.json")}
-    return {**script_inputs("scripts/evaluate.py"), **files}
+    return {**script_inputs("scripts/evaluate.py"), **files, "multiple_choice": mc_files(wildcards.model)}
 
 
 def eval_summary_flags(wildcards, input):
@@ -540,7 +544,7 @@ def eval_summary_flags(wildcards, input):
         f"--{key.replace('_', '-')} {shell_quote(input[key])}"
         for key in ("predictions", "perplexity", "equivalence", "tokenizer_stats")
         if key in input.keys()
-    )
+    ) + "".join(f" --multiple-choice {shell_quote(f)}" for f in input.multiple_choice)
 
 
 def eval_summaries(wildcards):
@@ -556,6 +560,60 @@ def model_gguf_exports(wildcards):
 def gguf_qualities(wildcards):
     """The GGUF quality table of every evaluated model with GGUF exports (the GGUF plot's inputs)."""
     return [f"eval/{name}/gguf.json" for name in gguf_quality_models()]
+
+
+# ---- multiple-choice evaluation (rules/multiple_choice.smk) ----------------------------------
+
+MC_SETS = config["eval"]["multiple_choice"]
+MC_PLOT = "eval/plots/multiple_choice.png"
+
+
+def check_mc_sets():
+    """Stop, while the workflow is parsed, on a set with shots but no dev file to take them from."""
+    for name, s in MC_SETS.items():
+        if s["shots"] and not s.get("dev"):
+            sys.exit(f"llamaforge: error: config.yaml: eval.multiple_choice.{name}: shots is {s['shots']} but there is "
+                     "no dev file. Fix: add dev: FILE (the rows the shots come from), or set shots: 0")
+
+
+check_mc_sets()
+
+
+def mc_flags(wildcards):
+    """--shots/--dev/--template options of a set (every value from config.yaml, so a change reruns it)."""
+    s = MC_SETS[wildcards.mcset]
+    flags = [f"--shots {s['shots']}", f"--template {s['template']}"]
+    if s["shots"]:
+        flags.append(f"--dev {shell_quote(s['dev'])}")
+    return " ".join(flags)
+
+
+def mc_inputs(wildcards):
+    """The set's data file, and its dev file when it has shots."""
+    s = MC_SETS[wildcards.mcset]
+    return {"data": s["data"], **({"dev": s["dev"]} if s["shots"] else {})}
+
+
+def mc_files(name):
+    """A model's multiple-choice summaries: one per set for the merged model and per GGUF export."""
+    gtypes = [Path(f).name[len(name) + 1 : -len(".gguf")] for f in gguf_exports(name)]
+    return [f"eval/{name}/mc/{s}.json" for s in MC_SETS] + [f"eval/{name}/mc/{s}.{g}.json" for s in MC_SETS for g in gtypes]
+
+
+def mc_gguf(wildcards):
+    """The GGUF export eval/{model}/mc/{mcset}.{gtype}.json scores."""
+    return f"exports/{wildcards.model}/{wildcards.model}-{wildcards.gtype}.gguf"
+
+
+def mc_models():
+    """Evaluated models that have multiple-choice results (the plot's lines)."""
+    return eval_models() if MC_SETS else []
+
+
+def mc_summaries(wildcards):
+    """The summaries the multiple-choice plot reads."""
+    return [f"eval/{name}/summary.json" for name in mc_models()]
+
 
 
 # ---- targets ------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
   python scripts/evaluate.py equivalence --merged merged/demo --base BASE --lora A --lora B --output eq.json
   python scripts/evaluate.py tokenizer-stats --tokenizer tokenizers/demo-alpaca --base-tokenizer BASE --text T --output F
   python scripts/evaluate.py summary --model demo --predictions P --perplexity P --equivalence E --tokenizer-stats T --output F
+  python scripts/evaluate.py multiple-choice --model merged/demo --data mc.jsonl --output eval/demo/mc/x.json --items eval/demo/mc/x.jsonl
   python scripts/evaluate.py plot --summary eval/a/summary.json --summary eval/b/summary.json --tokens-per-char F.png ...
 """
 
@@ -83,13 +84,16 @@ def tokenizer_stats(tokenizer, base_tokenizer, text, output):
 @click.option("--perplexity", "perplexity_json", type=click.Path(dir_okay=False))
 @click.option("--equivalence", "equivalence_json", type=click.Path(dir_okay=False))
 @click.option("--tokenizer-stats", "tokenizer_stats_json", type=click.Path(dir_okay=False))
+@click.option("--multiple-choice", "multiple_choice", multiple=True, type=click.Path(dir_okay=False),
+              help="A multiple-choice result, the merged model's or a GGUF export's (repeat).")
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSON summary.")
-def summary(name, predictions, perplexity_json, equivalence_json, tokenizer_stats_json, output):
+def summary(name, predictions, perplexity_json, equivalence_json, tokenizer_stats_json, multiple_choice, output):
     """The headline numbers of one model's evaluation outputs."""
     with user_errors():
         from llamaforge.evaluate import summarize
 
-        summarize(name, output, predictions, perplexity_json, equivalence_json, tokenizer_stats_json, echo=click.echo)
+        summarize(name, output, predictions, perplexity_json, equivalence_json, tokenizer_stats_json, echo=click.echo,
+                  multiple_choice=list(multiple_choice))
 
 
 @main.command()
@@ -125,6 +129,26 @@ def gguf_quality(model, ggufs, text, prompts, max_length, stride, threads, outpu
         run(model, list(ggufs), output, text, prompts, max_length, stride, threads, echo=click.echo)
 
 
+@main.command("multiple-choice")
+@click.option("--model", type=click.Path(file_okay=False), help="Hugging Face model folder (scored in float32 on the CPU).")
+@click.option("--gguf", type=click.Path(dir_okay=False), help="A GGUF file (scored by llama.cpp), instead of --model.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="C-Eval CSV, CMMLU CSV or JSONL ({question, choices, answer}).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="Summary JSON.")
+@click.option("--items", required=True, type=click.Path(dir_okay=False), help="One JSON line per question (what was scored).")
+@click.option("--shots", default=0, show_default=True, type=click.IntRange(min=0), help="Examples from the first rows of --dev.")
+@click.option("--dev", type=click.Path(dir_okay=False), help="Dev file the shots come from (the data's format).")
+@click.option("--template", type=click.Choice(["none", "auto"]), default="none", show_default=True,
+              help="auto: the prompt goes through the tokenizer's chat template when it has one (Chinese-LLaMA-Alpaca's with_prompt).")
+def multiple_choice(model, gguf, data, output, items, shots, dev, template):
+    """Multiple-choice accuracy (C-Eval, CMMLU, MMLU-like): lm-evaluation-harness loglikelihood
+    (acc, acc_norm) and Chinese-LLaMA-Alpaca's first-token scoring, on the same prompts."""
+    with user_errors():
+        from llamaforge.evaluate.mc import multiple_choice as run
+
+        run(output, items, data, model=model, gguf=gguf, shots=shots, dev=dev, template=template, echo=click.echo)
+
+
 @main.command("gguf-plot")
 @click.option("--quality", "qualities", required=True, multiple=True, type=click.Path(dir_okay=False),
               help="eval/{model}/gguf.json (repeatable).")
@@ -135,6 +159,18 @@ def gguf_plot(qualities, output):
         from llamaforge.evaluate import plot_gguf_quality
 
         plot_gguf_quality(list(qualities), output)
+
+
+@main.command("mc-plot")
+@click.option("--summary", "summaries", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="eval/{model}/summary.json (repeatable).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="PNG file.")
+def mc_plot(summaries, output):
+    """Multiple-choice accuracy of each GGUF export against bits per weight (merged model dotted)."""
+    with user_errors():
+        from llamaforge.evaluate.mc.table import plot_multiple_choice
+
+        plot_multiple_choice(list(summaries), output)
 
 
 if __name__ == "__main__":

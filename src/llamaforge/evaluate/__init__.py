@@ -14,6 +14,9 @@ report
     The per-model summary.json and the matplotlib plots (summaries and GGUF quality).
 gguf_eval
     The quality of each GGUF export, measured with llama.cpp itself.
+mc
+    Multiple-choice accuracy (C-Eval, CMMLU, MMLU-like JSONL) of a model or a GGUF export, by
+    lm-evaluation-harness's loglikelihood and Chinese-LLaMA-Alpaca's first-token scoring.
 
 Heavy libraries (torch, transformers, matplotlib, llama_cpp) are imported inside the functions that
 use them: importing this package imports none of them.

@@ -28,10 +28,12 @@ def _png_is_own(path: Path) -> bool:
 
 def summarize(model: str, output: str | os.PathLike | None = None, predictions: str | os.PathLike | None = None,
               perplexity_json: str | os.PathLike | None = None, equivalence_json: str | os.PathLike | None = None,
-              tokenizer_stats_json: str | os.PathLike | None = None, echo=print) -> dict:
+              tokenizer_stats_json: str | os.PathLike | None = None, echo=print,
+              multiple_choice: Sequence[str | os.PathLike] = ()) -> dict:
     """One JSON per model with the headline numbers of each evaluation output."""
     _guard(output, SUMMARY, [("predictions file", predictions), ("perplexity file", perplexity_json),
-                    ("equivalence file", equivalence_json), ("tokenizer-stats file", tokenizer_stats_json)])
+                    ("equivalence file", equivalence_json), ("tokenizer-stats file", tokenizer_stats_json)]
+           + [("multiple-choice file", f) for f in multiple_choice])
     out: dict = {"llamaforge": SUMMARY, "model": model}
     if predictions:
         preds = read_json(predictions, "predictions file")
@@ -67,6 +69,10 @@ def summarize(model: str, output: str | os.PathLike | None = None, predictions: 
         except (KeyError, TypeError, AttributeError):
             raise LlamaforgeError("not a tokenizer_stats result of llamaforge (its base/merged counts are missing)",
                                   tokenizer_stats_json, "rebuild it with scripts/evaluate.py tokenizer-stats") from None
+    if multiple_choice:
+        from .mc.table import mc_table
+
+        out["multiple_choice"] = mc_table(multiple_choice)
     if output:
         write_json(output, out)
     echo(json.dumps(out, ensure_ascii=False, indent=2))
@@ -199,7 +205,6 @@ def _render(plt, data, tokens_per_char, perplexity_png, equivalence_png) -> list
 def plot_gguf_quality(qualities: Sequence[str | os.PathLike], output: str | os.PathLike) -> str:
     """eval/plots/gguf_quality.png: llama.cpp perplexity and mean KL against bits per weight, one point
     per GGUF export, one line per model."""
-    import io
 
     import matplotlib
 
@@ -236,6 +241,13 @@ def plot_gguf_quality(qualities: Sequence[str | os.PathLike], output: str | os.P
     a2.set_yscale("log")
     a2.set_title("divergence from the merged model")
     a1.legend(fontsize=8)
+    return write_figure(plt, fig, output)
+
+
+def write_figure(plt, fig, output: str | os.PathLike) -> str:
+    """Lay out `fig`, write it as a PNG marked as llamaforge's (whole or not at all), close it."""
+    import io
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, metadata={"Software": "llamaforge"})
