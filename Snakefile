@@ -23,6 +23,7 @@ include: "rules/demo.smk"
 include: "rules/tokenizer.smk"
 include: "rules/merge.smk"
 include: "rules/export.smk"
+include: "rules/imatrix.smk"
 include: "rules/evaluate.smk"
 include: "rules/crawl.smk"
 
