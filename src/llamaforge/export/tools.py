@@ -139,7 +139,7 @@ def build_tools(source: str | os.PathLike | None = None, jobs: int = 2, echo=pri
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         log = tmp / "build.log"
         echo(f"building llama.cpp's {', '.join(TOOLS)} of llama-cpp-python {version} with {jobs} job(s) "
-             f"(log: {final.parent / 'build.log'}) ...")
+             f"(about 6 minutes on 2 cores; a failed build's log is kept as {final.parent / 'build.log'}) ...")
         with open(log, "wb") as f:
             steps = [[cmake, "-S", os.fspath(tree), "-B", os.fspath(tmp / "build"), *gen, *CMAKE_FLAGS],
                      [cmake, "--build", os.fspath(tmp / "build"), "--target", *TOOLS, "-j", str(jobs)]]
