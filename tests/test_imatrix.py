@@ -178,7 +178,7 @@ def smol(tmp_path_factory, tools_built):
     calib.write_bytes((DATA / "calibration_text.txt").read_bytes())
     imatrix = tmp / "smol.imatrix.gguf"
     run_script("imatrix.py", "--model", merged, "--from-f16", f16, "--text", calib, "--output", imatrix,
-               "--threads", "2", check=True)
+               "--chunks", "4", "--threads", "2", check=True)
     assert torch  # imported for the LoRA's tensors
     return {"tmp": tmp, "merged": merged, "f16": f16, "calib": calib, "imatrix": imatrix}
 
@@ -202,13 +202,13 @@ def test_the_matrix_is_llama_imatrixs_and_records_the_text(smol, tools_built):
     from llamaforge.export.imatrix import imatrix_args
 
     bare = smol["tmp"] / "bare.imatrix.gguf"
-    subprocess.run([tools_built["llama-imatrix"], *imatrix_args(smol["f16"], smol["calib"], bare, None, 512, 2)],
+    subprocess.run([tools_built["llama-imatrix"], *imatrix_args(smol["f16"], smol["calib"], bare, 4, 512, 2)],
                    check=True, capture_output=True)
     ours = gguf_tensors(smol["imatrix"])
     rec = json.loads((smol["tmp"] / "smol.imatrix.gguf.json").read_text())
     # in_sum2 + counts of each matrix: 7 per layer x 30 layers (and the tied output, if llama.cpp counts it)
     assert ours == gguf_tensors(bare) and len(ours) == 2 * rec["entries"] >= 2 * 30 * 7
-    assert gguf_value(smol["imatrix"], "imatrix.chunk_count") == gguf_value(bare, "imatrix.chunk_count") >= 2
+    assert gguf_value(smol["imatrix"], "imatrix.chunk_count") == gguf_value(bare, "imatrix.chunk_count") == 4
     import hashlib
 
     assert rec["text_sha256"] == hashlib.sha256(smol["calib"].read_bytes()).hexdigest()
@@ -235,20 +235,20 @@ def test_imatrix_exports_are_llama_quantizes_and_closer_to_the_f16(smol, tools_b
         assert gguf_value(out, "quantize.imatrix.dataset") == os.fspath(smol["calib"])
         rec = json.loads((tmp / "smol.imatrix.gguf.json").read_text())
         assert gguf_value(out, "quantize.imatrix.entries_count") == rec["entries"]
-        assert gguf_value(out, "quantize.imatrix.chunks_count") >= 2
+        assert gguf_value(out, "quantize.imatrix.chunks_count") == 4
         files[q] = out
     plain = tmp / "plain" / "smol-q4_k_m.gguf"
     run_script("export_gguf.py", "--model", smol["merged"], "--from-f16", smol["f16"], "--output", plain,
                "--outtype", "q4_k_m", "--threads", "2", "--no-modelfile", check=True)
     held_out = tmp / "held_out.txt"  # the demo tokenizer's English training prose: the calibration never saw it
-    held_out.write_bytes((DATA / "english.txt").read_bytes())
+    held_out.write_text((DATA / "english.txt").read_text(encoding="utf-8")[:3000], encoding="utf-8")
     out = tmp / "gguf.json"
     run_script("evaluate.py", "gguf-quality", "--model", smol["merged"], "--gguf", files["q4_k_m"], "--gguf", plain,
                "--text", held_out, "--max-length", "256", "--stride", "256", "--f16", smol["f16"],
                "--imatrix", smol["imatrix"], "--threads", "2", "--output", out, check=True)
     res = json.loads(out.read_text())
     pair = next(p for p in res["side_by_side"] if p["outtype"] == "q4_k_m")
-    # measured: KL from the F16 about 0.03 with the matrix, 0.05 without
+    # measured (SmolLM2 alone, 8 chunks, all of english.txt): KL from the F16 0.069 with the matrix, 0.112 without
     assert pair["imatrix"]["kl_f16"] < 0.85 * pair["plain"]["kl_f16"], pair
     assert pair["kl_f16_change"] < 0 and res["imatrix"]["text_sha256"] == json.loads(
         (tmp / "smol.imatrix.gguf.json").read_text())["text_sha256"]

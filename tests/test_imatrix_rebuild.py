@@ -33,6 +33,13 @@ def test_the_imatrix_rebuilds_when_its_text_or_the_model_changes_and_only_then(b
             pytest.skip("no CMake or C++ compiler to build llama.cpp's tools")
         tools.build_tools(jobs=2)
     wf = built
+    # a type llama.cpp makes only with a matrix, in a model without one: one line while parsing
+    (wf / "bad.yaml").write_text(yaml.safe_dump({"models": {"demo": {"exports": ["hf", "gguf-iq2_xs"]}}}))
+    proc = snakemake(wf, "-n", "--configfile", "config.yaml", "bad.yaml", check=False)
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("llamaforge: error:")]
+    assert proc.returncode != 0 and errors == ["llamaforge: error: config.yaml: models.demo.exports: llama.cpp makes "
+                                               "gguf-iq2_xs only with an importance matrix. Fix: configure one "
+                                               "(imatrix: {text: PATH} under models.demo), or choose another type"]
     calib = wf / "resources" / "calibration.txt"
     calib.write_bytes((REPO / "src" / "llamaforge" / "data" / "calibration_text.txt").read_bytes())
     overlay = {"models": {"demo": {"imatrix": {"text": "resources/calibration.txt", "chunks": 2}}}}

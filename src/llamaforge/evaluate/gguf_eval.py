@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -96,7 +97,8 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
     del hf
     n_ctx = max(window, max(len(p) for p in prompts))
     rows = []
-    ref = _LlamaCppLM(f16, window, threads) if f16 is not None else None
+    scratch = tempfile.TemporaryDirectory(prefix="llamaforge-kl-")
+    ref = _reference_logprobs(f16, ids, window, min(stride, window), threads, scratch.name) if f16 else None
     for g in ggufs:
         g = Path(g)
         bpw, nbytes, weights = bits_per_weight(g)
@@ -106,10 +108,11 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
             raise LlamaforgeError(f"llama.cpp cannot load this GGUF ({str(e)[:120]}; its log is above)", g,
                                   f"export it again: scripts/export_gguf.py --model {model}") from None
         try:
-            nll = sliding_window_nll(lm, ids, window, min(stride, window))
+            same = f16 is not None and g.resolve() == Path(f16).resolve()
+            kl_text = _KLFrom(ref) if ref is not None and not same else None
+            nll = sliding_window_nll(lm, ids, window, min(stride, window), on_window=kl_text)
             got = [lm(input_ids=torch.tensor([p])).logits[0] for p in prompts]
-            kl_f16 = (None if ref is None else 0.0 if g.resolve() == Path(f16).resolve()
-                      else _kl_over_text(ref, lm, ids, window, min(stride, window)))
+            kl_f16 = None if ref is None else 0.0 if same else kl_text.mean()
         finally:
             lm.close()
         kl, top1 = _kl_top1(ref_logits, got)
@@ -127,8 +130,7 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
         echo(f"{g}: {bpw:.2f} bits/weight, perplexity {row['perplexity']:.4f}, KL {kl:.5f}, top-1 {top1:.4f}"
              + (f", KL from the F16 {kl_f16:.5f}" if kl_f16 is not None else "")
              + (" (importance matrix)" if row["imatrix"] else ""))
-    if ref is not None:
-        ref.close()
+    scratch.cleanup()
     result = {
         "llamaforge": GGUF_QUALITY, "model": os.fspath(model), "text": text_name,
         "window": window, "stride": min(stride, window), "scored_tokens": ref_nll["scored_tokens"],
@@ -148,22 +150,44 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
     return result
 
 
-def _kl_over_text(ref: _LlamaCppLM, lm: _LlamaCppLM, ids, window: int, stride: int) -> float:
-    """Mean KL(ref || lm) of the next-token distributions at the text's scored positions (the
-    perplexity's windows): each window evaluated by both."""
-    import torch
+def _reference_logprobs(f16, ids, window: int, stride: int, threads: int, folder: str):
+    """The F16 GGUF's next-token log-probabilities at every scored position of the text (the
+    perplexity's windows), computed once in llama.cpp and kept on disk (a float32 memmap, tokens x
+    vocabulary), so each export's KL from the F16 costs no second pass of the F16."""
+    import numpy as np
 
-    from .ppl import scored_windows
+    lm = _LlamaCppLM(f16, window, threads)
+    store = {}
 
-    total, n = 0.0, 0
-    for begin, end, first in scored_windows(len(ids), window, stride):
-        x = torch.tensor([ids[begin:end]])
-        rows = slice(first - begin - 1, end - begin - 1)
-        la = torch.log_softmax(ref(input_ids=x).logits[0][rows].double(), -1)
-        lb = torch.log_softmax(lm(input_ids=x).logits[0][rows].double(), -1)
-        total += float((la.exp() * (la - lb)).sum())
-        n += end - first
-    return total / n
+    def keep(first, end, logp):
+        if "rows" not in store:
+            store["rows"] = np.lib.format.open_memmap(Path(folder) / "f16.npy", mode="w+", dtype=np.float32,
+                                                      shape=(len(ids), logp.shape[-1]))
+        store["rows"][first:end] = logp.numpy()
+
+    try:
+        sliding_window_nll(lm, ids, window, stride, on_window=keep)
+    finally:
+        lm.close()
+    return store["rows"]
+
+
+class _KLFrom:
+    """Accumulates mean KL(F16 || this export) over the scored positions, window by window (an
+    on_window callback of sliding_window_nll)."""
+
+    def __init__(self, ref):
+        self.ref, self.total, self.n = ref, 0.0, 0
+
+    def __call__(self, first, end, logp):
+        import torch
+
+        la = torch.from_numpy(self.ref[first:end]).double()
+        self.total += float((la.exp() * (la - logp.double())).sum())
+        self.n += end - first
+
+    def mean(self) -> float:
+        return self.total / self.n
 
 
 def _imatrix_of(path: Path) -> str | None:

@@ -17,8 +17,10 @@ from ..files.atomic import write_json
 from .common import PERPLEXITY, _eval_text, _guard, log
 
 
-def sliding_window_nll(model, ids: Sequence[int], max_length: int, stride: int, device: str = "cpu") -> dict:
+def sliding_window_nll(model, ids: Sequence[int], max_length: int, stride: int, device: str = "cpu",
+                       on_window=None) -> dict:
     """Summed negative log-likelihood (nats) of ids[1:], windows of `max_length` moved by `stride`.
+    `on_window(first, end, logp)`, if given, sees the log-probabilities predicting ids[first:end].
 
     Window k covers ids[k*stride : k*stride + max_length] and scores the tokens no earlier window
     reached, each from the tokens before it inside the window. Without overlap (stride =
@@ -44,6 +46,8 @@ def sliding_window_nll(model, ids: Sequence[int], max_length: int, stride: int, 
             targets = torch.arange(first, end)
             rel = (targets - begin).to(device)
             picked = logp[rel - 1, all_ids[targets].to(device)]
+            if on_window is not None:
+                on_window(first, end, logp[rel - 1])
             nll -= float(picked.double().sum())
             count += len(targets)
             windows += 1
