@@ -11,7 +11,9 @@
 # BUILD.json of the installed llama-cpp-python's tools; the build is the cache's, as pip's wheel is:
 # no input (an edit of the builder never rebuilds it; a new version is a new folder), and its users
 # take it as ancient(), so its time never reruns them
-TOOLS_STAMP = str(llama_tools.stamp_path()) if llama_cpp_importable() else "llama.cpp-tools/BUILD.json"
+# (llama-cpp-python's version from its metadata: nothing is imported; not installed: a placeholder no
+# configured target reaches, since check_llama_cpp stops first)
+TOOLS_STAMP = str(llama_tools.stamp_path()) if llama_tools.installed_version() else "llama.cpp-tools/BUILD.json"
 
 
 rule build_tools:

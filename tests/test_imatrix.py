@@ -242,9 +242,11 @@ def test_imatrix_exports_are_llama_quantizes_and_closer_to_the_f16(smol, tools_b
                "--outtype", "q4_k_m", "--threads", "2", "--no-modelfile", check=True)
     held_out = tmp / "held_out.txt"  # the demo tokenizer's English training prose: the calibration never saw it
     held_out.write_text((DATA / "english.txt").read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    prompts = tmp / "prompts.txt"  # the Hugging Face agreement is not what this test is about: two prompts
+    prompts.write_text("What is the capital of France?\nName a colour.\n")
     out = tmp / "gguf.json"
     run_script("evaluate.py", "gguf-quality", "--model", smol["merged"], "--gguf", files["q4_k_m"], "--gguf", plain,
-               "--text", held_out, "--max-length", "256", "--stride", "256", "--f16", smol["f16"],
+               "--text", held_out, "--prompts", prompts, "--max-length", "256", "--stride", "256", "--f16", smol["f16"],
                "--imatrix", smol["imatrix"], "--threads", "2", "--output", out, check=True)
     res = json.loads(out.read_text())
     pair = next(p for p in res["side_by_side"] if p["outtype"] == "q4_k_m")

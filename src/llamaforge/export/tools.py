@@ -36,15 +36,23 @@ CMAKE_FLAGS = (
 STAMP = "BUILD.json"
 
 
-def llama_cpp_version() -> str:
-    """The installed llama-cpp-python's version (the tools are built from its sdist)."""
+def installed_version() -> str | None:
+    """The installed llama-cpp-python's version (from its metadata; nothing imported), or None."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("llama-cpp-python")
     except PackageNotFoundError:
+        return None
+
+
+def llama_cpp_version() -> str:
+    """The installed llama-cpp-python's version (the tools are built from its sdist)."""
+    found = installed_version()
+    if found is None:
         raise LlamaforgeError("llama.cpp's tools are built from the installed llama-cpp-python's source, and "
-                              "llama-cpp-python is not installed", None, "pip install 'llamaforge[gguf]'") from None
+                              "llama-cpp-python is not installed", None, "pip install 'llamaforge[gguf]'")
+    return found
 
 
 def tools_root() -> Path:
