@@ -60,8 +60,9 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
                               f"drop --imatrix, or ask for one of {', '.join(LLAMA_CPP_TYPES)}")
     if quantized:
         check_imatrix_need(outtype, imatrix)
-        load_llama_cpp(outtype)  # before anything is read: without it, one line saying what to install
-        if imatrix is not None:
+        if imatrix is None:  # (with one, llama.cpp's own llama-quantize quantizes: no binding needed)
+            load_llama_cpp(outtype)  # before anything is read: without it, one line saying what to install
+        else:
             from ..files.reading import require_regular_file
             from .tools import tool
 
@@ -101,7 +102,7 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
             tmp_gguf, tmp_sums = tmps[0], tmps[1]
             if quantized:
                 from ..files.atomic import scratch_file
-                from .quantize import fallbacks, quantize_gguf, type_summary
+                from .quantize import fallbacks, quantize_gguf, tensor_types, type_summary
 
                 if from_f16 is not None:
                     quantize_gguf(from_f16, tmp_gguf, outtype, threads, imatrix)
@@ -110,9 +111,10 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
                         _write_gguf(gguf, m, plan, f16, output)
                         quantize_gguf(f16, tmp_gguf, outtype, threads, imatrix)
                 digest = sha256_file(tmp_gguf)
+                types = tensor_types(tmp_gguf)  # its header parsed once
                 echo(f"llama.cpp quantized it to {outtype}{' with the importance matrix' if imatrix else ''}: "
-                     f"{type_summary(tmp_gguf)}")
-                fell = fallbacks(tmp_gguf, outtype)
+                     f"{type_summary(tmp_gguf, types)}")
+                fell = fallbacks(tmp_gguf, outtype, types)
                 if outtype.endswith(("_k", "_k_s", "_k_m", "_k_l")) and not fell:
                     echo("no tensor fell back: every matrix has rows that are a multiple of 256")
                 if fell:

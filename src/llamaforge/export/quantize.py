@@ -83,18 +83,19 @@ def tensor_types(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...
     return {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape)) for t in gguf.GGUFReader(path).tensors}
 
 
-def fallbacks(path: str | os.PathLike, outtype: str) -> list[tuple[str, str]]:
+def fallbacks(path: str | os.PathLike, outtype: str, types: dict | None = None) -> list[tuple[str, str]]:
     """The 2-D tensors of a K-quant file that llama.cpp stored in a non-K type, because their rows
-    are not a multiple of 256 (its fallback): [(name, type)]. Empty for the other types."""
+    are not a multiple of 256 (its fallback): [(name, type)]. Empty for the other types. `types`:
+    the file's tensor_types, when the caller read them already (a GGUF's header is slow to parse)."""
     if not outtype.endswith(("_k", "_k_s", "_k_m", "_k_l")):
         return []
-    return [(name, typ) for name, (typ, shape) in tensor_types(path).items()
+    return [(name, typ) for name, (typ, shape) in (types or tensor_types(path)).items()
             if len(shape) == 2 and typ not in K_QUANTS]
 
 
-def type_summary(path: str | os.PathLike) -> str:
-    """"Q4_K 154, Q6_K 29, F32 61" for a GGUF file."""
-    counts = Counter(typ for typ, _ in tensor_types(path).values())
+def type_summary(path: str | os.PathLike, types: dict | None = None) -> str:
+    """"Q4_K 154, Q6_K 29, F32 61" for a GGUF file (`types`: its tensor_types, if read already)."""
+    counts = Counter(typ for typ, _ in (types or tensor_types(path)).values())
     return ", ".join(f"{t} {n}" for t, n in counts.most_common())
 
 
