@@ -20,7 +20,7 @@ Q4 = "exports/demo/demo-q4_k_m.gguf"
 
 def plan(wf: Path, *targets: str, overlay: str = "imatrix.yaml") -> set[str]:
     """The rules Snakemake would run for `targets` with the overlay config."""
-    out = snakemake(wf, "-n", "--cores", "2", "--configfile", "config.yaml", overlay, *targets,
+    out = snakemake(wf, "-n", "--cores", "2", "--configfile", overlay, *targets,
                     merge_output=True).stdout
     return set(re.findall(r"^(?:local)?rule (\w+):", out, flags=re.M))
 
@@ -35,7 +35,7 @@ def test_the_imatrix_rebuilds_when_its_text_or_the_model_changes_and_only_then(b
     wf = built
     # a type llama.cpp makes only with a matrix, in a model without one: one line while parsing
     (wf / "bad.yaml").write_text(yaml.safe_dump({"models": {"demo": {"exports": ["hf", "gguf-iq2_xs"]}}}))
-    proc = snakemake(wf, "-n", "--configfile", "config.yaml", "bad.yaml", check=False)
+    proc = snakemake(wf, "-n", "--configfile", "bad.yaml", check=False)
     errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("llamaforge: error:")]
     assert proc.returncode != 0 and errors == ["llamaforge: error: config.yaml: models.demo.exports: llama.cpp makes "
                                                "gguf-iq2_xs only with an importance matrix. Fix: configure one "
@@ -46,7 +46,7 @@ def test_the_imatrix_rebuilds_when_its_text_or_the_model_changes_and_only_then(b
     (wf / "imatrix.yaml").write_text(yaml.safe_dump(overlay))
     before = plan(wf, Q4)
     assert {"imatrix", "quantize_gguf"} <= before and "build_tools" not in before and "merge_lora" not in before
-    snakemake(wf, "--cores", "2", "--configfile", "config.yaml", "imatrix.yaml", Q4)
+    snakemake(wf, "--cores", "2", "--configfile", "imatrix.yaml", Q4)
     import gguf
 
     q4 = gguf.GGUFReader(wf / Q4)
