@@ -83,7 +83,7 @@ def tool(name: str) -> str:
     if not built(version):
         raise LlamaforgeError(f"llama.cpp's {name} (llama-cpp-python {version}'s llama.cpp) is not built",
                               build_dir(version), f"build the tools once: {BUILD_COMMAND} (CMake and a C++ "
-                              "compiler; about 6 minutes on 2 cores)")
+                              "compiler; up to 11 minutes on 2 cores, once)")
     return os.fspath(build_dir(version) / "bin" / name)
 
 
@@ -147,7 +147,7 @@ def build_tools(source: str | os.PathLike | None = None, jobs: int = 2, echo=pri
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         log = tmp / "build.log"
         echo(f"building llama.cpp's {', '.join(TOOLS)} of llama-cpp-python {version} with {jobs} job(s) "
-             f"(about 6 minutes on 2 cores; a failed build's log is kept as {final.parent / 'build.log'}) ...")
+             f"(up to 11 minutes on 2 cores; a failed build's log is kept as {final.parent / 'build.log'}) ...")
         with open(log, "wb") as f:
             steps = [[cmake, "-S", os.fspath(tree), "-B", os.fspath(tmp / "build"), *gen, *CMAKE_FLAGS],
                      [cmake, "--build", os.fspath(tmp / "build"), "--target", *TOOLS, "-j", str(jobs)]]
