@@ -20,7 +20,8 @@ Q4 = "exports/demo/demo-q4_k_m.gguf"
 
 def plan(wf: Path, *targets: str, overlay: str = "imatrix.yaml") -> set[str]:
     """The rules Snakemake would run for `targets` with the overlay config."""
-    out = snakemake(wf, "-n", "--cores", "2", "--configfile", overlay, *targets,
+    # targets first: --configfile takes every word after it
+    out = snakemake(wf, "-n", "--cores", "2", *targets, "--configfile", overlay,
                     merge_output=True).stdout
     return set(re.findall(r"^(?:local)?rule (\w+):", out, flags=re.M))
 
@@ -46,7 +47,7 @@ def test_the_imatrix_rebuilds_when_its_text_or_the_model_changes_and_only_then(b
     (wf / "imatrix.yaml").write_text(yaml.safe_dump(overlay))
     before = plan(wf, Q4)
     assert {"imatrix", "quantize_gguf"} <= before and "build_tools" not in before and "merge_lora" not in before
-    snakemake(wf, "--cores", "2", "--configfile", "imatrix.yaml", Q4)
+    snakemake(wf, "--cores", "2", Q4, "--configfile", "imatrix.yaml")
     import gguf
 
     q4 = gguf.GGUFReader(wf / Q4)
