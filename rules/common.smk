@@ -18,7 +18,8 @@ from llamaforge.demo import demo_files  # noqa: E402
 from llamaforge.deps import script_closure  # noqa: E402
 from llamaforge.formats.safetensors import largest_tensor_bytes  # noqa: E402
 from llamaforge.export.meta_import import find_tokenizer  # noqa: E402
-from llamaforge.export.quantize import LLAMA_CPP_TYPES  # noqa: E402
+from llamaforge.export.quantize import LLAMA_CPP_TYPES, NEEDS_IMATRIX  # noqa: E402
+from llamaforge.export import tools as llama_tools  # noqa: E402
 
 
 wildcard_constraints:
@@ -87,6 +88,8 @@ def configured_inputs():
         found += [(f"models.{name}.loras[{i}]", p, "folder") for i, p in enumerate(m["loras"])]
         if m["tokenizer"]:
             found.append((f"models.{name}.tokenizer", m["tokenizer"], "folder"))
+        if m.get("imatrix") and m["imatrix"].get("text"):
+            found.append((f"models.{name}.imatrix.text", m["imatrix"]["text"], "file"))
     ev = config["eval"]
     for key, value in (("eval.prompts", ev["prompts"]), ("eval.text", ev["text"]),
                        ("eval.equivalence.prompts", ev["equivalence"]["prompts"])):
@@ -363,6 +366,85 @@ def quantize_source(wildcards):
     return f"exports/{wildcards.model}/.f16/{wildcards.model}-f16.gguf"
 
 
+# ---- importance matrix (rules/imatrix.smk) ------------------------------------------------------
+
+
+def has_imatrix(name):
+    """True when the model configures an importance matrix (models.NAME.imatrix)."""
+    return bool(model_cfg(name).get("imatrix"))
+
+
+def imatrix_file(name):
+    """exports/{model}/{model}.imatrix.gguf (its record .json beside it)."""
+    return f"exports/{name}/{name}.imatrix.gguf"
+
+
+def imatrix_text(wildcards):
+    """The model's calibration text: imatrix.text, or the bundled mixed Chinese/English one."""
+    return eval_path(model_cfg(wildcards.model)["imatrix"].get("text"), "calibration_text.txt")
+
+
+def imatrix_chunks_flag(wildcards):
+    """`--chunks N` of imatrix.py when the model sets imatrix.chunks, else nothing (the whole text)."""
+    chunks = model_cfg(wildcards.model)["imatrix"].get("chunks")
+    return f"--chunks {chunks}" if chunks else ""
+
+
+def quantize_imatrix(wildcards):
+    """The importance matrix a model's quantized exports are made with ([] when none is configured)."""
+    return [imatrix_file(wildcards.model)] if has_imatrix(wildcards.model) else []
+
+
+def quantize_imatrix_flag(wildcards, input):
+    """`--imatrix FILE` of export_gguf.py when the model has one."""
+    return f"--imatrix {shell_quote(input.imatrix[0])}" if input.imatrix else ""
+
+
+def plain_exports(name):
+    """The plain counterparts (no importance matrix) the quality table sets beside a model's imatrix
+    exports: eval/{model}/plain/{model}-{qtype}.gguf, for each quantized type llama.cpp makes without one."""
+    if not has_imatrix(name):
+        return []
+    return [f"eval/{name}/plain/{name}-{e[5:]}.gguf" for e in model_cfg(name)["exports"]
+            if e.startswith("gguf-") and e[5:] in LLAMA_CPP_TYPES and e[5:] not in NEEDS_IMATRIX]
+
+
+def gguf_quality_refs(wildcards):
+    """The F16 (KL from it over the text) and the importance matrix (the text must not be its
+    calibration text) of an imatrix model's quality table; nothing for the others."""
+    if not has_imatrix(wildcards.model):
+        return {}
+    return {"f16": quantize_source(wildcards), "imatrix": imatrix_file(wildcards.model)}
+
+
+def gguf_quality_flags(wildcards, input):
+    """--f16 and --imatrix of evaluate.py gguf-quality for an imatrix model."""
+    return " ".join(f"--{k} {shell_quote(input[k])}" for k in ("f16", "imatrix") if k in input.keys())
+
+
+def imatrix_needs():
+    """(config key, what) of exports that llama.cpp makes only with an importance matrix, in a model
+    without one configured."""
+    return [(f"models.{name}.exports", e) for name, m in config["models"].items() if not m.get("imatrix")
+            for e in m["exports"] if e.startswith("gguf-") and e[5:] in NEEDS_IMATRIX]
+
+
+def check_imatrix_config():
+    """Stop while the workflow is parsed: a type that needs an importance matrix without one, or an
+    importance matrix whose tools (not built yet) cannot be built here (no CMake or compiler)."""
+    need = imatrix_needs()
+    if need:
+        key, e = need[0]
+        sys.exit(f"llamaforge: error: config.yaml: {key}: llama.cpp makes {e} only with an importance matrix. "
+                 f"Fix: configure one (imatrix: {{text: PATH}} under {key.rsplit('.', 1)[0]}), or choose another type")
+    if any(has_imatrix(n) for n in config["models"]) and llama_cpp_importable() and not llama_tools.built():
+        lacking = llama_tools.missing_build_tools()
+        if lacking:
+            sys.exit(f"llamaforge: error: config.yaml: models.*.imatrix needs llama.cpp's tools, and building them "
+                     f"needs {' and '.join(lacking)}. Fix: install them (apt-get install cmake build-essential), or "
+                     "remove the imatrix settings")
+
+
 def export_targets():
     """The default target's exports: every model's."""
     return [f for name in config["models"] for f in export_files(name) + modelfile_files(name)]
@@ -492,6 +574,7 @@ def gguf_quality_models():
 
 
 check_llama_cpp()
+check_imatrix_config()
 
 
 def eval_targets():
@@ -553,8 +636,9 @@ def eval_summaries(wildcards):
 
 
 def model_gguf_exports(wildcards):
-    """The model's GGUF exports (the GGUF quality table's inputs)."""
-    return gguf_exports(wildcards.model)
+    """The model's GGUF exports (the GGUF quality table's inputs), and the plain counterparts of its
+    imatrix exports."""
+    return gguf_exports(wildcards.model) + plain_exports(wildcards.model)
 
 
 def gguf_qualities(wildcards):

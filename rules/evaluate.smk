@@ -248,6 +248,7 @@ rule eval_plots:
 # What each GGUF export costs in quality, measured with llama.cpp (the gguf extra)
 rule eval_gguf:
     input:
+        unpack(gguf_quality_refs),  # an imatrix model's F16 and importance matrix
         script="scripts/evaluate.py",
         lib=script_lib("scripts/evaluate.py"),
         model=merged_model_files,
@@ -271,6 +272,7 @@ rule eval_gguf:
             else f"--max-length {config['eval']['perplexity']['max_length']}"
         ),
         stride=config["eval"]["perplexity"]["stride"],
+        refs=gguf_quality_flags,
     log:
         "logs/eval/{model}/gguf.log",
     benchmark:
@@ -284,7 +286,7 @@ rule eval_gguf:
     shell:
         "OMP_NUM_THREADS={threads} python {input.script:q} gguf-quality --model {params.model:q} {params.ggufs} "
         "--text {input.text:q} --prompts {input.prompts:q} {params.max_length} --stride {params.stride} "
-        "--threads {threads} --output {output:q} > {log:q} 2>&1"
+        "--threads {threads} --output {output:q} {params.refs} > {log:q} 2>&1"
 
 
 rule eval_gguf_plot:

@@ -115,13 +115,15 @@ rule export_gguf_scratch:
         "--outtype f16 --name {wildcards.model:q} --no-modelfile > {log:q} 2>&1"
 
 
-# 4-6 bit GGUF by llama.cpp's own quantizer (llama-cpp-python, the gguf extra), from the F16 export
+# 2-6 bit GGUF by llama.cpp's own quantizer (llama-cpp-python, the gguf extra), from the F16 export; with
+# the model's importance matrix (imatrix: in config.yaml) by llama.cpp's llama-quantize --imatrix
 rule quantize_gguf:
     input:
         script="scripts/export_gguf.py",
         lib=script_lib("scripts/export_gguf.py"),
         model=merged_model_files,
         f16=quantize_source,
+        imatrix=quantize_imatrix,
     output:
         gguf="exports/{model}/{model}-{qtype}.gguf",
         sha256="exports/{model}/{model}-{qtype}.gguf.sha256",
@@ -129,6 +131,7 @@ rule quantize_gguf:
         qtype="|".join(LLAMA_CPP_TYPES),
     params:
         model="merged/{model}",
+        imatrix=quantize_imatrix_flag,
     log:
         "logs/export/{model}/gguf-{qtype}.log",
     benchmark:
@@ -142,7 +145,8 @@ rule quantize_gguf:
         "../envs/export.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python {input.script:q} --model {params.model:q} --from-f16 {input.f16:q} "
-        "--output {output.gguf:q} --outtype {wildcards.qtype} --threads {threads} --no-modelfile > {log:q} 2>&1"
+        "--output {output.gguf:q} --outtype {wildcards.qtype} --threads {threads} --no-modelfile {params.imatrix} "
+        "> {log:q} 2>&1"
 
 
 # The Ollama Modelfile beside each GGUF export: cheap, so the generation settings it carries rewrite it

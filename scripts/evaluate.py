@@ -120,13 +120,18 @@ def plot(summaries, tokens_per_char, perplexity_png, equivalence_png):
 @click.option("--stride", default=D.PERPLEXITY_STRIDE, show_default=True, type=click.IntRange(min=1), help="Window step.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="llama.cpp threads (0: all).")
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSON result (eval/{model}/gguf.json).")
-def gguf_quality(model, ggufs, text, prompts, max_length, stride, threads, output):
+@click.option("--f16", type=click.Path(dir_okay=False), default=None,
+              help="The model's F16 GGUF: each export's mean KL from it over the text (kl_f16).")
+@click.option("--imatrix", type=click.Path(dir_okay=False), default=None,
+              help="The importance matrix some exports were made with: the text must not be its calibration text.")
+def gguf_quality(model, ggufs, text, prompts, max_length, stride, threads, output, f16, imatrix):
     """What each GGUF export costs in quality, measured with llama.cpp: bits per weight, size,
     perplexity, and top-1 agreement and KL divergence against the Hugging Face model."""
     with user_errors():
         from llamaforge.evaluate import gguf_quality as run
 
-        run(model, list(ggufs), output, text, prompts, max_length, stride, threads, echo=click.echo)
+        run(model, list(ggufs), output, text, prompts, max_length, stride, threads, echo=click.echo, f16=f16,
+            imatrix=imatrix)
 
 
 @main.command("multiple-choice")

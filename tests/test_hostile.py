@@ -901,6 +901,28 @@ CASES = [
 ]
 
 
+def _put(path, data: bytes):
+    """Write `data` to `path` (a case's input file) and return the path."""
+    path.write_bytes(data)
+    return path
+
+
+# importance matrix (issue 23): refused before llama.cpp's tools are looked for or anything is written
+CASES += [
+    ("imatrix-text-not-utf8", lambda w, c: ["imatrix.py", "--model", w / "merged", "--text",
+                                            _put(c / "t.txt", b"caf\xe9 \xff"), "--output", c / "m.imatrix.gguf"],
+     ["the calibration text is not UTF-8 (byte 3)"]),
+    ("imatrix-text-empty", lambda w, c: ["imatrix.py", "--model", w / "merged", "--text", _put(c / "t.txt", b" \n"),
+                                         "--output", c / "m.imatrix.gguf"], ["the calibration text is empty"]),
+    ("imatrix-output-not-gguf", lambda w, c: ["imatrix.py", "--model", w / "merged", "--text",
+                                              _put(c / "t.txt", b"text"), "--output", c / "m.dat"],
+     ["written in llama.cpp's GGUF format"]),
+    ("gguf-iq2-without-imatrix", lambda w, c: ["export_gguf.py", "--model", w / "merged", "--output", c / "q.gguf",
+                                               "--outtype", "iq2_xxs"],
+     ["llama.cpp makes iq2_xxs only with an importance matrix"]),
+]
+
+
 @pytest.mark.parametrize("setup,fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_touches_nothing(world, tmp_path, setup, fragments):
     case = world / "cases" / tmp_path.name

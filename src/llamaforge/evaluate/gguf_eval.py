@@ -1,10 +1,13 @@
 """The quality of each GGUF export, measured with llama.cpp itself: bits per weight, file size,
-llama.cpp's perplexity and its agreement with the Hugging Face model (top-1, mean KL)."""
+llama.cpp's perplexity, its agreement with the Hugging Face model (top-1, mean KL) and, given the
+F16 GGUF, its mean KL from the F16 over the text; exports quantized with and without an importance
+matrix side by side (the text must not be the calibration text)."""
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -56,21 +59,26 @@ def _kl_top1(ref: Sequence, got: Sequence) -> tuple[float, float]:
 def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], output: str | os.PathLike,
                  text_file: str | os.PathLike | None = None, prompts_file: str | os.PathLike | None = None,
                  max_length: int | None = None, stride: int = D.PERPLEXITY_STRIDE, threads: int = 0,
-                 echo=print) -> dict:
+                 echo=print, f16: str | os.PathLike | None = None, imatrix: str | os.PathLike | None = None) -> dict:
     """eval/{model}/gguf.json: per GGUF export, bits per weight, file size, llama.cpp's perplexity on
     the text (the windows of the Hugging Face perplexity), and its agreement with the Hugging Face
-    model on the fixed prompts (top-1, mean KL divergence of the next-token distributions)."""
+    model on the fixed prompts (top-1, mean KL divergence of the next-token distributions). `f16`:
+    the model's F16 GGUF, from which each export's mean KL over the text's scored tokens is measured
+    (kl_f16). `imatrix`: the importance matrix some exports were made with; the text must not be its
+    calibration text (the gain would be measured where it can be faked)."""
     import torch
 
     from ..export.quantize import bits_per_weight, fallbacks, tensor_types
     from ..generate import check_model_config, load_causal_lm, load_tokenizer
 
     inputs = [("model folder", model), ("text", text_file), ("prompts file", prompts_file)]
-    inputs += [("GGUF file", g) for g in ggufs]
+    inputs += [("GGUF file", g) for g in ggufs] + [("F16 GGUF", f16), ("importance matrix", imatrix)]
     _guard(output, GGUF_QUALITY, inputs)
     if not ggufs:
         raise LlamaforgeError("no GGUF file to measure", None, "give --gguf FILE (repeatable)")
-    m = _check_ggufs(model, ggufs)  # the model folder described (and its tensors checked) once, reused below
+    if imatrix is not None:
+        _check_not_calibration(text_file, imatrix)
+    m = _check_ggufs(model, list(ggufs) + ([f16] if f16 is not None else []))  # the model folder described (and its tensors checked) once, reused below
     try:
         text, text_name = _eval_text(text_file, "text")
         check_model_config(m)
@@ -89,6 +97,8 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
     del hf
     n_ctx = max(window, max(len(p) for p in prompts))
     rows = []
+    scratch = tempfile.TemporaryDirectory(prefix="llamaforge-kl-")
+    ref = _reference_logprobs(f16, ids, window, min(stride, window), threads, scratch.name) if f16 else None
     for g in ggufs:
         g = Path(g)
         bpw, nbytes, weights = bits_per_weight(g)
@@ -98,8 +108,11 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
             raise LlamaforgeError(f"llama.cpp cannot load this GGUF ({str(e)[:120]}; its log is above)", g,
                                   f"export it again: scripts/export_gguf.py --model {model}") from None
         try:
-            nll = sliding_window_nll(lm, ids, window, min(stride, window))
+            same = f16 is not None and g.resolve() == Path(f16).resolve()
+            kl_text = _KLFrom(ref) if ref is not None and not same else None
+            nll = sliding_window_nll(lm, ids, window, min(stride, window), on_window=kl_text)
             got = [lm(input_ids=torch.tensor([p])).logits[0] for p in prompts]
+            kl_f16 = None if ref is None else 0.0 if same else kl_text.mean()
         finally:
             lm.close()
         kl, top1 = _kl_top1(ref_logits, got)
@@ -111,10 +124,13 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
         row = {"file": g.name, "outtype": outtype, "size_bytes": g.stat().st_size, "bits_per_weight": bpw,
                "weights": weights, "types": types,
                "perplexity": math.exp(nll["nll_sum"] / nll["scored_tokens"]),
-               "kl_mean": kl, "top1_agreement": top1, "fallbacks": len(fallbacks(g, outtype))}
+               "kl_mean": kl, "top1_agreement": top1, "fallbacks": len(fallbacks(g, outtype)),
+               "path": os.fspath(g), "imatrix": _imatrix_of(g), "kl_f16": kl_f16}
         rows.append(row)
-        echo(f"{g.name}: {bpw:.2f} bits/weight, perplexity {row['perplexity']:.4f}, KL {kl:.5f}, "
-             f"top-1 {top1:.4f}")
+        echo(f"{g}: {bpw:.2f} bits/weight, perplexity {row['perplexity']:.4f}, KL {kl:.5f}, top-1 {top1:.4f}"
+             + (f", KL from the F16 {kl_f16:.5f}" if kl_f16 is not None else "")
+             + (" (importance matrix)" if row["imatrix"] else ""))
+    scratch.cleanup()
     result = {
         "llamaforge": GGUF_QUALITY, "model": os.fspath(model), "text": text_name,
         "window": window, "stride": min(stride, window), "scored_tokens": ref_nll["scored_tokens"],
@@ -122,9 +138,102 @@ def gguf_quality(model: str | os.PathLike, ggufs: Sequence[str | os.PathLike], o
         "reference": {"what": "the Hugging Face model, float32", "perplexity":
                       math.exp(ref_nll["nll_sum"] / ref_nll["scored_tokens"])},
         "exports": rows,
+        "f16": os.fspath(f16) if f16 is not None else None,
+        "side_by_side": side_by_side(rows),
     }
+    if imatrix is not None:
+        from ..export.imatrix import read_record
+
+        rec = read_record(imatrix)
+        result["imatrix"] = {"file": os.fspath(imatrix), "text": rec["text"], "text_sha256": rec["text_sha256"]}
     write_json(output, result)
     return result
+
+
+def _reference_logprobs(f16, ids, window: int, stride: int, threads: int, folder: str):
+    """The F16 GGUF's next-token log-probabilities at every scored position of the text (the
+    perplexity's windows), computed once in llama.cpp and kept on disk (a float32 memmap, tokens x
+    vocabulary), so each export's KL from the F16 costs no second pass of the F16."""
+    import numpy as np
+
+    lm = _LlamaCppLM(f16, window, threads)
+    store = {}
+
+    def keep(first, end, logp):
+        if "rows" not in store:
+            store["rows"] = np.lib.format.open_memmap(Path(folder) / "f16.npy", mode="w+", dtype=np.float32,
+                                                      shape=(len(ids), logp.shape[-1]))
+        store["rows"][first:end] = logp.numpy()
+
+    try:
+        sliding_window_nll(lm, ids, window, stride, on_window=keep)
+    finally:
+        lm.close()
+    return store["rows"]
+
+
+class _KLFrom:
+    """Accumulates mean KL(F16 || this export) over the scored positions, window by window (an
+    on_window callback of sliding_window_nll)."""
+
+    def __init__(self, ref):
+        self.ref, self.total, self.n = ref, 0.0, 0
+
+    def __call__(self, first, end, logp):
+        import torch
+
+        la = torch.from_numpy(self.ref[first:end]).double()
+        self.total += float((la.exp() * (la - logp.double())).sum())
+        self.n += end - first
+
+    def mean(self) -> float:
+        return self.total / self.n
+
+
+def _imatrix_of(path: Path) -> str | None:
+    """quantize.imatrix.file of a GGUF llama-quantize made with an importance matrix, else None."""
+    import gguf
+
+    from ..export.quantize import gguf_string
+
+    return gguf_string(gguf.GGUFReader(path), "quantize.imatrix.file", path)
+
+
+def side_by_side(rows: Sequence[dict]) -> list[dict]:
+    """Per quantized type, its export without and with the importance matrix (perplexity, KL from
+    the F16, KL from the Hugging Face model, bits per weight), and what the matrix changed: a
+    negative change is a gain; a positive one (as Q2_K can show) is a loss, shown as measured."""
+    keys = ("file", "path", "perplexity", "kl_f16", "kl_mean", "top1_agreement", "bits_per_weight")
+    out = []
+    for outtype in dict.fromkeys(r["outtype"] for r in rows):
+        plain = next((r for r in rows if r["outtype"] == outtype and not r["imatrix"]), None)
+        calibrated = next((r for r in rows if r["outtype"] == outtype and r["imatrix"]), None)
+        if calibrated is None:
+            continue
+        pair = {"outtype": outtype, "plain": plain and {k: plain[k] for k in keys},
+                "imatrix": {k: calibrated[k] for k in keys}}
+        if plain is not None:
+            for k in ("perplexity", "kl_f16", "kl_mean"):
+                if plain[k] is not None and calibrated[k] is not None:
+                    pair[f"{k}_change"] = calibrated[k] - plain[k]
+        out.append(pair)
+    return out
+
+
+def _check_not_calibration(text_file, imatrix) -> None:
+    """One line when the evaluation text is the importance matrix's calibration text."""
+    import hashlib
+
+    from ..export.imatrix import read_record
+    from ..tokenizer import bundled_text
+
+    rec = read_record(imatrix)
+    data = Path(text_file).read_bytes() if text_file is not None else bundled_text("eval_text.txt").encode("utf-8")
+    if hashlib.sha256(data).hexdigest() == rec["text_sha256"]:
+        raise LlamaforgeError(f"the evaluation text is the calibration text of the importance matrix {imatrix} "
+                              f"(sha256 {rec['text_sha256'][:16]}...): the gain would be measured where it can be faked",
+                              text_file or "eval.text", "set eval.text to a text the calibration never saw, or "
+                              "calibrate on another text (models.NAME.imatrix.text)")
 
 
 def _check_ggufs(model, ggufs) -> ModelFolder:

@@ -17,8 +17,10 @@ from ..files.atomic import write_json
 from .common import PERPLEXITY, _eval_text, _guard, log
 
 
-def sliding_window_nll(model, ids: Sequence[int], max_length: int, stride: int, device: str = "cpu") -> dict:
+def sliding_window_nll(model, ids: Sequence[int], max_length: int, stride: int, device: str = "cpu",
+                       on_window=None) -> dict:
     """Summed negative log-likelihood (nats) of ids[1:], windows of `max_length` moved by `stride`.
+    `on_window(first, end, logp)`, if given, sees the log-probabilities predicting ids[first:end].
 
     Window k covers ids[k*stride : k*stride + max_length] and scores the tokens no earlier window
     reached, each from the tokens before it inside the window. Without overlap (stride =
@@ -35,26 +37,36 @@ def sliding_window_nll(model, ids: Sequence[int], max_length: int, stride: int, 
     if n < 2:
         raise LlamaforgeError("the text is one token long; nothing to score", None, "give a longer text")
     all_ids = torch.tensor(ids, dtype=torch.long)
-    nll, count, windows, prev_end = 0.0, 0, 0, 1  # token 0 (BOS) is never predicted
+    nll, count, windows = 0.0, 0, 0
     with torch.inference_mode():
-        for begin in range(0, n, stride):
-            end = min(begin + max_length, n)
-            if end > prev_end:
-                window = all_ids[begin:end].unsqueeze(0).to(device)
-                logits = model(input_ids=window).logits[0].float()
-                logp = torch.log_softmax(logits, dim=-1)
-                # absolute positions scored here; a window's first token has no context in it (stride =
-                # max_length), so it goes unscored, as in the Hugging Face recipe
-                targets = torch.arange(max(prev_end, begin + 1), end)
-                rel = (targets - begin).to(device)
-                picked = logp[rel - 1, all_ids[targets].to(device)]
-                nll -= float(picked.double().sum())
-                count += len(targets)
-                windows += 1
-                prev_end = end
-            if end == n:
-                break
+        for begin, end, first in scored_windows(n, max_length, stride):
+            window = all_ids[begin:end].unsqueeze(0).to(device)
+            logits = model(input_ids=window).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            targets = torch.arange(first, end)
+            rel = (targets - begin).to(device)
+            picked = logp[rel - 1, all_ids[targets].to(device)]
+            if on_window is not None:
+                on_window(first, end, logp[rel - 1])
+            nll -= float(picked.double().sum())
+            count += len(targets)
+            windows += 1
     return {"nll_sum": nll, "scored_tokens": count, "windows": windows}
+
+
+def scored_windows(n: int, max_length: int, stride: int):
+    """(begin, end, first scored position) of each window over n tokens that scores a token: the
+    positions first..end-1 are predicted from the tokens before them inside ids[begin:end]. A
+    window's first token has no context in it (stride = max_length), so it goes unscored, as in the
+    Hugging Face recipe; token 0 (BOS) is never predicted."""
+    prev_end = 1
+    for begin in range(0, n, stride):
+        end = min(begin + max_length, n)
+        if end > prev_end:
+            yield begin, end, max(prev_end, begin + 1)
+            prev_end = end
+        if end == n:
+            break
 
 
 def perplexity(model: str | os.PathLike, text_file: str | os.PathLike | None = None,

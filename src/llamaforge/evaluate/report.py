@@ -215,17 +215,24 @@ def plot_gguf_quality(qualities: Sequence[str | os.PathLike], output: str | os.P
     data = [_result(p, "gguf_quality", ("model", "exports")) for p in qualities]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
     try:
+        # KL from the F16 over the text where every file has it, else from the Hugging Face model
+        kl_key = "kl_f16" if all(r.get("kl_f16") is not None for d in data for r in d["exports"]) else "kl_mean"
         for d in data:
-            rows = sorted(d["exports"], key=lambda r: r["bits_per_weight"])
-            x = [r["bits_per_weight"] for r in rows]
-            label = Path(d["model"]).name
-            a1.plot(x, [r["perplexity"] for r in rows], marker="o", label=label)
-            a2.plot(x, [max(r["kl_mean"], 1e-12) for r in rows], marker="o", label=label)
-            for r in rows:
-                a1.annotate(r["outtype"], (r["bits_per_weight"], r["perplexity"]), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
-                a2.annotate(r["outtype"], (r["bits_per_weight"], max(r["kl_mean"], 1e-12)), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
+            # without and with an importance matrix: two lines per model, side by side
+            for series, marker in (([r for r in d["exports"] if not r.get("imatrix")], "o"),
+                                   ([r for r in d["exports"] if r.get("imatrix")], "s")):
+                if not series:
+                    continue
+                rows = sorted(series, key=lambda r: r["bits_per_weight"])
+                x = [r["bits_per_weight"] for r in rows]
+                label = Path(d["model"]).name + (" (imatrix)" if marker == "s" else "")
+                a1.plot(x, [r["perplexity"] for r in rows], marker=marker, label=label)
+                a2.plot(x, [max(r[kl_key], 1e-12) for r in rows], marker=marker, label=label)
+                for r in rows:
+                    a1.annotate(r["outtype"], (r["bits_per_weight"], r["perplexity"]), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
+                    a2.annotate(r["outtype"], (r["bits_per_weight"], max(r[kl_key], 1e-12)), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
             ref = d.get("reference", {}).get("perplexity")
             if ref:
                 a1.axhline(ref, linestyle=":", linewidth=1, color="gray")
@@ -237,9 +244,9 @@ def plot_gguf_quality(qualities: Sequence[str | os.PathLike], output: str | os.P
     a1.set_ylabel("llama.cpp perplexity (dotted: Hugging Face)")
     a1.set_title("perplexity")
     a2.set_xlabel("bits per weight")
-    a2.set_ylabel("mean KL vs the Hugging Face model")
+    a2.set_ylabel("mean KL from the F16 GGUF (text)" if kl_key == "kl_f16" else "mean KL vs the Hugging Face model")
     a2.set_yscale("log")
-    a2.set_title("divergence from the merged model")
+    a2.set_title("divergence from the F16" if kl_key == "kl_f16" else "divergence from the merged model")
     a1.legend(fontsize=8)
     return write_figure(plt, fig, output)
 

@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # torch, the weight files and the stream only where tensors a
 
 def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: str = "f16",
                 name: str | None = None, echo: Callable[[str], None] = print, modelfile: dict | None = None,
-                threads: int = 0, from_f16: str | os.PathLike | None = None) -> str:
+                threads: int = 0, from_f16: str | os.PathLike | None = None,
+                imatrix: str | os.PathLike | None = None) -> str:
     """Write the GGUF file `output` (+ `output.sha256`, + `{stem}.Modelfile` for Ollama unless
     modelfile is None) atomically; return its sha256.
 
@@ -45,15 +46,29 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
     are made by llama.cpp's own quantizer from the F16 GGUF written here first (a temporary file).
     `modelfile`: the generation parameters for the Modelfile (Ollama's names: temperature, top_k,
     top_p, repeat_penalty, num_predict). `from_f16`: quantize this F16 GGUF of `model`, written by
-    llamaforge before (the workflow's exports/{model}/{model}-f16.gguf), instead of writing one."""
-    from .quantize import LLAMA_CPP_TYPES, load_llama_cpp
+    llamaforge before (the workflow's exports/{model}/{model}-f16.gguf), instead of writing one.
+    `imatrix`: an importance matrix (scripts/imatrix.py) the quantizer uses: llama.cpp's own
+    llama-quantize --imatrix then makes the file (export.tools)."""
+    from .quantize import LLAMA_CPP_TYPES, check_imatrix_need, load_llama_cpp
 
     quantized = outtype in LLAMA_CPP_TYPES
     if outtype not in GGUF_TYPES and not quantized:
         raise LlamaforgeError(f"unknown --outtype {outtype!r}", None,
                               f"use one of {', '.join(GGUF_TYPES + LLAMA_CPP_TYPES)}")
+    if imatrix is not None and not quantized:
+        raise LlamaforgeError(f"--imatrix is for llama.cpp's quantized types, not {outtype}", imatrix,
+                              f"drop --imatrix, or ask for one of {', '.join(LLAMA_CPP_TYPES)}")
     if quantized:
-        load_llama_cpp(outtype)  # before anything is read: without it, one line saying what to install
+        check_imatrix_need(outtype, imatrix)
+        if imatrix is None:  # (with one, llama.cpp's own llama-quantize quantizes: no binding needed)
+            load_llama_cpp(outtype)  # before anything is read: without it, one line saying what to install
+        else:
+            from ..files.reading import require_regular_file
+            from .tools import tool
+
+            tool("llama-quantize")
+            require_regular_file(Path(imatrix), "the importance matrix",
+                                 f"make it first: scripts/imatrix.py --model {model} --text FILE --output {imatrix}")
     elif from_f16 is not None:
         raise LlamaforgeError(f"--from-f16 is for the llama.cpp types, not {outtype}", from_f16,
                               f"drop --from-f16, or ask for one of {', '.join(LLAMA_CPP_TYPES)}")
@@ -66,7 +81,7 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
     if mfile is not None:
         check_gguf_name(output)
         modelfile = check_parameters(modelfile)
-    inputs = [("model folder", model), ("F16 GGUF", from_f16)]
+    inputs = [("model folder", model), ("F16 GGUF", from_f16), ("importance matrix", imatrix)]
     guard_output(output, "gguf", inputs)
     guard_output(sums, "sha256", inputs)
     if mfile is not None:
@@ -87,17 +102,19 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
             tmp_gguf, tmp_sums = tmps[0], tmps[1]
             if quantized:
                 from ..files.atomic import scratch_file
-                from .quantize import fallbacks, quantize_gguf, type_summary
+                from .quantize import fallbacks, quantize_gguf, tensor_types, type_summary
 
                 if from_f16 is not None:
-                    quantize_gguf(from_f16, tmp_gguf, outtype, threads)
+                    quantize_gguf(from_f16, tmp_gguf, outtype, threads, imatrix)
                 else:
                     with scratch_file(output, output.stem + "-f16.gguf") as f16:
                         _write_gguf(gguf, m, plan, f16, output)
-                        quantize_gguf(f16, tmp_gguf, outtype, threads)
+                        quantize_gguf(f16, tmp_gguf, outtype, threads, imatrix)
                 digest = sha256_file(tmp_gguf)
-                echo(f"llama.cpp quantized it to {outtype}: {type_summary(tmp_gguf)}")
-                fell = fallbacks(tmp_gguf, outtype)
+                types = tensor_types(tmp_gguf)  # its header parsed once
+                echo(f"llama.cpp quantized it to {outtype}{' with the importance matrix' if imatrix else ''}: "
+                     f"{type_summary(tmp_gguf, types)}")
+                fell = fallbacks(tmp_gguf, outtype, types)
                 if outtype.endswith(("_k", "_k_s", "_k_m", "_k_l")) and not fell:
                     echo("no tensor fell back: every matrix has rows that are a multiple of 256")
                 if fell:
@@ -117,6 +134,18 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, outtype: st
         echo(f"wrote {output} ({output.stat().st_size / 1e9:.2f} GB), {sums.name}"
              + (f" and {mfile.name}" if mfile is not None else ""))
         return digest
+    finally:
+        m.close()
+
+
+def write_f16(model: str | os.PathLike, path: str | os.PathLike, output: str | os.PathLike) -> str:
+    """Write the F16 GGUF of `model` into `path` (a scratch file of the job making `output`, e.g. an
+    importance matrix); return its sha256."""
+    gguf = load_gguf()
+    m = open_model(model)
+    try:
+        plan = _plan_gguf(gguf, m, "f16", m.folder.name)
+        return _write_gguf(gguf, m, plan, Path(path), Path(output))
     finally:
         m.close()
 

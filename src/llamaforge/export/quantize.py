@@ -12,7 +12,13 @@ from ..errors import LlamaforgeError
 
 # --outtype names (llama-quantize's, lower case) made by llama.cpp's quantizer
 LLAMA_CPP_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
-                   "q5_k_s", "q5_k_m", "q6_k")
+                   "q5_k_s", "q5_k_m", "q6_k", "q2_k_s", "iq4_xs", "iq4_nl", "iq3_m", "iq3_s", "iq3_xs", "iq3_xxs",
+                   "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
+
+# The types llama.cpp will not make without an importance matrix: their files hold tensors of a
+# type that llama-quant.cpp's tensor_requires_imatrix names (IQ1_S/M, IQ2_XXS/XS/S, IQ3_XXS; Q2_K
+# in a Q2_K_S file); IQ3_XS puts IQ3_XXS in its attention, IQ2_M is IQ2_S.
+NEEDS_IMATRIX = ("q2_k_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
 
 
 K_QUANTS = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
@@ -31,11 +37,29 @@ def load_llama_cpp(outtype: str):
     return llama_cpp
 
 
-def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, outtype: str, threads: int = 0) -> None:
+def check_imatrix_need(outtype: str, imatrix: str | os.PathLike | None) -> None:
+    """One line, before any work, when `outtype` is one llama.cpp will not make without an imatrix."""
+    if outtype in NEEDS_IMATRIX and imatrix is None:
+        raise LlamaforgeError(f"llama.cpp makes {outtype} only with an importance matrix", None,
+                              "give --imatrix FILE.imatrix.gguf (scripts/imatrix.py makes one; in the workflow: "
+                              "models.NAME.imatrix), or choose a type such as iq4_xs, q4_k_m")
+
+
+def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, outtype: str, threads: int = 0,
+                  imatrix: str | os.PathLike | None = None) -> None:
     """llama-quantize SRC DST OUTTYPE, in-process: `llama_model_quantize` with the default parameters
-    (as the command line's) and the type's ftype."""
+    (as the command line's) and the type's ftype. With an importance matrix: llama.cpp's own
+    llama-quantize --imatrix (the binding cannot pass one), with its quantize.imatrix.* keys."""
     if outtype not in LLAMA_CPP_TYPES:
         raise LlamaforgeError(f"unknown quantization type {outtype!r}", None, f"use one of {', '.join(LLAMA_CPP_TYPES)}")
+    check_imatrix_need(outtype, imatrix)
+    if imatrix is not None:
+        from .tools import run_tool
+
+        args = ["--imatrix", imatrix, src, dst, outtype.upper()] + ([str(int(threads))] if threads else [])
+        run_tool("llama-quantize", args, f"quantizing to {outtype} with an importance matrix", src,
+                 "check that the F16 GGUF and the imatrix are of the same model (scripts/imatrix.py), and the disk")
+        return
     llama_cpp = load_llama_cpp(outtype)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{outtype.upper()}")
@@ -59,18 +83,19 @@ def tensor_types(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...
     return {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape)) for t in gguf.GGUFReader(path).tensors}
 
 
-def fallbacks(path: str | os.PathLike, outtype: str) -> list[tuple[str, str]]:
+def fallbacks(path: str | os.PathLike, outtype: str, types: dict | None = None) -> list[tuple[str, str]]:
     """The 2-D tensors of a K-quant file that llama.cpp stored in a non-K type, because their rows
-    are not a multiple of 256 (its fallback): [(name, type)]. Empty for the other types."""
+    are not a multiple of 256 (its fallback): [(name, type)]. Empty for the other types. `types`:
+    the file's tensor_types, when the caller read them already (a GGUF's header is slow to parse)."""
     if not outtype.endswith(("_k", "_k_s", "_k_m", "_k_l")):
         return []
-    return [(name, typ) for name, (typ, shape) in tensor_types(path).items()
+    return [(name, typ) for name, (typ, shape) in (types or tensor_types(path)).items()
             if len(shape) == 2 and typ not in K_QUANTS]
 
 
-def type_summary(path: str | os.PathLike) -> str:
-    """"Q4_K 154, Q6_K 29, F32 61" for a GGUF file."""
-    counts = Counter(typ for typ, _ in tensor_types(path).values())
+def type_summary(path: str | os.PathLike, types: dict | None = None) -> str:
+    """"Q4_K 154, Q6_K 29, F32 61" for a GGUF file (`types`: its tensor_types, if read already)."""
+    counts = Counter(typ for typ, _ in (types or tensor_types(path)).values())
     return ", ".join(f"{t} {n}" for t, n in counts.most_common())
 
 
