@@ -371,6 +371,23 @@ def test_gguf_equals_llama_cpp_converter(family, family_gguf, name, outtype):
         assert meta["tokenizer.ggml.eos_token_id"] == [32000] and "<|assistant|>" in meta["tokenizer.chat_template"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma3", "phi3"])
+def test_bf16_gguf_of_the_new_families_equals_llama_cpp_converter(family, family_gguf, name):
+    """BF16 (issue 22's third GGUF type) tensor for tensor as convert_hf_to_gguf.py --outtype bf16
+    writes it (Qwen3's matrices take the same path as these; its 152k vocabulary costs a minute)."""
+    ours, ref = family_gguf(name, "bf16", converter=True)
+    meta, tensors = read_gguf(ours)
+    ref_meta, ref_tensors = read_gguf(ref)
+    assert sorted(tensors) == sorted(ref_tensors)
+    assert [k for k in tensors if tensors[k] != ref_tensors[k]] == []
+    assert {t[0] for t in tensors.values()} == {"BF16", "F32"}  # matrices BF16, norms and factors F32
+    assert tensors["token_embd.weight"][0] == "BF16"
+    differing = sorted(k for k in set(meta) | set(ref_meta) if meta.get(k) != ref_meta.get(k))
+    assert [k for k in differing if not ALLOWED_METADATA_DIFFERENCES.match(k)] == []
+    assert meta["general.file_type"] == [32]  # LLAMA_FTYPE_MOSTLY_BF16
+
+
 def test_pre_tokenizer_of_an_unknown_tokenizer_is_an_error(family, tmp_path):
     """A tokenizer whose pre-tokenizer llama.cpp does not know is refused, never written as a default:
     Llama-3's without its BOS post-processor (llama.cpp would take it for smaug-bpe)... and one with a
