@@ -192,11 +192,9 @@ class _KLFrom:
 
 def _imatrix_of(path: Path) -> str | None:
     """quantize.imatrix.file of a GGUF llama-quantize made with an importance matrix, else None."""
-    import gguf
+    from ..export.quantize import header_string
 
-    from ..export.quantize import gguf_string
-
-    return gguf_string(gguf.GGUFReader(path), "quantize.imatrix.file", path)
+    return header_string(path, "quantize.imatrix.file")
 
 
 def side_by_side(rows: Sequence[dict]) -> list[dict]:
@@ -263,9 +261,9 @@ def _outtype_of(path: Path) -> str:
     """The --outtype a GGUF was made as (its general.file_type, e.g. MOSTLY_Q4_K_M -> q4_k_m)."""
     import gguf
 
-    from ..export.quantize import gguf_file_type
+    from ..export.quantize import header_scalars
 
-    ft = gguf_file_type(gguf.GGUFReader(path))
+    ft = header_scalars(path).get("general.file_type")
     try:
         return gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").lower()
     except ValueError:

@@ -77,10 +77,49 @@ def gguf_file_type(reader) -> int | None:
 
 
 def tensor_types(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{tensor name: (GGML type name, shape)} of a GGUF file."""
-    import gguf
+    """{tensor name: (GGML type name, shape)} of a GGUF file (its tensor table only: formats.gguf_tensors)."""
+    return {t.name: (t.type_name, t.shape) for t in _tensor_table(path)}
 
-    return {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape)) for t in gguf.GGUFReader(path).tensors}
+
+def header_scalars(path: str | os.PathLike) -> dict:
+    """The scalar keys of a GGUF (formats.gguf_tensors: strings as bytes, no arrays), read past its
+    arrays; {} for a file that reader cannot walk."""
+    from ..formats.gguf_tensors import GGUFHeaderError, read_header
+
+    try:
+        return read_header(path).scalars
+    except GGUFHeaderError:
+        return {}
+
+
+def header_string(path: str | os.PathLike, key: str) -> str | None:
+    """The string value of GGUF key `key` (None when absent), from the header's scalars; a value of
+    another type or not UTF-8 gets gguf_string's one-line error."""
+    value = header_scalars(path).get(key)
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except (AttributeError, UnicodeDecodeError):
+        import gguf
+
+        return gguf_string(gguf.GGUFReader(path), key, path)
+
+
+def _tensor_table(path: str | os.PathLike) -> list:
+    """The GGUF's tensor infos, read past its metadata values (tens of ms where gguf-py's reader
+    takes seconds on a large vocabulary); a file that reader cannot walk goes to gguf-py's, whose
+    errors the callers already expect."""
+    from ..formats.gguf_tensors import GGUFHeaderError, GGUFTensor, read_tensor_table
+
+    try:
+        return read_tensor_table(path)
+    except GGUFHeaderError:
+        import gguf
+
+        r = gguf.GGUFReader(path)
+        return [GGUFTensor(t.name, int(t.tensor_type), tuple(int(x) for x in t.shape),
+                           int(t.data_offset) - int(r.data_offset)) for t in r.tensors]
 
 
 def fallbacks(path: str | os.PathLike, outtype: str, types: dict | None = None) -> list[tuple[str, str]]:
@@ -122,11 +161,9 @@ def open_llama(path: str | os.PathLike, **kw):
 
 def bits_per_weight(path: str | os.PathLike) -> tuple[float, int, int]:
     """(bits per weight, tensor data bytes, weights) of a GGUF: its tensors' bytes over their values."""
-    import gguf
-
-    tensors = gguf.GGUFReader(path).tensors
-    nbytes = sum(int(t.n_bytes) for t in tensors)
-    n = sum(int(t.n_elements) for t in tensors)
+    tensors = _tensor_table(path)
+    nbytes = sum(t.n_bytes for t in tensors)
+    n = sum(t.n_elements for t in tensors)
     return 8 * nbytes / n, nbytes, n
 
 

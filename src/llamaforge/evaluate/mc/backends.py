@@ -25,13 +25,13 @@ GGUF_MAX_CONTEXT = 4096
 
 def _context_of(path: Path) -> int:
     """The GGUF's training context ({arch}.context_length), at most GGUF_MAX_CONTEXT."""
-    import gguf
+    from ...export.quantize import header_scalars
 
     try:
-        r = gguf.GGUFReader(path)
-        arch = r.fields["general.architecture"].contents()
-        return min(int(r.fields[f"{arch}.context_length"].contents()), GGUF_MAX_CONTEXT)
-    except (KeyError, ValueError, TypeError):
+        keys = header_scalars(path)
+        arch = keys["general.architecture"].decode("utf-8")
+        return min(int(keys[f"{arch}.context_length"]), GGUF_MAX_CONTEXT)
+    except (KeyError, ValueError, TypeError, AttributeError):
         return GGUF_MAX_CONTEXT
 
 
