@@ -105,6 +105,29 @@ def _record(tmp_path: Path, text: Path) -> Path:
     return imatrix
 
 
+
+def test_a_failing_tool_is_one_line_with_its_last_words_and_its_log_kept(tmp_path, monkeypatch, capsys):
+    """llama-imatrix / llama-quantize failing: one error line with the tool's last line of output and
+    the path of its whole log (kept in a temporary file), not the tool's log poured onto stderr."""
+    from llamaforge.errors import LlamaforgeError
+    from llamaforge.export import tools
+
+    fake = tmp_path / "llama-fake"
+    fake.write_text("#!/bin/sh\necho 'loading model'\necho 'E compute_imatrix: only 3 tokens' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(tools, "tool", lambda name: str(fake))
+    with pytest.raises(LlamaforgeError) as e:
+        tools.run_tool("llama-imatrix", ["-m", "x.gguf"], "computing the importance matrix", tmp_path / "t.txt",
+                       "give a longer text", echo=lambda *a: None)
+    msg = str(e.value)
+    assert "llama-imatrix failed (computing the importance matrix, exit status 3: E compute_imatrix: only 3 tokens;" in msg
+    log = Path(msg.split("its log: ")[1].split(")")[0])
+    try:
+        assert log.read_text().splitlines() == [f"{fake} -m x.gguf", "loading model", "E compute_imatrix: only 3 tokens"]
+    finally:
+        log.unlink()
+    assert capsys.readouterr().err == ""
+
 def test_the_quality_table_refuses_the_calibration_text(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_bytes((DATA / "calibration_text.txt").read_bytes())

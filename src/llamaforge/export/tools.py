@@ -176,13 +176,20 @@ def build_tools(source: str | os.PathLike | None = None, jobs: int = 2, echo=pri
 
 
 def run_tool(name: str, args: list[str], what: str, path: str | os.PathLike, fix: str, echo=print) -> None:
-    """Run one built tool with ARGS, its output passed through to our stderr; one line when it fails."""
+    """Run one built tool with ARGS, its output passed through to our stderr when it succeeds; when it
+    fails, one line: its last line of output, and where its whole log was kept (a temporary file)."""
     exe = tool(name)
     cmd = [exe, *[os.fspath(a) for a in args]]
     echo("running " + " ".join(cmd))
     got = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = got.stdout.decode("utf-8", "replace")
-    sys.stderr.write(out)
     if got.returncode != 0:
+        import tempfile
+
         last = next((ln.strip() for ln in reversed(out.splitlines()) if ln.strip()), "no output")
-        raise LlamaforgeError(f"{name} failed ({what}, exit status {got.returncode}: {last[:160]})", path, fix)
+        fd, log = tempfile.mkstemp(prefix=f"llamaforge-{name}-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(" ".join(cmd) + "\n" + out)
+        raise LlamaforgeError(f"{name} failed ({what}, exit status {got.returncode}: {last[:160]}; its log: {log})",
+                              path, fix)
+    sys.stderr.write(out)
