@@ -576,3 +576,21 @@ def test_the_pipeline_builds_each_family_with_its_evaluation(family, tmp_path):
         assert summary["llamaforge"] and (wf / "exports" / name / f"{name}-q8_0.gguf").is_file()
     assert (wf / "merged/qwen2/tokenizer.json").read_bytes() == (wf / "tokenizers/qwen-pad/tokenizer.json").read_bytes()
     assert "Nothing to be done" in snakemake(wf, "--cores", "2", "-n").stdout
+
+
+def test_phi3_partial_rotary_factor_at_the_top_of_config_json(tmp_path):
+    """Phi-4-mini's config.json (saved before transformers 5) holds partial_rotary_factor at the top, not
+    in rope_scaling: the rotary dimensions (and so the longrope factors' length) come from it."""
+    from llamaforge.export.gguf_meta import extra_tensor_shapes
+    from llamaforge.export.gguf_rope import _phi3_rope_dims
+    from llamaforge.model import ModelFolder
+
+    cfg = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 128, "num_attention_heads": 4,
+           "num_key_value_heads": 4, "num_hidden_layers": 2, "intermediate_size": 256, "vocab_size": 32064,
+           "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75,
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+           "rope_scaling": {"type": "longrope", "long_factor": [1.5] * 12, "short_factor": [1.0] * 12}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = ModelFolder(tmp_path)
+    assert _phi3_rope_dims(m) == 24  # 0.75 * 128 / 4, not 32
+    assert extra_tensor_shapes(m) == {"rope_factors_long.weight": (12,), "rope_factors_short.weight": (12,)}

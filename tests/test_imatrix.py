@@ -281,3 +281,19 @@ def test_imatrix_exports_are_llama_quantizes_and_closer_to_the_f16(smol, tools_b
     answer = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
                                         max_tokens=12, temperature=0)["choices"][0]["message"]["content"]
     assert "Paris" in answer, answer
+
+
+@pytest.mark.parametrize("pkg_info", ["Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: 0.0.1\n", None])
+def test_a_source_of_another_llama_cpp_python_version_is_refused(tmp_path, pkg_info):
+    """--source must be the installed llama-cpp-python's own sdist: another version's (or a tree whose
+    version can't be told) would be built and cached as this version's tools. One line, nothing built."""
+    src = tmp_path / "src"
+    (src / "vendor" / "llama.cpp" / "tools" / "quantize").mkdir(parents=True)
+    (src / "vendor" / "llama.cpp" / "ggml").mkdir()
+    if pkg_info:
+        (src / "PKG-INFO").write_text(pkg_info)
+    out = tmp_path / "tools"
+    r = run_script("build_tools.py", "--source", src, env_extra={"LLAMAFORGE_TOOLS_DIR": str(out)})
+    assert r.returncode == 1 and r.stderr.count("llamaforge: error:") == 1 and "Traceback" not in r.stderr
+    assert ("llama-cpp-python 0.0.1's source" if pkg_info else "version is unknown") in r.stderr
+    assert not any(out.rglob("BUILD.json"))

@@ -72,8 +72,23 @@ def test_the_three_formats_load(tmp_path):
         (("3", "4", "5"), 1, "mix", 1), (("blue", "red"), 0, "nature", 3)]
 
 
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """A JSON string may hold U+2028, U+0085 or \\x1c raw (json.dumps(ensure_ascii=False) writes them so):
+    the line is one row, not split there; CRLF line ends are fine."""
+    import json
+
+    rows = [{"question": "a\u2028b\x85c\x1cd?", "choices": ["x\u2029", "y"], "answer": 1},
+            {"question": "second", "choices": ["1", "2"], "answer": "A"}]
+    p = tmp_path / "odd.jsonl"
+    p.write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("utf-8"))
+    fmt, qs = load_questions(p)
+    assert fmt == "jsonl" and [(q.question, q.choices, q.answer) for q in qs] == [
+        ("a\u2028b\x85c\x1cd?", ("x\u2029", "y"), 1), ("second", ("1", "2"), 0)]
+
+
 @pytest.mark.parametrize("name, text, where", [
     ("bad_val.csv", CEVAL.replace(",B,\n", ",E,\n"), "row 2 (line 3): the answer 'E'"),
+    ("bad_val.csv", CEVAL.replace(",B,\n", ",BC,\n"), "row 2 (line 3): the answer 'BC'"),  # not a substring test
     ("bad_val.csv", CEVAL.replace('0,"1+1=?",1,2,3,4,B', '0,"1+1=?",1,2,3,B'), "row 1 (line 2) has 7 fields"),
     ("bad.csv", CMMLU.replace("1,一年有几个月？", "1,"), "row 2 (line 3) has an empty question"),
     ("bad.csv", "q,a,b\n1,2,3\n", "unknown CSV header"),

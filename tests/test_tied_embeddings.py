@@ -177,3 +177,33 @@ def test_gguf_of_the_untied_merge_has_its_own_output_and_peft_logits_in_llama_cp
     got = torch.tensor(llm.scores[: len(IDS)], dtype=torch.float32)
     assert_close(got, c["ref"]["logits"], 0.02)
     assert (got.argmax(-1) == c["ref"]["logits"].argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.parametrize("save_embedding_layers", [True, False])
+def test_a_lora_on_the_embedding_of_a_tied_base_leaves_the_head_on_the_base_embedding(tmp_path, save_embedding_layers):
+    """A LoRA update (not a saved copy) on embed_tokens of a tied base, saved with the embedding's base
+    layer (PEFT's default for a targeted embedding) or without: PEFT's forward adds the update to the
+    embedding lookup only, the head still reading the base's weight; the merge unties and matches."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llamaforge.merge import merge_lora
+
+    tok, rows = family_tokenizer("llama32", tmp_path / "tokenizer")
+    base = make_family_model(tmp_path / "base", "llama32", tok, rows)
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, lora_dropout=0.0,
+                     target_modules=["embed_tokens", "q_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter", save_embedding_layers=save_embedding_layers)
+        pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                       tmp_path / "adapter").eval()
+    with torch.no_grad():
+        want = pm(torch.tensor([IDS])).logits[0]
+    merge_lora(base, [tmp_path / "adapter"], tmp_path / "merged", dtype="float32", **QUIET)
+    ours, b = hf_tensors(tmp_path / "merged"), hf_tensors(base)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(ours[HEAD], b[EMBED].float()) and not torch.allclose(ours[EMBED], b[EMBED].float())
+    assert_close(merged_logits(tmp_path / "merged"), want, 1e-4)

@@ -69,7 +69,9 @@ def extra_tensor_shapes(model: ModelFolder) -> dict[str, tuple[int, ...]]:
 
 def _phi3_rope_dims(model: ModelFolder) -> int:
     d = model.dims
-    return int(float(model.rope.parameters.get("partial_rotary_factor", 1.0)) * d.hidden) // d.n_heads
+    # transformers 5 keeps it in rope_parameters; config.json files saved before (Phi-4-mini's) at the top
+    factor = model.rope.parameters.get("partial_rotary_factor", model.config.get("partial_rotary_factor", 1.0))
+    return int(float(factor) * d.hidden) // d.n_heads
 
 
 def _longrope_factors(model: ModelFolder) -> list[tuple[str, list]]:

@@ -40,6 +40,9 @@ def read_record(imatrix: str | os.PathLike) -> dict:
     if not data:
         raise LlamaforgeError(f"the importance matrix has no record {side.name} beside it (the calibration text's "
                               "sha256)", imatrix, "make it with scripts/imatrix.py")
+    if not isinstance(data, dict) or not isinstance(data.get("text_sha256"), str) or "text" not in data:
+        raise LlamaforgeError(f"the importance matrix's record {side.name} lacks the calibration text's sha256 or "
+                              "path", imatrix, "make the matrix again with scripts/imatrix.py")
     return data
 
 

@@ -95,11 +95,31 @@ def missing_build_tools() -> list[str]:
             if not (env.get(what) and shutil.which(env[what])) and not any(shutil.which(n) for n in names)]
 
 
+def _pkg_version(folder: Path) -> str | None:
+    """The Version: of an unpacked sdist's PKG-INFO (None without one: a bare llama.cpp tree)."""
+    try:
+        text = (folder / "PKG-INFO").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Version:")), None)
+
+
+def _check_version(version: str, source: Path, found: str | None) -> None:
+    """The tools must be the installed llama-cpp-python's llama.cpp: a source of another version (or of
+    none that can be told) is one line, since its build would be cached as this version's."""
+    if found != version:
+        what = f"llama-cpp-python {found}'s source" if found else "a source whose llama-cpp-python version is unknown"
+        raise LlamaforgeError(f"this is {what}, and the installed llama-cpp-python is {version}", source,
+                              f"give llama-cpp-python {version}'s sdist (llama_cpp_python-{version}.tar.gz) or its "
+                              "unpacked folder (with PKG-INFO), or leave --source out for pip to fetch it")
+
+
 def _sdist(version: str, tmp: Path, source: str | os.PathLike | None) -> Path:
     """The sdist's vendor/llama.cpp, from SOURCE (an sdist .tar.gz or an unpacked tree) or pip."""
     if source is not None:
         src = Path(source)
         if src.is_dir():
+            _check_version(version, src, _pkg_version(src))
             for cand in (src / "vendor" / "llama.cpp", src):
                 if (cand / "tools" / "quantize").is_dir() and (cand / "ggml").is_dir():
                     return cand
@@ -121,7 +141,12 @@ def _sdist(version: str, tmp: Path, source: str | os.PathLike | None) -> Path:
         if not members:
             raise LlamaforgeError("this archive holds no vendor/llama.cpp", archive,
                                   f"give llama-cpp-python {version}'s sdist (.tar.gz)")
-        tar.extractall(tmp / "src", members=members, filter="data")
+        top = members[0].name.split("/", 1)[0]
+        _check_version(version, archive, top.removeprefix("llama_cpp_python-") if top.startswith("llama_cpp_python-")
+                       else None)
+        # the "data" filter (no links out, no devices) where this Python has it (3.10.12+, 3.11.4+)
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(tmp / "src", members=members, **safe)
     return next((tmp / "src").glob("*/vendor/llama.cpp"))
 
 

@@ -61,9 +61,11 @@ def unties_head(adapters: list[Adapter]) -> bool:
     so is the head beside a trained embed_tokens alone, since PEFT's forward keeps the head tied to
     the original (base) embedding, not to the trained copy (peft 0.21; peft#2777). An adapter saved
     with ensure_weight_tying trains one copy for both (it stores lm_head as the same tensor as
-    embed_tokens): the model stays tied, as PEFT's forward has it."""
+    embed_tokens): the model stays tied, as PEFT's forward has it. A LoRA update of embed_tokens alone
+    (its base layer saved or not) is added to the embedding lookup only: the head keeps the base's."""
     return any(LM_HEAD_HF in ad.updates
-               or ((LM_HEAD_HF in ad.full or EMBED_HF in ad.full) and not ad.config.get("ensure_weight_tying"))
+               or ((LM_HEAD_HF in ad.full or EMBED_HF in ad.full or EMBED_HF in ad.updates)
+                   and not ad.config.get("ensure_weight_tying"))
                for ad in adapters)
 
 

@@ -89,7 +89,7 @@ def _csv(path, text: str, fix_fmt: str) -> tuple[str, list[Question]]:
         question, choices, answer = row[first], [row[first + 1 + i] for i in range(4)], row[answer_col].strip()
         if not question.strip():
             raise LlamaforgeError(f"{where} has an empty question", path, "fill it in or remove the row")
-        if answer not in LETTERS[:4] or not answer:
+        if answer not in ("A", "B", "C", "D"):  # one letter ("BC" is a substring of LETTERS, not an answer)
             raise LlamaforgeError(f"{where}: the answer {answer[:20]!r} is not one of A, B, C, D", path,
                                   "give the right choice's letter")
         out.append(Question(question, tuple(choices), LETTERS.index(answer), subject, n,
@@ -111,7 +111,9 @@ def _start_line(text: str, row: int) -> int:
 def _jsonl(path, text: str) -> list[Question]:
     subject = subject_of(path)
     out = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # lines end at "\n" only: JSON strings may hold U+2028, U+0085 ... raw, which splitlines() also splits at
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"line {n}"
