@@ -186,8 +186,9 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 ReturnToService=2
 # squeue (Snakemake's status command here, there is no accounting database) must still see
-# finished jobs while Snakemake polls them.
-MinJobAge=600
+# finished jobs while Snakemake polls them, and the SLURM test sees every job of a build that takes
+# over 10 minutes on 2 cores (600 s purged its first job before its check).
+MinJobAge=3600
 SlurmctldTimeout=60
 SlurmdTimeout=60
 # slurmd -C: $HW
